@@ -1,0 +1,1 @@
+//! Pooled-IP allocation (pure, no I/O).

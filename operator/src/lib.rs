@@ -1,0 +1,4 @@
+//! keyway-operator as a library: the pure core (allocation, object model,
+//! status and snapshot building) and the thin I/O front doors around it.
+
+pub mod allocator;
