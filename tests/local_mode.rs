@@ -1,1 +1,466 @@
+//! Local mode end to end: the real `keyway-operator` binary on a directory of
+//! YAML files, observed through `status` and a real snapshot subscriber.
+#![allow(clippy::unwrap_used)]
 
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keyway_e2e::*;
+use keyway_snapshot::client::{SubscriberConfig, Subscription, subscribe};
+use keyway_snapshot::pb;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn ips(dir: &Path) -> BTreeMap<String, String> {
+    status_json(dir)
+        .unwrap()
+        .into_iter()
+        .filter_map(|l| {
+            Some((
+                l["name"].as_str()?.to_string(),
+                l["ip"].as_str()?.to_string(),
+            ))
+        })
+        .collect()
+}
+
+fn all_ready(dir: &Path, n: usize) -> Option<BTreeMap<String, String>> {
+    let rows = status_json(dir).ok()?;
+    let ready = rows.iter().filter(|l| l["phase"] == "Ready").count();
+    (rows.len() == n && ready == n).then(|| ips(dir))
+}
+
+fn subscriber(op: &Operator, token: &str) -> (Subscription, tokio::task::JoinHandle<()>) {
+    subscribe(
+        SubscriberConfig {
+            endpoint: op.endpoint(),
+            token: token.to_string(),
+            node_id: "e2e".into(),
+            role: "test".into(),
+            cache_path: None,
+            backoff_min: Duration::from_millis(50),
+            backoff_max: Duration::from_millis(500),
+        },
+        |_| Ok(()),
+    )
+}
+
+async fn snapshot_where(
+    sub: &Subscription,
+    what: &str,
+    f: impl Fn(&pb::Snapshot) -> bool,
+) -> Arc<pb::Snapshot> {
+    let rx = sub.snapshot.clone();
+    wait_for_async(WAIT, what, || {
+        let s = rx.borrow().clone().filter(|s| f(s));
+        async move { s }
+    })
+    .await
+    .unwrap()
+}
+
+fn version(s: &pb::Snapshot) -> (u64, u64) {
+    let v = s.version.unwrap();
+    (v.epoch, v.version)
+}
+
+fn lease_names(s: &pb::Snapshot) -> Vec<String> {
+    let mut v: Vec<String> = s.leases.iter().map(|l| l.name.clone()).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn restart_keeps_every_ip_and_uniqueness_holds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("local");
+    std::fs::create_dir(&dir).unwrap();
+    let keys: Vec<String> = (0..3)
+        .map(|u| new_public_key(tmp.path(), &format!("user{u}")))
+        .collect();
+    write_file(
+        &dir.join("pool.yaml"),
+        &pool_yaml("p", &["127.0.10.1-127.0.10.3"]),
+    );
+    let mut docs = Vec::new();
+    for (u, key) in keys.iter().enumerate() {
+        for v in 0..3 {
+            docs.push(lease_yaml(
+                &format!("u{u}-vm{v}"),
+                &format!("user{u}"),
+                "p",
+                key,
+                "127.0.0.1:22",
+                false,
+            ));
+        }
+    }
+    write_file(&dir.join("leases.yaml"), &docs.join("---\n"));
+
+    let mut op = Operator::start(&dir).unwrap();
+    let before = wait_for(WAIT, "9 Ready leases", || all_ready(&dir, 9)).unwrap();
+    // Per-user uniqueness: each user's three leases hold three different IPs.
+    for u in 0..3 {
+        let mut mine: Vec<&String> = before
+            .iter()
+            .filter(|(k, _)| k.starts_with(&format!("u{u}-")))
+            .map(|(_, v)| v)
+            .collect();
+        mine.sort();
+        mine.dedup();
+        assert_eq!(mine.len(), 3, "user{u} has a shared IP: {before:?}");
+    }
+
+    // A crash (SIGKILL), then a restart: nothing moves.
+    op.proc.kill();
+    let op2 = Operator::start(&dir).unwrap();
+    let after = wait_for(WAIT, "9 Ready leases after restart", || all_ready(&dir, 9)).unwrap();
+    assert_eq!(before, after);
+    drop(op2);
+
+    // While stopped: one lease deleted and a new one added for the same user.
+    // The new one takes the freed address; the other eight stay put.
+    let mut docs2: Vec<String> = docs
+        .iter()
+        .filter(|d| !d.contains("name: u0-vm1"))
+        .cloned()
+        .collect();
+    docs2.push(lease_yaml(
+        "u0-vm9",
+        "user0",
+        "p",
+        &keys[0],
+        "127.0.0.1:22",
+        false,
+    ));
+    write_file(&dir.join("leases.yaml"), &docs2.join("---\n"));
+    let _op3 = Operator::start(&dir).unwrap();
+    let third = wait_for(WAIT, "9 Ready leases after edit", || all_ready(&dir, 9)).unwrap();
+    for (name, ip) in &before {
+        if name != "u0-vm1" {
+            assert_eq!(third.get(name), Some(ip), "{name} moved");
+        }
+    }
+    assert_eq!(third.get("u0-vm9"), before.get("u0-vm1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edits_adds_deletes_and_renames_reach_the_subscriber() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("local");
+    std::fs::create_dir(&dir).unwrap();
+    let alice = new_public_key(tmp.path(), "alice");
+    let bob = new_public_key(tmp.path(), "bob");
+    write_file(
+        &dir.join("pool.yaml"),
+        &pool_yaml("p", &["127.0.10.1", "127.0.10.2"]),
+    );
+    write_file(
+        &dir.join("alice.yaml"),
+        &lease_yaml("alice-1", "alice", "p", &alice, "127.0.0.1:2201", false),
+    );
+    let op = Operator::start(&dir).unwrap();
+    let (sub, task) = subscriber(&op, &op.token());
+
+    let s1 = snapshot_where(&sub, "alice-1 in the snapshot", |s| {
+        lease_names(s) == ["alice-1"]
+    })
+    .await;
+    let v1 = version(&s1);
+
+    // Add a file.
+    write_file(
+        &dir.join("bob.yaml"),
+        &lease_yaml("bob-1", "bob", "p", &bob, "127.0.0.1:2202", false),
+    );
+    let s2 = snapshot_where(&sub, "bob-1 added", |s| {
+        lease_names(s) == ["alice-1", "bob-1"]
+    })
+    .await;
+    assert!(version(&s2) > v1);
+
+    // Edit: change bob's target.
+    write_file(
+        &dir.join("bob.yaml"),
+        &lease_yaml("bob-1", "bob", "p", &bob, "127.0.0.1:2299", false),
+    );
+    let s3 = snapshot_where(&sub, "bob-1 retargeted", |s| {
+        s.leases.iter().any(|l| {
+            l.name == "bob-1"
+                && l.target == Some(pb::lease::Target::Address("127.0.0.1:2299".into()))
+        })
+    })
+    .await;
+    assert!(version(&s3) > version(&s2));
+    let bob_ip = s3
+        .leases
+        .iter()
+        .find(|l| l.name == "bob-1")
+        .unwrap()
+        .ip
+        .clone();
+    assert_eq!(
+        s2.leases.iter().find(|l| l.name == "bob-1").unwrap().ip,
+        bob_ip,
+        "an edit moved the IP"
+    );
+
+    // Rename: same objects, nothing changes for routing.
+    std::fs::rename(dir.join("bob.yaml"), dir.join("bob-renamed.yaml")).unwrap();
+    write_file(&dir.join("marker.yaml"), "# marker\n");
+    wait_for(WAIT, "rename picked up", || {
+        let st = state_json(&dir);
+        (st["leases"]["default/bob-1"]["file"] == "bob-renamed.yaml").then_some(())
+    })
+    .unwrap();
+    let s4 = sub.snapshot.borrow().clone().unwrap();
+    assert_eq!(lease_names(&s4), ["alice-1", "bob-1"]);
+    assert_eq!(
+        s4.leases.iter().find(|l| l.name == "bob-1").unwrap().ip,
+        bob_ip
+    );
+
+    // Settle: withdrawn from the snapshot, phase Settled.
+    write_file(
+        &dir.join("alice.yaml"),
+        &lease_yaml("alice-1", "alice", "p", &alice, "127.0.0.1:2201", true),
+    );
+    snapshot_where(&sub, "alice-1 withdrawn", |s| lease_names(s) == ["bob-1"]).await;
+    wait_for(WAIT, "alice-1 Settled", || {
+        status_json(&dir)
+            .ok()?
+            .iter()
+            .find(|l| l["name"] == "alice-1" && l["phase"] == "Settled")
+            .map(|_| ())
+    })
+    .unwrap();
+
+    // Delete: gone from the snapshot and from status.
+    std::fs::remove_file(dir.join("bob-renamed.yaml")).unwrap();
+    snapshot_where(&sub, "bob-1 deleted", |s| s.leases.is_empty()).await;
+    wait_for(WAIT, "bob-1 gone from status", || {
+        (!status_json(&dir).ok()?.iter().any(|l| l["name"] == "bob-1")).then_some(())
+    })
+    .unwrap();
+
+    // The operator saw our ACKs: its state lists us with the latest version.
+    let latest = sub.snapshot.borrow().clone().unwrap();
+    let want = format!(
+        "e{}.v{}",
+        latest.version.unwrap().epoch,
+        latest.version.unwrap().version
+    );
+    wait_for(WAIT, "operator records our ack", || {
+        let st = state_json(&dir);
+        let subs = st["snapshot"]["subscribers"].as_array()?.clone();
+        subs.iter()
+            .any(|s| s["nodeId"] == "e2e" && s["acked"] == want.as_str())
+            .then_some(())
+    })
+    .unwrap();
+    task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriber_with_wrong_token_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("local");
+    std::fs::create_dir(&dir).unwrap();
+    let key = new_public_key(tmp.path(), "k");
+    write_file(&dir.join("pool.yaml"), &pool_yaml("p", &["127.0.10.1"]));
+    write_file(
+        &dir.join("a.yaml"),
+        &lease_yaml("a", "alice", "p", &key, "127.0.0.1:22", false),
+    );
+    let op = Operator::start(&dir).unwrap();
+
+    let (bad, bad_task) = subscriber(&op, "not-the-token");
+    let status = bad.status.clone();
+    wait_for_async(WAIT, "an authentication error", || {
+        let st = status.borrow().clone();
+        async move {
+            st.last_error.filter(|e| {
+                e.to_lowercase().contains("unauthenticated") || e.to_lowercase().contains("token")
+            })
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        bad.snapshot.borrow().is_none(),
+        "a refused subscriber got a snapshot"
+    );
+
+    // The right token works against the same operator.
+    let (good, good_task) = subscriber(&op, &op.token());
+    snapshot_where(&good, "snapshot with the right token", |s| {
+        s.leases.len() == 1
+    })
+    .await;
+    assert!(bad.snapshot.borrow().is_none());
+    bad_task.abort();
+    good_task.abort();
+}
+
+#[test]
+fn bad_input_is_reported_and_the_rest_keeps_working() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("local");
+    std::fs::create_dir(&dir).unwrap();
+    let key = new_public_key(tmp.path(), "k");
+    write_file(
+        &dir.join("pool.yaml"),
+        &pool_yaml("p", &["127.0.10.1-127.0.10.2"]),
+    );
+    write_file(
+        &dir.join("badpool.yaml"),
+        &pool_yaml("broken", &["10.0.0/24"]),
+    );
+    write_file(
+        &dir.join("good.yaml"),
+        &lease_yaml("good", "alice", "p", &key, "127.0.0.1:22", false),
+    );
+    write_file(
+        &dir.join("malformed.yaml"),
+        "apiVersion: keyway.dev/v1alpha1\nkind: VMLease\nmetadata: {name: x\n",
+    );
+    write_file(
+        &dir.join("nopool.yaml"),
+        &lease_yaml("orphan", "alice", "missing", &key, "127.0.0.1:22", false),
+    );
+    write_file(
+        &dir.join("badkey.yaml"),
+        &lease_yaml(
+            "badkey",
+            "bob",
+            "p",
+            "ssh-ed25519 AAAAnot-a-key",
+            "127.0.0.1:22",
+            false,
+        ),
+    );
+
+    let _op = Operator::start(&dir).unwrap();
+    wait_for(WAIT, "good Ready", || {
+        status_json(&dir)
+            .ok()?
+            .iter()
+            .any(|l| l["name"] == "good" && l["phase"] == "Ready")
+            .then_some(())
+    })
+    .unwrap();
+    // A duplicate added later, even in a file that sorts first, cannot hijack it.
+    write_file(
+        &dir.join("aa-dup.yaml"),
+        &lease_yaml("good", "mallory", "p", &key, "127.0.0.1:9", false),
+    );
+    wait_for(WAIT, "the duplicate reported", || {
+        state_json(&dir)["problems"]
+            .as_array()?
+            .iter()
+            .any(|p| p["file"] == "aa-dup.yaml")
+            .then_some(())
+    })
+    .unwrap();
+    let rows = status_json(&dir).unwrap();
+    let row = |n: &str| rows.iter().find(|l| l["name"] == n).cloned().unwrap();
+    assert_eq!(
+        row("good")["user"],
+        "alice",
+        "the duplicate replaced the original"
+    );
+    assert_eq!(row("orphan")["phase"], "Pending");
+    assert!(
+        row("orphan")["message"]
+            .as_str()
+            .unwrap()
+            .contains("missing")
+    );
+    assert_eq!(row("badkey")["phase"], "Failed");
+    assert!(
+        row("badkey")["message"]
+            .as_str()
+            .unwrap()
+            .contains("spec.accessPublicKeys[0]")
+    );
+
+    let problems: Vec<String> = state_json(&dir)["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            format!(
+                "{} | {} | {} | {}",
+                p["file"], p["object"], p["field"], p["message"]
+            )
+        })
+        .collect();
+    let has = |file: &str, needle: &str| {
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains(file) && p.contains(needle)),
+            "no problem for {file} mentioning {needle:?} in {problems:#?}"
+        )
+    };
+    has("malformed.yaml", "invalid YAML");
+    has("badkey.yaml", "spec.accessPublicKeys[0]");
+    has("badpool.yaml", "10.0.0/24");
+    has("aa-dup.yaml", "duplicate");
+
+    // The table names the problems too.
+    let table = status_table(&dir).unwrap();
+    assert!(table.contains("default/good"), "{table}");
+    assert!(table.contains("malformed.yaml"), "{table}");
+}
+
+#[test]
+fn a_broken_edit_keeps_the_last_good_objects() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("local");
+    std::fs::create_dir(&dir).unwrap();
+    let key = new_public_key(tmp.path(), "k");
+    write_file(
+        &dir.join("pool.yaml"),
+        &pool_yaml("p", &["127.0.10.1-127.0.10.2"]),
+    );
+    let good = lease_yaml("vm", "alice", "p", &key, "127.0.0.1:22", false);
+    write_file(&dir.join("vm.yaml"), &good);
+    let _op = Operator::start(&dir).unwrap();
+    let before = wait_for(WAIT, "Ready", || all_ready(&dir, 1)).unwrap();
+
+    // A half-typed edit (YAML syntax error) must not delete the lease or the pool.
+    write_file(&dir.join("vm.yaml"), &format!("{good}  oops: [\n"));
+    write_file(
+        &dir.join("pool.yaml"),
+        "apiVersion: keyway.dev/v1alpha1\nkind: IPPool\nmetadata: {name: p\n",
+    );
+    wait_for(WAIT, "the syntax errors reported", || {
+        let n = state_json(&dir)["problems"]
+            .as_array()?
+            .iter()
+            .filter(|p| p["message"].as_str().unwrap_or("").contains("invalid YAML"))
+            .count();
+        (n == 2).then_some(())
+    })
+    .unwrap();
+    assert_eq!(all_ready(&dir, 1), Some(before.clone()));
+
+    // A valid-YAML but invalid edit (bad key) is rejected; the previous spec stays.
+    write_file(
+        &dir.join("vm.yaml"),
+        &lease_yaml("vm", "alice", "p", "nonsense", "127.0.0.1:22", false),
+    );
+    let msg = wait_for(WAIT, "edit rejected", || {
+        let rows = status_json(&dir).ok()?;
+        rows[0]["message"]
+            .as_str()
+            .filter(|m| m.contains("rejected"))
+            .map(str::to_string)
+    })
+    .unwrap();
+    assert!(msg.contains("spec.accessPublicKeys[0]"), "{msg}");
+    assert_eq!(all_ready(&dir, 1), Some(before));
+}

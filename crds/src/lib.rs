@@ -5,5 +5,6 @@
 pub mod addresses;
 pub mod keys;
 pub mod types;
+pub mod validate;
 
-
+pub use types::*;

@@ -2,3 +2,8 @@
 //! status and snapshot building) and the thin I/O front doors around it.
 
 pub mod allocator;
+pub mod crdgen;
+pub mod local;
+pub mod report;
+pub mod routed;
+pub mod world;

@@ -1,1 +1,228 @@
-fn main() {}
+//! `keyway-proxy`: Keyway's data plane. Today it carries `snapshot`, which
+//! subscribes to the operator exactly as the gateway does and prints what it
+//! receives; the SSH gateway (`run`) and the provider agent (`agent`) build on
+//! the same subscription.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use keyway_snapshot::client::{SubscriberConfig, subscribe};
+use keyway_snapshot::pb;
+
+#[derive(Parser)]
+#[command(name = "keyway-proxy", version, about = "Keyway's data plane")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Subscribe to the operator's routing snapshot and print each version applied.
+    #[command(
+        after_help = "Examples:\n  keyway-proxy snapshot --local examples/local\n  keyway-proxy snapshot --local examples/local --follow"
+    )]
+    Snapshot {
+        #[command(flatten)]
+        source: Source,
+        /// Keep printing every new version until interrupted.
+        #[arg(long)]
+        follow: bool,
+        /// Print the snapshot as JSON instead of a summary.
+        #[arg(long)]
+        json: bool,
+        /// Give up after this many seconds without a snapshot.
+        #[arg(long, default_value_t = 30)]
+        timeout_secs: u64,
+    },
+}
+
+/// Where the operator is and how to authenticate.
+#[derive(clap::Args)]
+struct Source {
+    /// Local mode: read the operator's address and token from DIR/.keyway/.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["endpoint", "token_file"])]
+    local: Option<PathBuf>,
+    /// Operator snapshot endpoint, e.g. http://127.0.0.1:7070.
+    #[arg(long, value_name = "URL", requires = "token_file")]
+    endpoint: Option<String>,
+    /// File holding the snapshot token.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Name this subscriber reports to the operator.
+    #[arg(long, default_value = "keyway-proxy-snapshot")]
+    node_id: String,
+}
+
+impl Source {
+    fn resolve(&self) -> Result<(String, String)> {
+        let read_token = |p: &PathBuf| -> Result<String> {
+            Ok(std::fs::read_to_string(p)
+                .with_context(|| format!("reading the token from {}", p.display()))?
+                .trim()
+                .to_string())
+        };
+        if let Some(dir) = &self.local {
+            let info_path = dir.join(".keyway/operator.json");
+            let info: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&info_path).with_context(|| {
+                    format!(
+                        "reading {}; is `keyway-operator run --local {}` running?",
+                        info_path.display(),
+                        dir.display()
+                    )
+                })?)
+                .with_context(|| format!("parsing {}", info_path.display()))?;
+            let endpoint = info["grpc"]
+                .as_str()
+                .with_context(|| format!("{} has no grpc address", info_path.display()))?
+                .to_string();
+            return Ok((endpoint, read_token(&dir.join(".keyway/token"))?));
+        }
+        match (&self.endpoint, &self.token_file) {
+            (Some(e), Some(t)) => Ok((e.clone(), read_token(t)?)),
+            _ => anyhow::bail!(
+                "say where the operator is: --local DIR, or --endpoint URL --token-file FILE"
+            ),
+        }
+    }
+}
+
+fn summary(s: &pb::Snapshot) -> String {
+    let v = s.version.unwrap_or_default();
+    let mut out = format!(
+        "snapshot e{}.v{}: {} lease(s), {} route(s)\n",
+        v.epoch,
+        v.version,
+        s.leases.len(),
+        s.routes.len()
+    );
+    for l in &s.leases {
+        let target = match &l.target {
+            Some(pb::lease::Target::Address(a)) => a.clone(),
+            Some(pb::lease::Target::Provider(p)) => format!("provider {}", p.peer_id),
+            None => "-".into(),
+        };
+        out.push_str(&format!(
+            "  {}/{:<16} user={:<8} ip={:<15} hash={}… keys={} -> {}\n",
+            l.namespace,
+            l.name,
+            l.user,
+            l.ip,
+            &hex::encode(&l.lease_hash)[..12.min(l.lease_hash.len() * 2)],
+            l.access_keys.len(),
+            target
+        ));
+    }
+    for r in &s.routes {
+        out.push_str(&format!("  route {}/{}: {}\n", r.namespace, r.name, r.from));
+    }
+    out
+}
+
+async fn snapshot_cmd(source: Source, follow: bool, json: bool, timeout: Duration) -> Result<()> {
+    let (endpoint, token) = source.resolve()?;
+    let (sub, task) = subscribe(
+        SubscriberConfig {
+            endpoint,
+            token,
+            node_id: source.node_id.clone(),
+            role: "cli".into(),
+            cache_path: None,
+            backoff_min: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(5),
+        },
+        |_| Ok(()),
+    );
+    let mut rx = sub.snapshot.clone();
+    let mut last = None;
+    loop {
+        let next = tokio::time::timeout(
+            timeout,
+            rx.wait_for(|s| s.as_ref().and_then(|s| s.version) != last),
+        )
+        .await;
+        let snap = match next {
+            Ok(Ok(s)) => s.clone(),
+            Ok(Err(_)) => anyhow::bail!("the subscription ended"),
+            Err(_) if follow && last.is_some() => continue,
+            Err(_) => {
+                let err = sub
+                    .status
+                    .borrow()
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| "no answer".into());
+                anyhow::bail!("no snapshot within {timeout:?}: {err}");
+            }
+        };
+        let Some(snap) = snap else { continue };
+        last = snap.version;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&to_json(&snap))?);
+        } else {
+            print!("{}", summary(&snap));
+        }
+        if !follow {
+            break;
+        }
+    }
+    task.abort();
+    Ok(())
+}
+
+fn to_json(s: &pb::Snapshot) -> serde_json::Value {
+    let v = s.version.unwrap_or_default();
+    serde_json::json!({
+        "epoch": v.epoch,
+        "version": v.version,
+        "leases": s.leases.iter().map(|l| serde_json::json!({
+            "namespace": l.namespace, "name": l.name, "user": l.user, "ip": l.ip, "pool": l.pool,
+            "leaseHash": hex::encode(&l.lease_hash),
+            "fingerprints": l.access_keys.iter().map(|k| k.fingerprint.clone()).collect::<Vec<_>>(),
+            "target": match &l.target {
+                Some(pb::lease::Target::Address(a)) => serde_json::json!({"address": a}),
+                Some(pb::lease::Target::Provider(p)) => serde_json::json!({"provider": {"peerId": p.peer_id, "addresses": p.addresses}}),
+                None => serde_json::Value::Null,
+            },
+            "upstreamUser": l.upstream_user,
+        })).collect::<Vec<_>>(),
+        "routes": s.routes.iter().map(|r| serde_json::json!({"namespace": r.namespace, "name": r.name, "from": r.from})).collect::<Vec<_>>(),
+    })
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Snapshot {
+            source,
+            follow,
+            json,
+            timeout_secs,
+        } => {
+            snapshot_cmd(
+                source,
+                follow,
+                json,
+                Duration::from_secs(timeout_secs.max(1)),
+            )
+            .await
+        }
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keyway-proxy: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,9 +1,17 @@
 //! The routing snapshot: generated protobuf types, the consistency check run
-//! before anything is published, the gRPC publisher (operator side) and the
-//! subscriber library (proxy side).
+//! before anything is published or applied, the gRPC publisher (operator side)
+//! and the subscriber library (proxy side). See docs/snapshot-protocol.md.
+
+pub mod check;
+pub mod client;
+pub mod server;
+pub mod version;
 
 /// Generated protobuf and gRPC code for `keyway.snapshot.v1`.
 #[allow(clippy::all, missing_docs)]
 pub mod pb {
     tonic::include_proto!("keyway.snapshot.v1");
 }
+
+/// Largest snapshot either side encodes or decodes (100,000 leases are ~30 MiB).
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;

@@ -1,1 +1,259 @@
+//! Helpers for Keyway's end-to-end tests: start the real binaries, wait for
+//! conditions with deadlines (never sleep-and-hope), and clean up on drop.
+#![allow(clippy::unwrap_used)]
 
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// Where the workspace's binaries are (`cargo build --workspace --bins` first).
+pub fn bin(name: &str) -> PathBuf {
+    let dir = std::env::var_os("KEYWAY_BIN_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("CARGO_TARGET_DIR").map(|t| PathBuf::from(t).join("debug")))
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug"));
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not found: run `cargo build --workspace --bins` first (or set KEYWAY_BIN_DIR)",
+        path.display()
+    );
+    path
+}
+
+/// Polls `f` until it returns `Some`, or fails after `timeout` with `what`.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if start.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Async flavour of [`wait_for`].
+pub async fn wait_for_async<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        if start.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A child process killed when dropped; its output goes to a log file.
+pub struct Proc {
+    child: Option<Child>,
+    /// Where stdout and stderr go.
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Spawns `cmd` with output to `log`.
+    pub fn spawn(mut cmd: Command, log: &Path) -> Result<Self> {
+        let out =
+            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let err = out.try_clone()?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("spawning {cmd:?}"))?;
+        Ok(Proc {
+            child: Some(child),
+            log: log.to_path_buf(),
+        })
+    }
+
+    /// Sends SIGTERM and waits for the exit (SIGKILL after `grace`).
+    pub fn stop(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let pid = child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let start = Instant::now();
+        while start.elapsed() < grace {
+            if let Ok(Some(st)) = child.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        child.wait().ok()
+    }
+
+    /// Kills at once (SIGKILL), like a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Whether it is still running.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// The log so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A local-mode operator on a directory.
+pub struct Operator {
+    /// The process.
+    pub proc: Proc,
+    /// Its directory.
+    pub dir: PathBuf,
+}
+
+impl Operator {
+    /// Starts `keyway-operator run --local dir` on an ephemeral gRPC port and
+    /// waits until it has written its first state.
+    pub fn start(dir: &Path) -> Result<Self> {
+        let info = dir.join(".keyway/operator.json");
+        let _ = std::fs::remove_file(&info);
+        let mut cmd = Command::new(bin("keyway-operator"));
+        cmd.args(["run", "--local"])
+            .arg(dir)
+            .args(["--grpc-listen", "127.0.0.1:0", "--rescan-secs", "5"])
+            .env("RUST_LOG", "info,keyway_operator=debug");
+        let log = dir.with_extension(format!("operator-{}.log", std::process::id()));
+        let mut proc = Proc::spawn(cmd, &log)?;
+        wait_for(Duration::from_secs(30), "operator.json", || {
+            if !proc.running() {
+                return Some(());
+            }
+            (info.exists() && dir.join(".keyway/state.json").exists()).then_some(())
+        })?;
+        if !proc.running() {
+            bail!("operator exited at start:\n{}", proc.output());
+        }
+        Ok(Operator {
+            proc,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// The gRPC endpoint it wrote.
+    pub fn endpoint(&self) -> String {
+        let info: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(self.dir.join(".keyway/operator.json")).unwrap())
+                .unwrap();
+        info["grpc"].as_str().unwrap().to_string()
+    }
+
+    /// The snapshot token.
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(self.dir.join(".keyway/token"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+}
+
+/// Runs `keyway-operator status --local dir -o json`.
+pub fn status_json(dir: &Path) -> Result<Vec<serde_json::Value>> {
+    let out = Command::new(bin("keyway-operator"))
+        .args(["status", "--local"])
+        .arg(dir)
+        .args(["-o", "json"])
+        .output()?;
+    if !out.status.success() {
+        bail!("status failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// Runs `keyway-operator status --local dir` (the table).
+pub fn status_table(dir: &Path) -> Result<String> {
+    let out = Command::new(bin("keyway-operator"))
+        .args(["status", "--local"])
+        .arg(dir)
+        .output()?;
+    if !out.status.success() {
+        bail!("status failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The state file as JSON.
+pub fn state_json(dir: &Path) -> serde_json::Value {
+    std::fs::read(dir.join(".keyway/state.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// Writes a file atomically (rename), as editors and config tools do, so the
+/// operator never reads half a file.
+pub fn write_file(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp~");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// A fresh ed25519 OpenSSH public key line (from ssh-keygen, the real tool).
+pub fn new_public_key(dir: &Path, name: &str) -> String {
+    let path = dir.join(name);
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+        .arg(&path)
+        .status()
+        .expect("ssh-keygen (Debian openssh-client) is needed; `make deps` installs it");
+    assert!(st.success());
+    std::fs::read_to_string(path.with_extension("pub"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// YAML of an IPPool.
+pub fn pool_yaml(name: &str, addresses: &[&str]) -> String {
+    let list: Vec<String> = addresses
+        .iter()
+        .map(|a| format!("    - \"{a}\"\n"))
+        .collect();
+    format!(
+        "apiVersion: keyway.dev/v1alpha1\nkind: IPPool\nmetadata:\n  name: {name}\nspec:\n  addresses:\n{}",
+        list.concat()
+    )
+}
+
+/// YAML of a VMLease.
+pub fn lease_yaml(
+    name: &str,
+    user: &str,
+    pool: &str,
+    key: &str,
+    target: &str,
+    settled: bool,
+) -> String {
+    format!(
+        "apiVersion: keyway.dev/v1alpha1\nkind: VMLease\nmetadata:\n  name: {name}\nspec:\n  user: {user}\n  poolRef: {pool}\n  accessPublicKeys:\n    - \"{key}\"\n  target:\n    address: \"{target}\"\n  settled: {settled}\n"
+    )
+}

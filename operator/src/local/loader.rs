@@ -1,0 +1,458 @@
+//! Reads the YAML files of a local-mode directory into typed objects.
+//!
+//! Every `*.yaml`/`*.yml` file directly in the directory is read, each may hold
+//! several documents. A document that cannot be read becomes an error naming the
+//! file, the document, the object (when it got that far) and the field; it never
+//! stops the other documents or files.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use keyway_crds::{API_VERSION, IPPool, SshRoute, VMLease};
+use serde::Deserialize;
+
+/// Largest file local mode reads; anything bigger is refused, not truncated.
+pub const MAX_FILE_BYTES: u64 = 32 * 1024 * 1024;
+
+/// The kinds local mode understands.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+pub enum Kind {
+    /// keyway.dev IPPool (cluster-scoped).
+    IPPool,
+    /// keyway.dev VMLease.
+    VMLease,
+    /// keyway.dev SshRoute.
+    SshRoute,
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kind::IPPool => "IPPool",
+            Kind::VMLease => "VMLease",
+            Kind::SshRoute => "SshRoute",
+        })
+    }
+}
+
+/// Identity of an object: kind, namespace ("" for IPPool) and name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjId {
+    /// Kind.
+    pub kind: Kind,
+    /// Namespace; empty for cluster-scoped kinds.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+impl fmt::Display for ObjId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{} {}", self.kind, self.name)
+        } else {
+            write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+        }
+    }
+}
+
+/// A typed object read from a document.
+#[derive(Clone, Debug)]
+pub enum Object {
+    /// An IPPool.
+    Pool(IPPool),
+    /// A VMLease.
+    Lease(Box<VMLease>),
+    /// An SshRoute.
+    Route(SshRoute),
+}
+
+impl Object {
+    /// The spec as JSON, to tell whether an object changed between scans.
+    pub fn spec_json(&self) -> serde_json::Value {
+        let v = match self {
+            Object::Pool(p) => serde_json::to_value(&p.spec),
+            Object::Lease(l) => serde_json::to_value(&l.spec),
+            Object::Route(r) => serde_json::to_value(&r.spec),
+        };
+        v.unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// One document that was read.
+#[derive(Clone, Debug)]
+pub struct Doc {
+    /// 1-based position in its file.
+    pub index: usize,
+    /// Who it is.
+    pub id: ObjId,
+    /// What it says.
+    pub object: Object,
+}
+
+/// Where a problem was found, and what it is.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Problem {
+    /// File name relative to the directory.
+    pub file: String,
+    /// 1-based document number, if the problem is in one document.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub document: Option<usize>,
+    /// `Kind namespace/name`, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object: Option<String>,
+    /// Field path, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let Some(d) = self.document {
+            write!(f, " (document {d})")?;
+        }
+        if let Some(o) = &self.object {
+            write!(f, ": {o}")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": {field}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Everything read from one file.
+#[derive(Clone, Debug)]
+pub struct FileScan {
+    /// File name relative to the directory.
+    pub file: String,
+    /// Documents that became objects.
+    pub docs: Vec<Doc>,
+    /// Problems found.
+    pub problems: Vec<Problem>,
+    /// The file could not be read completely (I/O error, YAML syntax error,
+    /// or a document that could not even be identified). Objects it held before
+    /// must be kept rather than treated as deleted.
+    pub incomplete: bool,
+}
+
+/// Lists the YAML files local mode reads, sorted by name.
+pub fn yaml_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') || !(name.ends_with(".yaml") || name.ends_with(".yml")) {
+            continue;
+        }
+        // Follow symlinks (ConfigMap mounts use them) but read only files.
+        match std::fs::metadata(entry.path()) {
+            Ok(m) if m.is_file() => out.push(entry.path()),
+            _ => continue,
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Reads one file.
+pub fn scan_file(dir: &Path, path: &Path) -> FileScan {
+    let file = path
+        .strip_prefix(dir)
+        .unwrap_or(path)
+        .to_string_lossy()
+        .into_owned();
+    let mut scan = FileScan {
+        file: file.clone(),
+        docs: Vec::new(),
+        problems: Vec::new(),
+        incomplete: false,
+    };
+    let problem = |document: Option<usize>,
+                   object: Option<String>,
+                   field: Option<String>,
+                   message: String| Problem {
+        file: file.clone(),
+        document,
+        object,
+        field,
+        message,
+    };
+    let text = match read_capped(path) {
+        Ok(t) => t,
+        Err(e) => {
+            scan.problems.push(problem(None, None, None, e));
+            scan.incomplete = true;
+            return scan;
+        }
+    };
+    for (i, de) in serde_norway::Deserializer::from_str(&text).enumerate() {
+        let index = i + 1;
+        let value = match serde_norway::Value::deserialize(de) {
+            Ok(v) => v,
+            Err(e) => {
+                scan.problems.push(problem(
+                    Some(index),
+                    None,
+                    None,
+                    format!("invalid YAML: {e}"),
+                ));
+                scan.incomplete = true;
+                // A syntax error ends the stream; later documents are unreadable.
+                break;
+            }
+        };
+        if value.is_null() {
+            continue; // empty document, e.g. a trailing `---`
+        }
+        match read_doc(value) {
+            Ok((id, object)) => scan.docs.push(Doc { index, id, object }),
+            Err(DocError {
+                object,
+                field,
+                message,
+                identified,
+            }) => {
+                if !identified {
+                    scan.incomplete = true;
+                }
+                scan.problems
+                    .push(problem(Some(index), object, field, message));
+            }
+        }
+    }
+    scan
+}
+
+fn read_capped(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).map_err(|e| format!("cannot read: {e}"))?;
+    let mut buf = Vec::new();
+    f.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    if buf.len() as u64 > MAX_FILE_BYTES {
+        return Err(format!(
+            "larger than {MAX_FILE_BYTES} bytes; refusing to read it"
+        ));
+    }
+    String::from_utf8(buf).map_err(|e| format!("not UTF-8 text: {e}"))
+}
+
+struct DocError {
+    object: Option<String>,
+    field: Option<String>,
+    message: String,
+    /// Whether kind and name were read, so the object can be kept as it was.
+    identified: bool,
+}
+
+fn str_at<'a>(v: &'a serde_norway::Value, path: &[&str]) -> Option<&'a str> {
+    let mut cur = v;
+    for p in path {
+        cur = cur.get(*p)?;
+    }
+    cur.as_str()
+}
+
+/// RFC 1123 subdomain, as Kubernetes requires of these names.
+fn valid_object_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && s.ends_with(|c: char| c.is_ascii_alphanumeric())
+}
+
+fn read_doc(value: serde_norway::Value) -> Result<(ObjId, Object), DocError> {
+    let unidentified = |message: String| DocError {
+        object: None,
+        field: None,
+        message,
+        identified: false,
+    };
+    if !value.is_mapping() {
+        return Err(unidentified(
+            "expected a Kubernetes object (a YAML mapping)".into(),
+        ));
+    }
+    let api = str_at(&value, &["apiVersion"]).unwrap_or_default();
+    let kind = str_at(&value, &["kind"]).unwrap_or_default();
+    let kind = match kind {
+        "IPPool" => Kind::IPPool,
+        "VMLease" => Kind::VMLease,
+        "SshRoute" => Kind::SshRoute,
+        "" => {
+            return Err(unidentified(
+                "missing kind (IPPool, VMLease or SshRoute)".into(),
+            ));
+        }
+        other => {
+            return Err(DocError {
+                object: None,
+                field: Some("kind".into()),
+                message: format!(
+                    "unsupported kind {other:?}; local mode reads IPPool, VMLease and SshRoute"
+                ),
+                identified: true,
+            });
+        }
+    };
+    let name = str_at(&value, &["metadata", "name"])
+        .unwrap_or_default()
+        .to_string();
+    if name.is_empty() {
+        return Err(DocError {
+            object: Some(kind.to_string()),
+            field: Some("metadata.name".into()),
+            message: "missing name".into(),
+            identified: false,
+        });
+    }
+    let namespace = match kind {
+        Kind::IPPool => String::new(),
+        _ => str_at(&value, &["metadata", "namespace"])
+            .unwrap_or("default")
+            .to_string(),
+    };
+    let id = ObjId {
+        kind,
+        namespace: namespace.clone(),
+        name: name.clone(),
+    };
+    let err = |field: Option<String>, message: String| DocError {
+        object: Some(id.to_string()),
+        field,
+        message,
+        identified: true,
+    };
+    if api != API_VERSION {
+        return Err(err(
+            Some("apiVersion".into()),
+            format!("expected {API_VERSION}, found {api:?}"),
+        ));
+    }
+    if !valid_object_name(&name) {
+        return Err(err(
+            Some("metadata.name".into()),
+            "must be lowercase letters, digits, '-' or '.', starting and ending with a letter or digit".into(),
+        ));
+    }
+    if kind != Kind::IPPool && !valid_object_name(&namespace) {
+        return Err(err(
+            Some("metadata.namespace".into()),
+            "not a valid namespace name".into(),
+        ));
+    }
+    let object = match kind {
+        Kind::IPPool => typed::<IPPool>(value).map(|mut p| {
+            p.metadata.namespace = None;
+            Object::Pool(p)
+        }),
+        Kind::VMLease => typed::<VMLease>(value).map(|mut l| {
+            l.metadata.namespace = Some(namespace.clone());
+            Object::Lease(Box::new(l))
+        }),
+        Kind::SshRoute => typed::<SshRoute>(value).map(|mut r| {
+            r.metadata.namespace = Some(namespace.clone());
+            Object::Route(r)
+        }),
+    };
+    object
+        .map(|o| (id.clone(), o))
+        .map_err(|(field, message)| err(field, message))
+}
+
+/// Deserializes strictly: an unknown field is an error (like kubectl's strict
+/// field validation), because a misspelled `settled` must not be ignored.
+fn typed<T: serde::de::DeserializeOwned>(
+    value: serde_norway::Value,
+) -> Result<T, (Option<String>, String)> {
+    let mut unknown = Vec::new();
+    let mut track = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
+    let de = serde_ignored::Deserializer::new(value, &mut track);
+    let obj: T = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let field = (path != ".").then_some(path);
+        (field, e.into_inner().to_string())
+    })?;
+    // `status` is the operator's to write; a copy pasted from kubectl is ignored.
+    // apiVersion and kind were checked already (kube's types skip them).
+    unknown.retain(|p| !p.starts_with("status") && p != "apiVersion" && p != "kind");
+    if let Some(first) = unknown.first() {
+        return Err((Some(first.clone()), "unknown field".into()));
+    }
+    Ok(obj)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn scan(text: &str) -> FileScan {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.yaml");
+        std::fs::write(&p, text).unwrap();
+        scan_file(dir.path(), &p)
+    }
+
+    #[test]
+    fn multi_document_with_defaults() {
+        let s = scan(
+            "apiVersion: keyway.dev/v1alpha1\nkind: IPPool\nmetadata: {name: p}\nspec: {addresses: [127.0.10.1]}\n---\n\
+             apiVersion: keyway.dev/v1alpha1\nkind: VMLease\nmetadata: {name: a}\nspec:\n  user: alice\n  accessPublicKeys: [x]\n  poolRef: p\n  target: {address: '127.0.0.1:22'}\n---\n",
+        );
+        assert!(s.problems.is_empty(), "{:?}", s.problems);
+        assert_eq!(s.docs.len(), 2);
+        assert_eq!(s.docs[1].id.namespace, "default");
+        assert_eq!(s.docs[1].index, 2);
+    }
+
+    #[test]
+    fn unknown_field_names_the_path() {
+        let s = scan(
+            "apiVersion: keyway.dev/v1alpha1\nkind: VMLease\nmetadata: {name: a, namespace: t}\nspec:\n  user: alice\n  accessPublicKeys: [x]\n  poolRef: p\n  setled: true\n  target: {address: '127.0.0.1:22'}\n",
+        );
+        assert_eq!(s.problems.len(), 1);
+        assert_eq!(s.problems[0].field.as_deref(), Some("spec.setled"));
+        assert_eq!(s.problems[0].object.as_deref(), Some("VMLease t/a"));
+        assert!(!s.incomplete);
+    }
+
+    #[test]
+    fn wrong_type_names_the_path() {
+        let s = scan(
+            "apiVersion: keyway.dev/v1alpha1\nkind: IPPool\nmetadata: {name: p}\nspec: {addresses: 5}\n",
+        );
+        assert_eq!(s.problems[0].field.as_deref(), Some("spec.addresses"));
+    }
+
+    #[test]
+    fn syntax_error_marks_incomplete() {
+        let s = scan("apiVersion: keyway.dev/v1alpha1\nkind: IPPool\nmetadata: {name: p\n");
+        assert!(s.incomplete);
+        assert!(
+            s.problems[0].message.contains("invalid YAML"),
+            "{:?}",
+            s.problems
+        );
+    }
+
+    #[test]
+    fn bad_names_and_kinds() {
+        let s = scan(
+            "apiVersion: keyway.dev/v1alpha1\nkind: IPPool\nmetadata: {name: Bad_Name}\nspec: {addresses: [1.2.3.4]}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n",
+        );
+        assert_eq!(s.problems.len(), 2);
+        assert!(s.docs.is_empty());
+    }
+}

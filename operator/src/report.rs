@@ -1,0 +1,259 @@
+//! `keyway-operator status --local DIR`: what the operator decided, read from
+//! the state file (works whether or not the operator is running).
+
+use std::path::Path;
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::local::state::{LeaseRecord, Paths, StateFile};
+
+/// One lease as `status -o json` prints it.
+#[derive(Debug, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LeaseRow {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Tenant.
+    pub user: String,
+    /// IPPool name.
+    pub pool: String,
+    /// Pooled IP, if allocated.
+    pub ip: Option<String>,
+    /// Pending, Ready, Settled or Failed.
+    pub phase: String,
+    /// 64 hex.
+    pub lease_hash: Option<String>,
+    /// `authorized_keys` line for the VM.
+    pub relay_trust: Option<String>,
+    /// The command that reaches the VM.
+    pub ssh_command: Option<String>,
+    /// Why it is not Ready, if it is not.
+    pub message: Option<String>,
+    /// File it comes from.
+    pub file: String,
+}
+
+fn raw_str(r: &LeaseRecord, field: &str) -> String {
+    r.seen_spec
+        .get(field)
+        .and_then(|v| v.as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Rows for every lease, in namespace/name order.
+pub fn rows(state: &StateFile) -> Vec<LeaseRow> {
+    state
+        .leases
+        .values()
+        .map(|r| LeaseRow {
+            namespace: r.namespace.clone(),
+            name: r.name.clone(),
+            user: r
+                .spec
+                .as_ref()
+                .map_or_else(|| raw_str(r, "user"), |s| s.user.clone()),
+            pool: r
+                .spec
+                .as_ref()
+                .map_or_else(|| raw_str(r, "poolRef"), |s| s.pool_ref.clone()),
+            ip: r.status.ip.clone(),
+            phase: r
+                .status
+                .phase
+                .map_or_else(|| "Pending".to_string(), |p| p.to_string()),
+            lease_hash: r.status.lease_hash.clone(),
+            relay_trust: r.status.relay_trust.clone(),
+            ssh_command: r.status.ssh_command.clone(),
+            message: r.status.message.clone(),
+            file: r.file.clone(),
+        })
+        .collect()
+}
+
+fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let line = |cells: Vec<&str>, out: &mut String| {
+        let n = cells.len();
+        for (i, (c, w)) in cells.into_iter().zip(&widths).enumerate() {
+            if i + 1 == n {
+                out.push_str(c);
+            } else {
+                out.push_str(&format!("{c:<w$}  "));
+            }
+        }
+        out.push('\n');
+    };
+    line(headers.to_vec(), &mut out);
+    for row in rows {
+        line(row.iter().map(String::as_str).collect(), &mut out);
+    }
+    out
+}
+
+/// Whether an operator holds the directory's lock right now.
+fn operator_running(paths: &Paths) -> bool {
+    match std::fs::File::open(paths.lock()) {
+        Ok(f) => f.try_lock_shared().is_err(),
+        Err(_) => false,
+    }
+}
+
+/// Prints the status of a local-mode directory.
+pub fn print(dir: &Path, json: bool) -> Result<()> {
+    let paths = Paths::new(dir);
+    if !paths.state().exists() {
+        anyhow::bail!(
+            "{} has no state yet; start the operator first: keyway-operator run --local {}",
+            dir.display(),
+            dir.display()
+        );
+    }
+    let state = StateFile::load(&paths.state())?;
+    let rows = rows(&state);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                format!("{}/{}", r.namespace, r.name),
+                r.user.clone(),
+                r.ip.clone().unwrap_or_else(|| "-".into()),
+                r.phase.clone(),
+                r.ssh_command
+                    .clone()
+                    .or_else(|| r.message.clone())
+                    .unwrap_or_default(),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table(
+            &["NAMESPACE/NAME", "USER", "IP", "PHASE", "SSH COMMAND"],
+            &cells
+        )
+    );
+    let waiting: Vec<&LeaseRow> = rows
+        .iter()
+        .filter(|r| r.ssh_command.is_some() && r.message.is_some())
+        .collect();
+    for r in waiting {
+        println!(
+            "  note {}/{}: {}",
+            r.namespace,
+            r.name,
+            r.message.as_deref().unwrap_or_default()
+        );
+    }
+    if !state.pools.is_empty() {
+        println!();
+        let pools: Vec<Vec<String>> = state
+            .pools
+            .values()
+            .map(|p| {
+                let exhausted = p
+                    .status
+                    .conditions
+                    .iter()
+                    .find(|c| c.type_ == "Exhausted")
+                    .map_or("-", |c| c.status.as_str());
+                vec![
+                    p.name.clone(),
+                    p.status.capacity.clone().unwrap_or_else(|| "-".into()),
+                    p.status.allocated.to_string(),
+                    p.status.users.to_string(),
+                    p.status.max_leases_per_user.to_string(),
+                    exhausted.to_string(),
+                ]
+            })
+            .collect();
+        print!(
+            "{}",
+            table(
+                &[
+                    "POOL",
+                    "CAPACITY",
+                    "ALLOCATED",
+                    "USERS",
+                    "MAX/USER",
+                    "EXHAUSTED"
+                ],
+                &pools
+            )
+        );
+    }
+    if !state.routes.is_empty() {
+        println!();
+        let routes: Vec<Vec<String>> = state
+            .routes
+            .values()
+            .map(|r| {
+                let accepted = r.status.conditions.iter().find(|c| c.type_ == "Accepted");
+                vec![
+                    format!("{}/{}", r.namespace, r.name),
+                    r.spec.as_ref().map(|s| s.from.clone()).unwrap_or_default(),
+                    accepted.map_or("-".into(), |c| c.status.clone()),
+                    accepted.map(|c| c.message.clone()).unwrap_or_default(),
+                ]
+            })
+            .collect();
+        print!(
+            "{}",
+            table(&["ROUTE", "FROM", "ACCEPTED", "MESSAGE"], &routes)
+        );
+    }
+    println!();
+    let running = if operator_running(&paths) {
+        "running"
+    } else {
+        "not running"
+    };
+    match &state.snapshot {
+        Some(s) => {
+            println!(
+                "operator {running}; snapshot {} ({} leases, {} routes); subscribers: {}",
+                s.version,
+                s.leases,
+                s.routes,
+                if s.subscribers.is_empty() {
+                    "none".to_string()
+                } else {
+                    s.subscribers
+                        .iter()
+                        .map(|x| {
+                            format!(
+                                "{} ({}, {}, acked {})",
+                                x.node_id,
+                                x.role,
+                                if x.connected { "connected" } else { "gone" },
+                                x.acked.as_deref().unwrap_or("nothing")
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            );
+        }
+        None => println!("operator {running}; no snapshot published yet"),
+    }
+    if !state.problems.is_empty() {
+        println!("\nproblems in {}:", dir.display());
+        for p in &state.problems {
+            println!("  {p}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# `make bench`: runs every benchmark in one go and writes BENCHMARKS.md.
+# Figures are measured, never asserted; targets are listed beside them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+out=$(mktemp)
+trap 'rm -f "$out"' EXIT
+{
+    echo "# Benchmarks"
+    echo
+    echo "Written by \`make bench\` (scripts/bench.sh) on $(date -u +%Y-%m-%d), $(nproc) cores,"
+    echo "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(rustc --version)."
+    echo "Release build; each figure is one run of the command shown above its table."
+    echo
+} >"$out"
+
+run() { # run TITLE CARGO-ARGS...
+    local title=$1; shift
+    echo "## $title" >>"$out"
+    echo >>"$out"
+    echo "\`cargo bench $*\`" >>"$out"
+    echo >>"$out"
+    KEYWAY_BENCH_OUT="$out" cargo bench --locked "$@"
+    echo >>"$out"
+}
+
+run "Allocator" -p keyway-operator --bench allocator
+run "Routing snapshot" -p keyway-operator --bench snapshot
+
+mv "$out" BENCHMARKS.md
+trap - EXIT
+echo "wrote BENCHMARKS.md"
