@@ -75,6 +75,8 @@ pub struct Totals {
 
 struct Inner {
     epoch: u64,
+    /// Set on shutdown: every stream ends so connections can close.
+    closing: watch::Sender<bool>,
     tx: watch::Sender<Option<Arc<Published>>>,
     subscribers: Mutex<HashMap<u64, SubscriberStatus>>,
     next_conn: AtomicU64,
@@ -103,9 +105,11 @@ impl Publisher {
     pub fn new(epoch: u64) -> Self {
         let (tx, _) = watch::channel(None);
         let (acks, _) = watch::channel(0);
+        let (closing, _) = watch::channel(false);
         Publisher {
             inner: Arc::new(Inner {
                 epoch,
+                closing,
                 tx,
                 subscribers: Mutex::new(HashMap::new()),
                 next_conn: AtomicU64::new(1),
@@ -145,6 +149,11 @@ impl Publisher {
             content,
         })));
         Ok(next)
+    }
+
+    /// Ends every subscriber stream (server shutdown); subscribers reconnect.
+    pub fn close(&self) {
+        self.inner.closing.send_replace(true);
     }
 
     /// The version being served, if any.
@@ -313,7 +322,11 @@ async fn stream_task(
     }
     publisher.update(conn, |_| {});
     info!(node = %hello.node_id, role = %hello.role, ?peer, holds = %version::show_opt(hello.applied.as_ref()), "subscriber connected");
-    let result = serve_stream(&publisher, conn, &mut inbound, &tx).await;
+    let mut closing = publisher.inner.closing.subscribe();
+    let result = tokio::select! {
+        r = serve_stream(&publisher, conn, &mut inbound, &tx) => r,
+        _ = closing.wait_for(|c| *c) => Ok(()),
+    };
     publisher.update(conn, |s| {
         s.connected = false;
         s.disconnected_at = Some(SystemTime::now());
@@ -392,6 +405,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let closer = publisher.clone();
+    let shutdown = async move {
+        shutdown.await;
+        closer.close();
+    };
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(20)))

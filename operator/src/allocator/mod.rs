@@ -249,7 +249,7 @@ impl Allocator {
         names.sort();
         for name in names {
             let members = by_pool.remove(&name).unwrap_or_default();
-            a.place_all(&name, members, &mut events);
+            a.place_all(&name, members, true, &mut events);
         }
         (a, events)
     }
@@ -326,11 +326,27 @@ impl Allocator {
     /// Places a batch of leases into a pool: first every lease whose preferred
     /// IP (its current or last one) is in the pool, oldest first so the older
     /// wins a conflict; then the rest, oldest first, least-loaded.
-    fn place_all(&mut self, pool_name: &str, mut members: Vec<Lid>, events: &mut Vec<Event>) {
+    ///
+    /// Leases that hold an address go first and keep it wherever it survived,
+    /// so a pool edit never displaces anyone. `claims` says the others'
+    /// preferred IPs come from their status (a restore): then two claims on one
+    /// IP are a conflict the older wins. Otherwise a remembered IP is taken only
+    /// if free.
+    fn place_all(
+        &mut self,
+        pool_name: &str,
+        mut members: Vec<Lid>,
+        claims: bool,
+        events: &mut Vec<Event>,
+    ) {
         members.sort_unstable_by(|a, b| {
-            let (la, lb) = (self.lease(*a), self.lease(*b));
-            la.map(|l| (l.created, &l.key))
-                .cmp(&lb.map(|l| (l.created, &l.key)))
+            let key = |lid: &Lid| {
+                self.lease(*lid).map(|l| {
+                    let holds = matches!(l.assignment, Assignment::Assigned(_));
+                    (!holds, l.created, &l.key)
+                })
+            };
+            key(a).cmp(&key(b))
         });
         let before: Vec<Assignment> = members
             .iter()
@@ -343,9 +359,9 @@ impl Allocator {
         for &lid in &members {
             let Some(l) = self.lease(lid) else { continue };
             let user = l.user;
-            let preferred = match &l.assignment {
-                Assignment::Assigned(ip) => Some(*ip),
-                _ => l.last_ip,
+            let (preferred, holds) = match &l.assignment {
+                Assignment::Assigned(ip) => (Some(*ip), true),
+                _ => (l.last_ip, false),
             };
             let Some(pool) = self.pools.get_mut(pool_name) else {
                 return;
@@ -360,7 +376,9 @@ impl Allocator {
                     self.set_assigned(lid, pool_name, off);
                 }
                 Some(winner) => {
-                    if let (Some(ip), Some(w)) = (preferred, self.lease(winner)) {
+                    if let (true, Some(ip), Some(w)) =
+                        (claims || holds, preferred, self.lease(winner))
+                    {
                         events.push(Event::Conflict {
                             ip,
                             pool: pool_name.to_string(),
@@ -519,14 +537,16 @@ impl Allocator {
                 .lease(lid)
                 .map(|l| l.assignment.clone())
                 .unwrap_or(Assignment::Released);
-            self.place_one(pool_name, lid, events);
+            self.place_one(pool_name, lid, false, events);
             self.diff_event(lid, &before, MoveReason::LeftPool, events);
         }
     }
 
-    /// Places one lease: its preferred IP if free for its user (taking it from
-    /// a younger lease of the same user if need be), else least-loaded.
-    fn place_one(&mut self, pool_name: &str, lid: Lid, events: &mut Vec<Event>) {
+    /// Places one lease: its preferred IP if free for its user, else
+    /// least-loaded. With `claim` (the IP comes from the lease's status, i.e. a
+    /// resync), a younger lease of the same user holding it gives it up: older
+    /// wins. Without (a remembered IP after an edit), nobody is displaced.
+    fn place_one(&mut self, pool_name: &str, lid: Lid, claim: bool, events: &mut Vec<Event>) {
         let Some(l) = self.lease(lid) else { return };
         let (user, preferred) = (l.user, l.last_ip);
         let Some(pool) = self.pools.get(pool_name) else {
@@ -541,7 +561,7 @@ impl Allocator {
                     self.set_assigned(lid, pool_name, off);
                     return;
                 }
-                Some(holder) if holder != lid => {
+                Some(holder) if holder != lid && claim => {
                     let (mine, theirs) = (self.age(lid), self.age(holder));
                     let (winner, loser) = if mine < theirs {
                         (lid, holder)
@@ -613,7 +633,7 @@ impl Allocator {
         members.dedup();
         self.pools
             .insert(name.to_string(), PoolState::new(addresses));
-        self.place_all(name, members, &mut events);
+        self.place_all(name, members, false, &mut events);
         events
     }
 
@@ -649,7 +669,7 @@ impl Allocator {
                 if !settled {
                     if self.pools.contains_key(&pool) {
                         let before = Assignment::Released;
-                        self.place_one(&pool, lid, &mut events);
+                        self.place_one(&pool, lid, true, &mut events);
                         self.diff_event(lid, &before, MoveReason::Conflict, &mut events);
                     } else {
                         self.orphan(lid);
@@ -677,7 +697,7 @@ impl Allocator {
         }
         if !req.settled {
             if self.pools.contains_key(&req.pool) {
-                self.place_one(&req.pool, lid, &mut events);
+                self.place_one(&req.pool, lid, false, &mut events);
             } else {
                 self.orphan(lid);
             }
