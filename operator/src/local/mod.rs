@@ -59,6 +59,33 @@ fn lease_key(ns: &str, name: &str) -> LeaseKey {
     }
 }
 
+fn obj_id(kind: Kind, namespace: &str, name: &str) -> ObjId {
+    ObjId {
+        kind,
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+    }
+}
+
+/// The generation an object gets when its spec as read is `seen`: unchanged
+/// specs keep theirs, edits bump it, new objects start at 1.
+fn next_generation(prev: Option<(&serde_json::Value, i64)>, seen: &serde_json::Value) -> i64 {
+    match prev {
+        Some((old, g)) if old == seen => g,
+        Some((_, g)) => g + 1,
+        None => 1,
+    }
+}
+
+/// Keys of the records `dead` says are gone.
+fn dead_keys<R>(records: &BTreeMap<String, R>, dead: impl Fn(&R) -> bool) -> Vec<String> {
+    records
+        .iter()
+        .filter(|(_, r)| dead(r))
+        .map(|(k, _)| k.clone())
+        .collect()
+}
+
 fn record_key(ns: &str, name: &str) -> String {
     format!("{ns}/{name}")
 }
@@ -216,30 +243,14 @@ impl Local {
         let gone = |file: &str, id: &ObjId| !chosen.contains_key(id) && !incomplete.contains(file);
 
         // Deletions of leases first, so their addresses are free for new leases.
-        let dead_leases: Vec<String> = self
-            .state
-            .leases
-            .iter()
-            .filter(|(_, r)| {
-                gone(
-                    &r.file,
-                    &ObjId {
-                        kind: Kind::VMLease,
-                        namespace: r.namespace.clone(),
-                        name: r.name.clone(),
-                    },
-                )
-            })
-            .map(|(k, _)| k.clone())
-            .collect();
+        let dead_leases = dead_keys(&self.state.leases, |r| {
+            gone(&r.file, &obj_id(Kind::VMLease, &r.namespace, &r.name))
+        });
         for k in dead_leases {
             if let Some(r) = self.state.leases.remove(&k) {
                 self.world.delete_lease(&lease_key(&r.namespace, &r.name));
-                self.object_problems.remove(&ObjId {
-                    kind: Kind::VMLease,
-                    namespace: r.namespace,
-                    name: r.name,
-                });
+                self.object_problems
+                    .remove(&obj_id(Kind::VMLease, &r.namespace, &r.name));
             }
         }
 
@@ -254,11 +265,7 @@ impl Local {
                 continue;
             }
             let spec = validate::pool(&p.spec);
-            let generation = match rec {
-                Some(r) if r.seen_spec == seen => r.generation,
-                Some(r) => r.generation + 1,
-                None => 1,
-            };
+            let generation = next_generation(rec.map(|r| (&r.seen_spec, r.generation)), &seen);
             let mut r = rec.cloned().unwrap_or_else(|| PoolRecord {
                 name: id.name.clone(),
                 created_ms: now_ms,
@@ -300,11 +307,7 @@ impl Local {
             if !first && rec.is_some_and(|r| r.seen_spec == seen && r.file == *file) {
                 continue;
             }
-            let generation = match rec {
-                Some(r) if r.seen_spec == seen => r.generation,
-                Some(r) => r.generation + 1,
-                None => 1,
-            };
+            let generation = next_generation(rec.map(|r| (&r.seen_spec, r.generation)), &seen);
             let mut r = rec.cloned().unwrap_or_else(|| LeaseRecord {
                 namespace: id.namespace.clone(),
                 name: id.name.clone(),
@@ -346,56 +349,23 @@ impl Local {
             self.world.apply_lease(obj);
         }
 
-        let dead_pools: Vec<String> = self
-            .state
-            .pools
-            .iter()
-            .filter(|(_, r)| {
-                gone(
-                    &r.file,
-                    &ObjId {
-                        kind: Kind::IPPool,
-                        namespace: String::new(),
-                        name: r.name.clone(),
-                    },
-                )
-            })
-            .map(|(k, _)| k.clone())
-            .collect();
+        let dead_pools = dead_keys(&self.state.pools, |r| {
+            gone(&r.file, &obj_id(Kind::IPPool, "", &r.name))
+        });
         for k in dead_pools {
             self.state.pools.remove(&k);
             self.world.delete_pool(&k);
-            self.object_problems.remove(&ObjId {
-                kind: Kind::IPPool,
-                namespace: String::new(),
-                name: k,
-            });
+            self.object_problems.remove(&obj_id(Kind::IPPool, "", &k));
         }
 
-        let dead_routes: Vec<String> = self
-            .state
-            .routes
-            .iter()
-            .filter(|(_, r)| {
-                gone(
-                    &r.file,
-                    &ObjId {
-                        kind: Kind::SshRoute,
-                        namespace: r.namespace.clone(),
-                        name: r.name.clone(),
-                    },
-                )
-            })
-            .map(|(k, _)| k.clone())
-            .collect();
+        let dead_routes = dead_keys(&self.state.routes, |r| {
+            gone(&r.file, &obj_id(Kind::SshRoute, &r.namespace, &r.name))
+        });
         for k in dead_routes {
             if let Some(r) = self.state.routes.remove(&k) {
                 self.world.delete_route(&lease_key(&r.namespace, &r.name));
-                self.object_problems.remove(&ObjId {
-                    kind: Kind::SshRoute,
-                    namespace: r.namespace,
-                    name: r.name,
-                });
+                self.object_problems
+                    .remove(&obj_id(Kind::SshRoute, &r.namespace, &r.name));
             }
         }
         for (id, (file, doc)) in &chosen {
@@ -408,11 +378,7 @@ impl Local {
             if !first && rec.is_some_and(|r| r.seen_spec == seen && r.file == *file) {
                 continue;
             }
-            let generation = match rec {
-                Some(r) if r.seen_spec == seen => r.generation,
-                Some(r) => r.generation + 1,
-                None => 1,
-            };
+            let generation = next_generation(rec.map(|r| (&r.seen_spec, r.generation)), &seen);
             let mut r = rec.cloned().unwrap_or_else(|| RouteRecord {
                 namespace: id.namespace.clone(),
                 name: id.name.clone(),
