@@ -145,6 +145,20 @@ pub struct World {
     notices: Vec<Notice>,
 }
 
+/// Kubernetes admission in one line: a valid spec is taken; an invalid edit of
+/// an object that had a valid spec keeps the old one (and says why); an invalid
+/// new object has no spec in force.
+fn admit<T: Clone>(
+    spec: &Result<T, FieldErrors>,
+    prev: Option<T>,
+) -> (Option<T>, Option<FieldErrors>) {
+    match (spec, prev) {
+        (Ok(spec), _) => (Some(spec.clone()), None),
+        (Err(e), Some(old)) => (Some(old), Some(e.clone())),
+        (Err(_), None) => (None, None),
+    }
+}
+
 fn request(obj: &LeaseObject, spec: &ValidLease) -> LeaseRequest {
     LeaseRequest {
         key: obj.key.clone(),
@@ -224,11 +238,7 @@ impl World {
     pub fn apply_pool(&mut self, obj: PoolObject) {
         let name = obj.name.clone();
         let prev = self.pools.remove(&name);
-        let (effective, rejected) = match (&obj.spec, prev.and_then(|p| p.effective)) {
-            (Ok(set), _) => (Some(set.clone()), None),
-            (Err(e), Some(old)) => (Some(old), Some(e.clone())),
-            (Err(_), None) => (None, None),
-        };
+        let (effective, rejected) = admit(&obj.spec, prev.and_then(|p| p.effective));
         let events = match &effective {
             Some(set) => self.allocator.set_pool(&name, set.clone()),
             None => self.allocator.remove_pool(&name),
@@ -266,11 +276,7 @@ impl World {
     pub fn apply_lease(&mut self, obj: LeaseObject) {
         let key = obj.key.clone();
         let prev = self.leases.remove(&key);
-        let (effective, rejected) = match (&obj.spec, prev.and_then(|p| p.effective)) {
-            (Ok(spec), _) => (Some(spec.clone()), None),
-            (Err(e), Some(old)) => (Some(old), Some(e.clone())),
-            (Err(_), None) => (None, None),
-        };
+        let (effective, rejected) = admit(&obj.spec, prev.and_then(|p| p.effective));
         let events = match &effective {
             Some(spec) => self.allocator.upsert_lease(request(&obj, spec)),
             None => self.allocator.remove_lease(&key),
