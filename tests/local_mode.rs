@@ -299,6 +299,16 @@ async fn subscriber_with_wrong_token_is_refused() {
         s.leases.len() == 1
     })
     .await;
+    // Routed turns true once the only connected subscriber ACKed the lease's
+    // version; the refused caller does not count as a proxy.
+    wait_for(WAIT, "lease Routed", || {
+        status_json(&dir)
+            .ok()?
+            .first()
+            .filter(|l| l["routed"] == true)
+            .map(|_| ())
+    })
+    .unwrap();
     assert!(bad.snapshot.borrow().is_none());
     bad_task.abort();
     good_task.abort();

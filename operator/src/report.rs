@@ -3,6 +3,8 @@
 
 use std::path::Path;
 
+use std::fmt::Write as _;
+
 use anyhow::Result;
 use serde::Serialize;
 
@@ -32,6 +34,8 @@ pub struct LeaseRow {
     pub ssh_command: Option<String>,
     /// Why it is not Ready, if it is not.
     pub message: Option<String>,
+    /// Every connected proxy has applied a snapshot with its current route.
+    pub routed: bool,
     /// File it comes from.
     pub file: String,
 }
@@ -69,6 +73,11 @@ pub fn rows(state: &StateFile) -> Vec<LeaseRow> {
             relay_trust: r.status.relay_trust.clone(),
             ssh_command: r.status.ssh_command.clone(),
             message: r.status.message.clone(),
+            routed: r
+                .status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Routed" && c.status == "True"),
             file: r.file.clone(),
         })
         .collect()
@@ -120,9 +129,10 @@ pub fn print(dir: &Path, json: bool) -> Result<()> {
     }
     let state = StateFile::load(&paths.state())?;
     let rows = rows(&state);
+    let mut out = String::new();
     if json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
-        return Ok(());
+        writeln!(out, "{}", serde_json::to_string_pretty(&rows)?)?;
+        return emit(&out);
     }
     let cells: Vec<Vec<String>> = rows
         .iter()
@@ -132,6 +142,7 @@ pub fn print(dir: &Path, json: bool) -> Result<()> {
                 r.user.clone(),
                 r.ip.clone().unwrap_or_else(|| "-".into()),
                 r.phase.clone(),
+                if r.routed { "yes" } else { "no" }.to_string(),
                 r.ssh_command
                     .clone()
                     .or_else(|| r.message.clone())
@@ -139,27 +150,36 @@ pub fn print(dir: &Path, json: bool) -> Result<()> {
             ]
         })
         .collect();
-    print!(
+    write!(
+        out,
         "{}",
         table(
-            &["NAMESPACE/NAME", "USER", "IP", "PHASE", "SSH COMMAND"],
+            &[
+                "NAMESPACE/NAME",
+                "USER",
+                "IP",
+                "PHASE",
+                "ROUTED",
+                "SSH COMMAND"
+            ],
             &cells
         )
-    );
+    )?;
     let waiting: Vec<&LeaseRow> = rows
         .iter()
         .filter(|r| r.ssh_command.is_some() && r.message.is_some())
         .collect();
     for r in waiting {
-        println!(
+        writeln!(
+            out,
             "  note {}/{}: {}",
             r.namespace,
             r.name,
             r.message.as_deref().unwrap_or_default()
-        );
+        )?;
     }
     if !state.pools.is_empty() {
-        println!();
+        writeln!(out)?;
         let pools: Vec<Vec<String>> = state
             .pools
             .values()
@@ -180,7 +200,8 @@ pub fn print(dir: &Path, json: bool) -> Result<()> {
                 ]
             })
             .collect();
-        print!(
+        write!(
+            out,
             "{}",
             table(
                 &[
@@ -193,10 +214,10 @@ pub fn print(dir: &Path, json: bool) -> Result<()> {
                 ],
                 &pools
             )
-        );
+        )?;
     }
     if !state.routes.is_empty() {
-        println!();
+        writeln!(out)?;
         let routes: Vec<Vec<String>> = state
             .routes
             .values()
@@ -210,12 +231,13 @@ pub fn print(dir: &Path, json: bool) -> Result<()> {
                 ]
             })
             .collect();
-        print!(
+        write!(
+            out,
             "{}",
             table(&["ROUTE", "FROM", "ACCEPTED", "MESSAGE"], &routes)
-        );
+        )?;
     }
-    println!();
+    writeln!(out)?;
     let running = if operator_running(&paths) {
         "running"
     } else {
@@ -223,7 +245,8 @@ pub fn print(dir: &Path, json: bool) -> Result<()> {
     };
     match &state.snapshot {
         Some(s) => {
-            println!(
+            writeln!(
+                out,
                 "operator {running}; snapshot {} ({} leases, {} routes); subscribers: {}",
                 s.version,
                 s.leases,
@@ -245,15 +268,24 @@ pub fn print(dir: &Path, json: bool) -> Result<()> {
                         .collect::<Vec<_>>()
                         .join(", ")
                 }
-            );
+            )?;
         }
-        None => println!("operator {running}; no snapshot published yet"),
+        None => writeln!(out, "operator {running}; no snapshot published yet")?,
     }
     if !state.problems.is_empty() {
-        println!("\nproblems in {}:", dir.display());
+        writeln!(out, "\nproblems in {}:", dir.display())?;
         for p in &state.problems {
-            println!("  {p}");
+            writeln!(out, "  {p}")?;
         }
     }
-    Ok(())
+    emit(&out)
+}
+
+/// Writes to stdout; a closed pipe (`status | head`) is not an error.
+fn emit(text: &str) -> Result<()> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
 }

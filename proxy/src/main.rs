@@ -160,10 +160,13 @@ async fn snapshot_cmd(source: Source, follow: bool, json: bool, timeout: Duratio
         };
         let Some(snap) = snap else { continue };
         last = snap.version;
-        if json {
-            println!("{}", serde_json::to_string_pretty(&to_json(&snap))?);
+        let text = if json {
+            format!("{}\n", serde_json::to_string_pretty(&to_json(&snap))?)
         } else {
-            print!("{}", summary(&snap));
+            summary(&snap)
+        };
+        if !emit(&text)? {
+            break; // the reader went away (`| head`)
         }
         if !follow {
             break;
@@ -171,6 +174,17 @@ async fn snapshot_cmd(source: Source, follow: bool, json: bool, timeout: Duratio
     }
     task.abort();
     Ok(())
+}
+
+/// Writes to stdout and flushes; `Ok(false)` when the pipe was closed.
+fn emit(text: &str) -> Result<bool> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn to_json(s: &pb::Snapshot) -> serde_json::Value {
