@@ -2,6 +2,11 @@
 //! keeps a stream to the operator with jittered exponential backoff, checks and
 //! persists every snapshot before acknowledging it, and refuses anything older
 //! than what it already applied.
+//!
+//! Per response, in order: the consistency check and the caller's `validate`
+//! (a refusal NACKs and keeps the current snapshot), the atomic write of the
+//! disk copy, the switch of the `snapshot` watch, then the ACK. So an ACKed
+//! version is already being served and survives a restart.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,35 +17,43 @@ use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::metadata::MetadataValue;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Endpoint;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::pb::snapshot_service_client::SnapshotServiceClient;
-use crate::pb::{self, SubscribeRequest};
+use crate::pb::{self, SnapshotResponse, SubscribeRequest};
 use crate::{check, version};
 
-/// How to reach the operator.
+/// Shortest reconnect delay, whatever the config says (zero would spin).
+const MIN_BACKOFF: Duration = Duration::from_millis(10);
+/// NACK texts are cut to this many bytes: the operator reads requests of at
+/// most 64 KiB, and a snapshot with 100,000 problems would exceed it.
+const MAX_NACK_BYTES: usize = 4096;
+
+/// How to reach the operator, and where to keep the last snapshot.
 #[derive(Clone, Debug)]
 pub struct SubscriberConfig {
     /// `http://host:7070`.
     pub endpoint: String,
-    /// The snapshot token.
+    /// The snapshot token, sent as `authorization: Bearer <token>`; empty
+    /// sends no authorization (the operator refuses the call).
     pub token: String,
     /// Stable name of this subscriber (pod or host name).
     pub node_id: String,
     /// `proxy`, `agent`, `cli`…
     pub role: String,
-    /// Where the last applied snapshot is kept; `None` keeps nothing.
+    /// Where the last applied snapshot is kept (protobuf bytes); `None`
+    /// keeps nothing.
     pub cache_path: Option<PathBuf>,
-    /// First reconnect delay.
+    /// First reconnect delay (and the floor of every delay).
     pub backoff_min: Duration,
     /// Longest reconnect delay.
     pub backoff_max: Duration,
 }
 
-/// How the subscription is doing.
-#[derive(Clone, Debug, Default)]
+/// How the subscription is doing (for `/readyz` and metrics).
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct SubscriptionStatus {
     /// A stream to the operator is open.
     pub connected: bool,
@@ -48,42 +61,81 @@ pub struct SubscriptionStatus {
     pub applied: Option<pb::Version>,
     /// When it was applied (or loaded from disk).
     pub last_applied_at: Option<SystemTime>,
-    /// The last connection or validation error.
+    /// The snapshot served is the disk copy and the operator has not yet
+    /// confirmed or replaced it.
+    pub from_disk: bool,
+    /// The last connection, validation or persistence error (kept after
+    /// recovery: it is the last one, not a current one).
     pub last_error: Option<String>,
-    /// Streams opened after the first.
+    /// The last attempt was refused as unauthenticated (wrong or missing
+    /// token); cleared when a stream opens.
+    pub auth_refused: bool,
+    /// Streams opened after the first one.
     pub reconnects: u64,
-    /// Snapshots refused.
+    /// Snapshots refused (NACKed).
     pub nacks: u64,
 }
 
-/// The receiving ends of a subscription.
+/// The receiving ends of a subscription. Clones share the subscription.
 #[derive(Clone)]
 pub struct Subscription {
     /// The snapshot served now (`None` until one is loaded or received).
     pub snapshot: watch::Receiver<Option<Arc<pb::Snapshot>>>,
     /// Connection state.
     pub status: watch::Receiver<SubscriptionStatus>,
+    stop: Arc<watch::Sender<bool>>,
+}
+
+impl Subscription {
+    /// Ends the subscription: the stream closes and the task returns (await
+    /// its `JoinHandle` to know when). The last snapshot stays readable.
+    /// Aborting the task ends it the same way.
+    pub fn shutdown(&self) {
+        self.stop.send_replace(true);
+    }
 }
 
 type Validate = dyn Fn(&pb::Snapshot) -> Result<(), String> + Send + Sync;
 
-/// Starts a subscription. `validate` runs after the consistency check; an
-/// error NACKs the snapshot and keeps the current one.
+/// Starts a subscription on the current tokio runtime.
+///
+/// `validate` runs (on a blocking thread) after the consistency check, on the
+/// disk copy and on every new snapshot; an error refuses the snapshot (NACK
+/// with that text) and keeps the current one.
+///
+/// The task runs until [`Subscription::shutdown`] or `JoinHandle::abort`;
+/// dropping the `JoinHandle` detaches it (tokio semantics) and dropping every
+/// `Subscription` does not stop it either.
 pub fn subscribe(
     config: SubscriberConfig,
     validate: impl Fn(&pb::Snapshot) -> Result<(), String> + Send + Sync + 'static,
 ) -> (Subscription, JoinHandle<()>) {
     let (snap_tx, snap_rx) = watch::channel(None);
     let (status_tx, status_rx) = watch::channel(SubscriptionStatus::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
     let validate: Arc<Validate> = Arc::new(validate);
-    let task = tokio::spawn(run(config, validate, snap_tx, status_tx));
+    let task = tokio::spawn(run(config, validate, snap_tx, status_tx, stop_rx));
     (
         Subscription {
             snapshot: snap_rx,
             status: status_rx,
+            stop: Arc::new(stop_tx),
         },
         task,
     )
+}
+
+struct Shared {
+    config: SubscriberConfig,
+    validate: Arc<Validate>,
+    snap_tx: watch::Sender<Option<Arc<pb::Snapshot>>>,
+    status_tx: watch::Sender<SubscriptionStatus>,
+}
+
+impl Shared {
+    fn held(&self) -> Option<pb::Version> {
+        self.snap_tx.borrow().as_ref().and_then(|s| s.version)
+    }
 }
 
 async fn run(
@@ -91,126 +143,162 @@ async fn run(
     validate: Arc<Validate>,
     snap_tx: watch::Sender<Option<Arc<pb::Snapshot>>>,
     status_tx: watch::Sender<SubscriptionStatus>,
+    mut stop: watch::Receiver<bool>,
 ) {
-    if let Some(path) = &config.cache_path {
-        match load_cache(path, &*validate) {
-            Ok(Some(s)) => {
-                info!(version = %version::show_opt(s.version.as_ref()), path = %path.display(), "serving the snapshot kept on disk");
-                status_tx.send_modify(|st| {
-                    st.applied = s.version;
-                    st.last_applied_at = Some(SystemTime::now());
-                });
-                snap_tx.send_replace(Some(Arc::new(s)));
-            }
-            Ok(None) => {}
-            Err(e) => warn!(path = %path.display(), "ignoring the snapshot kept on disk: {e:#}"),
-        }
-    }
-    let mut backoff = config.backoff_min;
-    let mut streams = 0u64;
-    loop {
-        let established =
-            match stream(&config, &*validate, &snap_tx, &status_tx, &mut streams).await {
-                Ok(()) => {
-                    debug!("snapshot stream closed by the operator");
-                    true
-                }
-                Err(e) => {
-                    let msg = format!("{e:#}");
-                    if msg.to_lowercase().contains("unauthenticated") {
-                        warn!("the operator refused our snapshot token: {msg}");
-                    } else {
-                        debug!("snapshot stream: {msg}");
-                    }
-                    let established = status_tx.borrow().connected;
-                    status_tx.send_modify(|st| st.last_error = Some(msg));
-                    established
-                }
-            };
-        status_tx.send_modify(|st| st.connected = false);
-        if established {
-            backoff = config.backoff_min;
-        }
-        // Full jitter keeps a fleet of proxies from reconnecting in lockstep.
-        let jitter = rand::random::<f64>() * 0.5 + 0.5;
-        tokio::time::sleep(backoff.mul_f64(jitter)).await;
-        backoff = (backoff * 2).min(config.backoff_max);
-    }
-}
-
-fn load_cache(path: &Path, validate: &Validate) -> Result<Option<pb::Snapshot>> {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    let shared = Shared {
+        config,
+        validate,
+        snap_tx,
+        status_tx,
     };
-    let s = pb::Snapshot::decode(bytes.as_slice()).context("decoding")?;
-    check::check(&s).map_err(|e| anyhow!("fails the consistency check: {}", e.join("; ")))?;
-    validate(&s).map_err(|e| anyhow!("refused: {e}"))?;
-    Ok(Some(s))
+    tokio::select! {
+        biased;
+        () = stopped(&mut stop) => {}
+        () = run_until_stopped(&shared) => {}
+    }
+    shared.status_tx.send_modify(|st| st.connected = false);
+    info!(endpoint = %shared.config.endpoint, "snapshot subscription ended");
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default()
-    ));
-    let mut f =
-        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    drop(f);
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("syncing {}", dir.display()))
+/// Resolves on `shutdown()`; never when every `Subscription` was dropped,
+/// since the task may still be wanted (it is ended by abort then).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    if stop.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
-async fn stream(
-    config: &SubscriberConfig,
-    validate: &Validate,
-    snap_tx: &watch::Sender<Option<Arc<pb::Snapshot>>>,
-    status_tx: &watch::Sender<SubscriptionStatus>,
-    streams: &mut u64,
-) -> Result<()> {
+async fn run_until_stopped(shared: &Shared) {
+    load_disk_copy(shared).await;
+    connect_loop(shared).await;
+}
+
+async fn load_disk_copy(shared: &Shared) {
+    let Some(path) = shared.config.cache_path.clone() else {
+        return;
+    };
+    let validate = shared.validate.clone();
+    let shown = path.display().to_string();
+    match tokio::task::spawn_blocking(move || load_cache(&path, &*validate)).await {
+        Ok(Ok(Some(s))) => {
+            let v = s.version;
+            info!(version = %version::show_opt(v.as_ref()), path = %shown, "serving the snapshot kept on disk");
+            shared.snap_tx.send_replace(Some(Arc::new(s)));
+            shared.status_tx.send_modify(|st| {
+                st.applied = v;
+                st.last_applied_at = Some(SystemTime::now());
+                st.from_disk = true;
+            });
+        }
+        Ok(Ok(None)) => debug!(path = %shown, "no snapshot kept on disk"),
+        Ok(Err(e)) => warn!(path = %shown, "ignoring the snapshot kept on disk: {e:#}"),
+        Err(e) => warn!(path = %shown, "ignoring the snapshot kept on disk: loading failed: {e}"),
+    }
+}
+
+/// Reconnects forever with exponential backoff and full jitter between
+/// `backoff_min` and a ceiling that doubles up to `backoff_max`; the ceiling
+/// resets after a stream that delivered at least one snapshot, so a server
+/// that accepts and at once drops us still gets backed off from.
+async fn connect_loop(shared: &Shared) {
+    let floor = shared.config.backoff_min.max(MIN_BACKOFF);
+    let cap = shared.config.backoff_max.max(floor);
+    let mut ceiling = floor;
+    let mut streams = 0u64;
+    let mut failures_in_row = 0u64;
+    loop {
+        let mut delivered = false;
+        let outcome = stream(shared, &mut streams, &mut delivered).await;
+        shared.status_tx.send_modify(|st| st.connected = false);
+        let endpoint = &shared.config.endpoint;
+        match outcome {
+            Ok(()) => {
+                failures_in_row = 0;
+                info!(%endpoint, "the operator closed the snapshot stream; reconnecting");
+            }
+            Err(e) => {
+                failures_in_row += 1;
+                let auth = is_unauthenticated(&e);
+                let msg = format!("{e:#}");
+                if auth {
+                    // Distinct and always loud: a config problem, not an
+                    // outage. Still retried: the token may be rotated.
+                    error!(%endpoint, "the operator refused our snapshot token; retrying with backoff: {msg}");
+                } else if failures_in_row == 1 {
+                    warn!(%endpoint, "snapshot stream failed; serving the last snapshot and retrying: {msg}");
+                } else {
+                    debug!(%endpoint, failures_in_row, "snapshot stream failed again: {msg}");
+                }
+                shared.status_tx.send_modify(|st| {
+                    st.last_error = Some(msg);
+                    st.auth_refused = auth;
+                });
+            }
+        }
+        if delivered {
+            ceiling = floor;
+        }
+        let delay = floor + (ceiling - floor).mul_f64(rand::random::<f64>());
+        ceiling = (ceiling * 2).min(cap);
+        tokio::time::sleep(delay).await;
+    }
+}
+
+fn is_unauthenticated(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<tonic::Status>())
+        .any(|s| s.code() == tonic::Code::Unauthenticated)
+}
+
+fn bearer(token: &str) -> Result<Option<MetadataValue<Ascii>>> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    format!("Bearer {token}")
+        .parse()
+        .map(Some)
+        .map_err(|_| anyhow!("the snapshot token has characters a header cannot carry"))
+}
+
+/// One stream: connect, hello, then answer every response. `Ok` when the
+/// operator ends the stream cleanly.
+async fn stream(shared: &Shared, streams: &mut u64, delivered: &mut bool) -> Result<()> {
+    let config = &shared.config;
+    let authorization = bearer(&config.token)?;
     let channel = Endpoint::from_shared(config.endpoint.clone())
         .with_context(|| format!("invalid endpoint {:?}", config.endpoint))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
+        .tcp_keepalive(Some(Duration::from_secs(60)))
         .http2_keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(20))
+        // Snapshots are tens of MB: let the receive window grow.
+        .http2_adaptive_window(true)
         .connect()
         .await
         .with_context(|| format!("connecting to {}", config.endpoint))?;
-    let bearer: MetadataValue<_> = format!("Bearer {}", config.token)
-        .parse()
-        .map_err(|_| anyhow!("the snapshot token has characters a header cannot carry"))?;
     let mut client =
         SnapshotServiceClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
-            req.metadata_mut().insert("authorization", bearer.clone());
+            if let Some(a) = &authorization {
+                req.metadata_mut().insert("authorization", a.clone());
+            }
             Ok(req)
         })
-        .max_decoding_message_size(crate::MAX_MESSAGE_BYTES);
+        .max_decoding_message_size(crate::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(crate::MAX_MESSAGE_BYTES);
 
-    let (req_tx, req_rx) = mpsc::channel::<SubscribeRequest>(4);
-    let applied = || snap_tx.borrow().as_ref().and_then(|s| s.version);
+    let request = |response_nonce: String, applied, error_detail: String| SubscribeRequest {
+        node_id: config.node_id.clone(),
+        applied,
+        response_nonce,
+        error_detail,
+        role: config.role.clone(),
+    };
+    // One answer per response and we wait for the next response before
+    // answering again, so the queue never holds more than the hello + one.
+    let (req_tx, req_rx) = mpsc::channel::<SubscribeRequest>(2);
     req_tx
-        .send(SubscribeRequest {
-            node_id: config.node_id.clone(),
-            applied: applied(),
-            response_nonce: String::new(),
-            error_detail: String::new(),
-            role: config.role.clone(),
-        })
+        .send(request(String::new(), shared.held(), String::new()))
         .await
         .map_err(|_| anyhow!("request channel closed"))?;
     let mut inbound = client
@@ -219,75 +307,368 @@ async fn stream(
         .context("subscribing")?
         .into_inner();
     *streams += 1;
-    status_tx.send_modify(|st| {
+    let reconnects = streams.saturating_sub(1);
+    shared.status_tx.send_modify(|st| {
         st.connected = true;
-        st.reconnects = streams.saturating_sub(1);
+        st.auth_refused = false;
+        st.reconnects = reconnects;
     });
-    while let Some(resp) = inbound.message().await.context("receiving")? {
-        let held = applied();
-        let answer = |error: String, applied: Option<pb::Version>| SubscribeRequest {
-            node_id: config.node_id.clone(),
-            applied,
-            response_nonce: resp.nonce.clone(),
-            error_detail: error,
-            role: config.role.clone(),
+    info!(endpoint = %config.endpoint, holds = %version::show_opt(shared.held().as_ref()), "snapshot stream open");
+
+    while let Some(resp) = inbound.message().await.context("receiving a snapshot")? {
+        *delivered = true;
+        let nonce = resp.nonce.clone();
+        let held = shared.held();
+        let offered = resp.version;
+        // Check, validate and persist off the async threads: for 100,000
+        // leases each takes a while, and `validate` is the caller's code.
+        let job = {
+            let validate = shared.validate.clone();
+            let cache = config.cache_path.clone();
+            move || judge(resp, held, &*validate, cache.as_deref())
         };
-        let verdict = match (&resp.snapshot, resp.version) {
-            (None, _) | (_, None) => Err("response without snapshot or version".to_string()),
-            (Some(s), Some(v)) => {
-                if held.is_some_and(|h| version::cmp(&v, &h).is_lt()) {
-                    Err(format!(
-                        "stale: {} is older than the applied {}",
-                        version::show(&v),
-                        version::show_opt(held.as_ref())
-                    ))
-                } else if held.is_some_and(|h| version::cmp(&v, &h).is_eq()) {
-                    Ok(None) // already serving it
-                } else {
-                    check::check(s)
-                        .map_err(|e| format!("consistency check: {}", e.join("; ")))
-                        .and_then(|()| validate(s))
-                        .map(|()| Some((s.clone(), v)))
-                }
+        let verdict = match tokio::task::spawn_blocking(job).await {
+            Ok(v) => v,
+            Err(e) if e.is_panic() => Verdict::Refuse("validation panicked".into()),
+            Err(e) => return Err(anyhow!("checking the snapshot: {e}")),
+        };
+        let (applied, error) = match verdict {
+            Verdict::Same(v) => {
+                debug!(version = %v, "already serving the offered snapshot");
+                shared.status_tx.send_modify(|st| st.from_disk = false);
+                (Some(v), String::new())
             }
-        };
-        let reply = match verdict {
-            Ok(None) => answer(String::new(), held),
-            Ok(Some((mut s, v))) => {
-                s.version = Some(v);
-                if let Some(path) = &config.cache_path {
-                    let bytes = s.encode_to_vec();
-                    let path = path.clone();
-                    // Persist before the ACK: an acknowledged version survives a crash.
-                    let written = tokio::task::spawn_blocking(move || write_atomic(&path, &bytes))
-                        .await
-                        .map_err(|e| anyhow!("{e}"))
-                        .and_then(|r| r);
-                    if let Err(e) = written {
-                        warn!("could not keep the snapshot on disk: {e:#}");
-                    }
+            Verdict::Apply {
+                snapshot,
+                version: v,
+                persist_error,
+            } => {
+                if let Some(e) = &persist_error {
+                    error!(version = %v, "could not keep the snapshot on disk (serving it anyway): {e}");
                 }
-                debug!(version = %version::show(&v), leases = s.leases.len(), "snapshot applied");
-                snap_tx.send_replace(Some(Arc::new(s)));
-                status_tx.send_modify(|st| {
+                info!(version = %v, leases = snapshot.leases.len(), routes = snapshot.routes.len(), "snapshot applied");
+                shared.snap_tx.send_replace(Some(Arc::new(snapshot)));
+                shared.status_tx.send_modify(|st| {
                     st.applied = Some(v);
                     st.last_applied_at = Some(SystemTime::now());
+                    st.from_disk = false;
+                    if let Some(e) = persist_error {
+                        st.last_error = Some(format!("could not keep the snapshot on disk: {e}"));
+                    }
                 });
-                answer(String::new(), Some(v))
+                (Some(v), String::new())
             }
-            Err(e) => {
-                warn!(version = %version::show_opt(resp.version.as_ref()), "refusing snapshot: {e}");
-                status_tx.send_modify(|st| {
+            Verdict::Refuse(e) => {
+                let e = truncate(&e, MAX_NACK_BYTES);
+                warn!(offered = %version::show_opt(offered.as_ref()), kept = %version::show_opt(held.as_ref()), "refusing snapshot: {e}");
+                shared.status_tx.send_modify(|st| {
                     st.nacks += 1;
-                    st.last_error = Some(e.clone());
+                    st.last_error = Some(format!("refused snapshot: {e}"));
                 });
-                answer(e, held)
+                (held, e)
             }
         };
         req_tx
-            .send(reply)
+            .send(request(nonce, applied, error))
             .await
             .map_err(|_| anyhow!("request channel closed"))?;
     }
     Ok(())
+}
+
+enum Verdict {
+    /// The offered version is the one served: a no-op ACK.
+    Same(pb::Version),
+    /// Passed every check (and was persisted, unless `persist_error`).
+    Apply {
+        snapshot: pb::Snapshot,
+        version: pb::Version,
+        persist_error: Option<String>,
+    },
+    /// NACK with this reason; the current snapshot stays.
+    Refuse(String),
+}
+
+/// Decides on one response; runs on a blocking thread.
+fn judge(
+    resp: SnapshotResponse,
+    held: Option<pb::Version>,
+    validate: &Validate,
+    cache: Option<&Path>,
+) -> Verdict {
+    let (Some(v), Some(mut s)) = (resp.version, resp.snapshot) else {
+        return Verdict::Refuse("response without a version or a snapshot".into());
+    };
+    if let Some(inner) = s.version
+        && inner != v
+    {
+        return Verdict::Refuse(format!("response says {v} but its snapshot says {inner}"));
+    }
+    if let Some(h) = held {
+        if h.is_newer_than(&v) {
+            return Verdict::Refuse(format!("stale: {v} is older than the applied {h}"));
+        }
+        if h == v {
+            return Verdict::Same(v);
+        }
+    }
+    if let Err(errors) = check::check(&s) {
+        return Verdict::Refuse(format!("consistency check failed: {}", summarize(&errors)));
+    }
+    if let Err(e) = validate(&s) {
+        return Verdict::Refuse(e);
+    }
+    s.version = Some(v);
+    let persist_error = cache.and_then(|path| {
+        let e = write_atomic(path, &s.encode_to_vec()).err()?;
+        // A disk copy older than what we serve could bring back routes that
+        // are gone (settled leases) if we restart while the operator is
+        // away; better to start with nothing.
+        if let Err(rm) = std::fs::remove_file(path)
+            && rm.kind() != std::io::ErrorKind::NotFound
+        {
+            return Some(format!("{e:#}; removing the older copy failed too: {rm}"));
+        }
+        Some(format!("{e:#} (older copy removed)"))
+    });
+    Verdict::Apply {
+        snapshot: s,
+        version: v,
+        persist_error,
+    }
+}
+
+/// The first problems and how many more, for a NACK that stays small.
+fn summarize(errors: &[String]) -> String {
+    const SHOWN: usize = 10;
+    let mut out = errors
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join("; ");
+    if errors.len() > SHOWN {
+        out.push_str(&format!(" (and {} more)", errors.len() - SHOWN));
+    }
+    out
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// Reads the disk copy: `None` if there is none; an error if it does not
+/// decode, has no version, fails the check or is refused by `validate`.
+fn load_cache(path: &Path, validate: &Validate) -> Result<Option<pb::Snapshot>> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let s = pb::Snapshot::decode(bytes.as_slice()).context("not a snapshot (decoding failed)")?;
+    anyhow::ensure!(s.version.is_some(), "the snapshot has no version");
+    check::check(&s).map_err(|e| anyhow!("fails the consistency check: {}", summarize(&e)))?;
+    validate(&s).map_err(|e| anyhow!("refused: {e}"))?;
+    Ok(Some(s))
+}
+
+/// Replaces `path` with `bytes` so that a crash leaves either the old or the
+/// new file: temp file in the same directory, fsync, rename, fsync the
+/// directory.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    // Unique: a subscriber being replaced may still be finishing a write.
+    let tmp = dir.join(format!(
+        ".{name}.{}.{:016x}.tmp",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    let written = (|| {
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        let mut f = opts
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(bytes)
+            .and_then(|()| f.sync_all())
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        drop(f);
+        std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing {}", dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn lease(i: u8) -> pb::Lease {
+        pb::Lease {
+            namespace: "d".into(),
+            name: format!("l{i}"),
+            lease_hash: vec![i; 32],
+            user: format!("u{i}"),
+            ip: "10.0.0.1".into(),
+            pool: "p".into(),
+            access_keys: vec![pb::AccessKey {
+                openssh: "ssh-ed25519 AAAA".into(),
+                fingerprint: format!("SHA256:{i}"),
+            }],
+            target: Some(pb::lease::Target::Address("127.0.0.1:22".into())),
+            ..Default::default()
+        }
+    }
+
+    fn response(v: pb::Version, n: u8) -> SnapshotResponse {
+        SnapshotResponse {
+            version: Some(v),
+            nonce: "n".into(),
+            snapshot: Some(pb::Snapshot {
+                version: Some(v),
+                leases: (1..=n).map(lease).collect(),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn ok(_: &pb::Snapshot) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn refused(v: Verdict) -> String {
+        match v {
+            Verdict::Refuse(e) => e,
+            Verdict::Same(_) => panic!("expected a refusal, got Same"),
+            Verdict::Apply { .. } => panic!("expected a refusal, got Apply"),
+        }
+    }
+
+    #[test]
+    fn older_versions_are_refused_epoch_first() {
+        let held = Some(pb::Version::new(5, 1));
+        let e = refused(judge(response(pb::Version::new(4, 9), 1), held, &ok, None));
+        assert!(
+            e.contains("stale: e4.v9 is older than the applied e5.v1"),
+            "{e}"
+        );
+        assert!(matches!(
+            judge(response(pb::Version::new(5, 1), 1), held, &ok, None),
+            Verdict::Same(_)
+        ));
+        assert!(matches!(
+            judge(response(pb::Version::new(6, 1), 1), held, &ok, None),
+            Verdict::Apply { .. }
+        ));
+    }
+
+    #[test]
+    fn inconsistent_or_refused_snapshots_are_nacked() {
+        let mut bad = response(pb::Version::new(1, 1), 2);
+        bad.snapshot.as_mut().unwrap().leases[1].ip = "nope".into();
+        assert!(refused(judge(bad, None, &ok, None)).contains("consistency check failed"));
+        let no = |_: &pb::Snapshot| Err("no thanks".to_string());
+        assert_eq!(
+            refused(judge(response(pb::Version::new(1, 1), 1), None, &no, None)),
+            "no thanks"
+        );
+        let mut mismatch = response(pb::Version::new(1, 2), 1);
+        mismatch.snapshot.as_mut().unwrap().version = Some(pb::Version::new(1, 1));
+        assert!(refused(judge(mismatch, None, &ok, None)).contains("says"));
+        let empty = SnapshotResponse::default();
+        assert!(refused(judge(empty, None, &ok, None)).contains("without"));
+    }
+
+    #[test]
+    fn a_huge_list_of_problems_makes_a_small_nack() {
+        let errors: Vec<String> = (0..100_000).map(|i| format!("lease d/l{i}: bad")).collect();
+        let s = summarize(&errors);
+        assert!(s.ends_with("(and 99990 more)"), "{s}");
+        assert!(s.len() < MAX_NACK_BYTES);
+    }
+
+    #[test]
+    fn applied_snapshots_are_persisted_and_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub").join("snapshot.pb");
+        let v = pb::Version::new(3, 7);
+        let Verdict::Apply {
+            snapshot,
+            persist_error,
+            ..
+        } = judge(response(v, 2), None, &ok, Some(&path))
+        else {
+            panic!("not applied");
+        };
+        assert_eq!(persist_error, None);
+        let loaded = load_cache(&path, &ok).unwrap().unwrap();
+        assert_eq!(loaded, snapshot);
+        assert_eq!(loaded.version, Some(v));
+        // No temp files left behind.
+        let names: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("snapshot.pb")]);
+    }
+
+    #[test]
+    fn a_bad_disk_copy_is_an_error_and_a_missing_one_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snapshot.pb");
+        assert!(load_cache(&path, &ok).unwrap().is_none());
+        std::fs::write(&path, b"\xff\xff\xff garbage").unwrap();
+        assert!(load_cache(&path, &ok).is_err());
+        // Decodes, but has no version.
+        std::fs::write(&path, pb::Snapshot::default().encode_to_vec()).unwrap();
+        let e = load_cache(&path, &ok).unwrap_err();
+        assert!(format!("{e:#}").contains("no version"), "{e:#}");
+    }
+
+    #[test]
+    fn a_failed_write_is_reported_and_still_applies() {
+        let dir = tempfile::tempdir().unwrap();
+        // The cache path's parent is a file: the write must fail.
+        let blocker = dir.path().join("blocker");
+        std::fs::write(&blocker, b"").unwrap();
+        let path = blocker.join("snapshot.pb");
+        let Verdict::Apply { persist_error, .. } =
+            judge(response(pb::Version::new(1, 1), 1), None, &ok, Some(&path))
+        else {
+            panic!("not applied");
+        };
+        assert!(persist_error.is_some());
+    }
+
+    #[test]
+    fn an_empty_token_sends_no_authorization() {
+        assert!(bearer("").unwrap().is_none());
+        assert_eq!(bearer("t").unwrap().unwrap(), "Bearer t");
+        assert!(bearer("bad\ntoken").is_err());
+    }
 }

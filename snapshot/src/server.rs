@@ -1,82 +1,129 @@
-//! The operator side: [`Publisher`] versions snapshots and the gRPC service
-//! streams them to subscribers, one unacknowledged response at a time.
+//! The operator side: [`Publisher`] versions snapshots and [`serve`] streams
+//! them to subscribers, one unacknowledged response at a time.
+//!
+//! Protocol decisions (see also the proto file):
+//! - The call is authenticated before anything else by `authorization: Bearer
+//!   <token>` metadata, compared in constant time. A refused caller is never
+//!   registered and never sees a snapshot.
+//! - The hello must arrive within [`HELLO_DEADLINE`]; request messages are
+//!   capped at [`MAX_REQUEST_BYTES`] (they carry a node id and a short error).
+//! - The current snapshot is sent right after the hello, even when the hello
+//!   says the subscriber already holds that exact version: it acks it as a
+//!   no-op, and the protocol stays one rule ("the first response is the full
+//!   state"). The cost is one transfer per reconnect to the same writer.
+//! - After each response the stream waits for the answer carrying its nonce
+//!   (messages with other nonces are ignored), then sends whatever is newest
+//!   at that moment: versions published meanwhile are skipped (latest wins).
+//!   A NACKed version is recorded and never resent; the next response is the
+//!   next newer version.
+//! - Each snapshot is encoded once, when it is published; every response
+//!   copies those bytes instead of cloning and re-encoding the snapshot per
+//!   subscriber (100,000 leases are tens of MB).
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
-use futures::Stream;
 use prost::Message;
+use prost::bytes::BufMut;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::codec::{Codec, EncodeBuf, Encoder};
+use tonic::codegen::{Body, BoxFuture, Context as TaskContext, Poll, Service, StdError, http};
+use tonic::server::{NamedService, StreamingService};
+use tonic::{Status, Streaming};
 use tracing::{debug, info, warn};
 
-use crate::pb::snapshot_service_server::{SnapshotService, SnapshotServiceServer};
 use crate::pb::{self, SnapshotResponse, SubscribeRequest};
 use crate::{check, version};
 
 /// How long a subscriber may take to send its hello.
 pub const HELLO_DEADLINE: Duration = Duration::from_secs(10);
-/// Disconnected subscribers stay listed this long (for status).
-const FORGET_AFTER: Duration = Duration::from_secs(600);
+/// Largest request message (hello, ACK, NACK) the server reads.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Disconnected subscribers stay listed this long (unless the same node
+/// reconnects sooner), so status can show who went away.
+pub const FORGET_AFTER: Duration = Duration::from_secs(600);
+/// NACK error texts are kept up to this many bytes.
+const MAX_ERROR_BYTES: usize = 1024;
+const SUBSCRIBE_PATH: &str = "/keyway.snapshot.v1.SnapshotService/Subscribe";
 
-/// Why a snapshot was not published.
+/// Why a snapshot was not published: every problem the consistency check found.
 #[derive(Debug, thiserror::Error)]
 #[error("snapshot failed the consistency check: {}", .0.join("; "))]
 pub struct PublishError(pub Vec<String>);
 
+/// A published snapshot with its wire encoding, shared by every stream.
 struct Published {
     snapshot: Arc<pb::Snapshot>,
-    /// The encoding without version and timestamp: equal bytes = same content.
-    content: Vec<u8>,
+    version: pb::Version,
+    /// `SnapshotResponse.snapshot` as encoded on the wire: field key, length,
+    /// then the snapshot's bytes. The snapshot's bytes are its content (every
+    /// field but version and generated_unix_ms) followed by those two fields;
+    /// protobuf merges concatenated encodings, so this decodes to the whole
+    /// snapshot.
+    field: Vec<u8>,
+    /// Where the content bytes sit in `field`: equal bytes = same content.
+    content: std::ops::Range<usize>,
+}
+
+impl Published {
+    fn content(&self) -> &[u8] {
+        self.field.get(self.content.clone()).unwrap_or_default()
+    }
 }
 
 /// A subscriber as the operator sees it.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct SubscriberStatus {
     /// Node id from its hello.
     pub node_id: String,
-    /// Role from its hello.
+    /// Role from its hello (`proxy`, `agent`, `cli`).
     pub role: String,
-    /// Remote address.
+    /// Remote address of its connection.
     pub peer: Option<SocketAddr>,
     /// When its stream opened.
     pub connected_since: SystemTime,
     /// The stream is open.
     pub connected: bool,
-    /// The version it last acknowledged.
+    /// When the stream closed, for a disconnected subscriber.
+    pub disconnected_at: Option<SystemTime>,
+    /// The newest version of this writer the subscriber is known to serve:
+    /// the last one it ACKed, or what its hello or a NACK said it holds when
+    /// that is a version of this writer's epoch. Versions of other epochs are
+    /// not ours and never count.
     pub acked: Option<pb::Version>,
-    /// NACKs received.
+    /// The last version sent to it.
+    pub sent: Option<pb::Version>,
+    /// NACKs received on this stream.
     pub nack_count: u64,
-    /// Error of its last NACK.
+    /// Error text of its last NACK (truncated to 1 KiB).
     pub last_nack_error: Option<String>,
-    /// Version it last refused.
+    /// The version it last refused.
     pub last_nack_version: Option<pb::Version>,
-    disconnected_at: Option<SystemTime>,
 }
 
-/// Totals for metrics.
+/// Counters since the publisher was created, for metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Totals {
-    /// Responses sent.
+    /// Responses (snapshots) sent.
     pub sent: u64,
     /// ACKs received.
     pub acks: u64,
     /// NACKs received.
     pub nacks: u64,
-    /// Snapshots refused by the consistency check.
+    /// Snapshots refused by the consistency check in [`Publisher::publish`].
     pub refused: u64,
 }
 
 struct Inner {
     epoch: u64,
-    /// Set on shutdown: every stream ends so connections can close.
-    closing: watch::Sender<bool>,
+    /// Serializes publishers so two never assign the same version.
+    publishing: Mutex<()>,
     tx: watch::Sender<Option<Arc<Published>>>,
     subscribers: Mutex<HashMap<u64, SubscriberStatus>>,
     next_conn: AtomicU64,
@@ -87,29 +134,37 @@ struct Inner {
     refused: AtomicU64,
 }
 
-/// Versions snapshots and hands them to every subscriber stream (cheap to clone).
+/// Versions snapshots and hands them to every subscriber stream. Cheap to
+/// clone: clones share one state.
 #[derive(Clone)]
 pub struct Publisher {
     inner: Arc<Inner>,
 }
 
-fn content_bytes(s: &pb::Snapshot) -> Vec<u8> {
-    let mut c = s.clone();
-    c.version = None;
-    c.generated_unix_ms = 0;
-    c.encode_to_vec()
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher")
+            .field("epoch", &self.inner.epoch)
+            .field("current", &self.current_version())
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock leaves plain data behind; keep going.
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Publisher {
-    /// A publisher writing under `epoch` (which must exceed every earlier writer's).
+    /// A publisher writing under `epoch`, which must exceed every earlier
+    /// writer's so subscribers accept its versions.
     pub fn new(epoch: u64) -> Self {
         let (tx, _) = watch::channel(None);
         let (acks, _) = watch::channel(0);
-        let (closing, _) = watch::channel(false);
         Publisher {
             inner: Arc::new(Inner {
                 epoch,
-                closing,
+                publishing: Mutex::new(()),
                 tx,
                 subscribers: Mutex::new(HashMap::new()),
                 next_conn: AtomicU64::new(1),
@@ -122,76 +177,107 @@ impl Publisher {
         }
     }
 
-    /// Checks and publishes a snapshot. Content identical to the current one
-    /// keeps the current version; anything else gets the next version.
+    /// The writer's epoch.
+    pub fn epoch(&self) -> u64 {
+        self.inner.epoch
+    }
+
+    /// Checks and publishes a snapshot; returns the version it is served as.
+    ///
+    /// Content identical to the current snapshot (everything but `version`
+    /// and `generated_unix_ms`) keeps the current version and publishes
+    /// nothing. Anything else becomes `(epoch, previous + 1)`, set inside the
+    /// snapshot too. A snapshot failing [`check::check`] publishes nothing
+    /// and returns every problem found.
+    ///
+    /// Encodes the snapshot on the calling thread (tens of ms for 100,000
+    /// leases).
     pub fn publish(&self, mut snapshot: pb::Snapshot) -> Result<pb::Version, PublishError> {
         if let Err(errors) = check::check(&snapshot) {
             self.inner.refused.fetch_add(1, Ordering::Relaxed);
             return Err(PublishError(errors));
         }
-        let content = content_bytes(&snapshot);
+        let _publishing = lock(&self.inner.publishing);
         let current = self.inner.tx.borrow().clone();
-        if let Some(cur) = &current
-            && cur.content == content
-            && let Some(v) = cur.snapshot.version
-        {
-            return Ok(v);
+        let next = pb::Version::new(
+            self.inner.epoch,
+            current.as_ref().map_or(1, |c| c.version.version + 1),
+        );
+        // Encode the content alone (no clone of the snapshot: the two fields
+        // are taken out and put back).
+        snapshot.version = None;
+        let generated_unix_ms = std::mem::take(&mut snapshot.generated_unix_ms);
+        let tail = pb::Snapshot {
+            version: Some(next),
+            generated_unix_ms,
+            ..Default::default()
         }
-        let next = pb::Version {
-            epoch: self.inner.epoch,
-            version: current
-                .and_then(|c| c.snapshot.version)
-                .map_or(1, |v| v.version + 1),
-        };
+        .encode_to_vec();
+        let content_len = snapshot.encoded_len();
+        let mut field = Vec::with_capacity(content_len + tail.len() + 16);
+        prost::encoding::encode_key(3, prost::encoding::WireType::LengthDelimited, &mut field);
+        prost::encoding::encode_varint((content_len + tail.len()) as u64, &mut field);
+        let start = field.len();
+        // A Vec grows as needed; encoding into it cannot run out of room.
+        snapshot
+            .encode(&mut field)
+            .map_err(|e| PublishError(vec![format!("encoding the snapshot: {e}")]))?;
+        let content = start..field.len();
+        if let Some(cur) = &current
+            && field.get(content.clone()) == Some(cur.content())
+        {
+            return Ok(cur.version);
+        }
+        field.extend_from_slice(&tail);
         snapshot.version = Some(next);
+        snapshot.generated_unix_ms = generated_unix_ms;
         self.inner.tx.send_replace(Some(Arc::new(Published {
             snapshot: Arc::new(snapshot),
+            version: next,
+            field,
             content,
         })));
         Ok(next)
     }
 
-    /// Ends every subscriber stream (server shutdown); subscribers reconnect.
-    pub fn close(&self) {
-        self.inner.closing.send_replace(true);
-    }
-
     /// The version being served, if any.
     pub fn current_version(&self) -> Option<pb::Version> {
-        self.inner
-            .tx
-            .borrow()
-            .as_ref()
-            .and_then(|p| p.snapshot.version)
+        self.inner.tx.borrow().as_ref().map(|p| p.version)
     }
 
-    /// The snapshot being served, if any.
+    /// The snapshot being served (its `version` set), if any.
     pub fn current(&self) -> Option<Arc<pb::Snapshot>> {
         self.inner.tx.borrow().as_ref().map(|p| p.snapshot.clone())
     }
 
-    /// Every subscriber seen recently, connected ones first.
+    /// Every subscriber seen recently, connected ones first, then by node id.
     pub fn subscribers(&self) -> Vec<SubscriberStatus> {
-        let mut subs = self.lock_subscribers();
-        let now = SystemTime::now();
-        subs.retain(|_, s| {
-            s.disconnected_at
-                .is_none_or(|t| now.duration_since(t).unwrap_or_default() < FORGET_AFTER)
-        });
+        let mut subs = lock(&self.inner.subscribers);
+        forget_old(&mut subs);
         let mut v: Vec<SubscriberStatus> = subs.values().cloned().collect();
-        v.sort_by(|a, b| (!a.connected, &a.node_id).cmp(&(!b.connected, &b.node_id)));
+        v.sort_by(|a, b| {
+            (!a.connected, &a.node_id, a.connected_since).cmp(&(
+                !b.connected,
+                &b.node_id,
+                b.connected_since,
+            ))
+        });
         v
     }
 
-    /// Whether every connected subscriber has acknowledged `v` or later.
+    /// Whether every connected subscriber serves `v` or a later version of
+    /// this writer. True when none is connected: the caller decides whether
+    /// "no proxies" means routed.
     pub fn acked_by_all_connected(&self, v: &pb::Version) -> bool {
-        self.lock_subscribers()
+        lock(&self.inner.subscribers)
             .values()
             .filter(|s| s.connected)
-            .all(|s| s.acked.as_ref().is_some_and(|a| version::cmp(a, v).is_ge()))
+            .all(|s| s.acked.is_some_and(|a| a >= *v))
     }
 
-    /// Bumps whenever a subscriber connects, disconnects, ACKs or NACKs.
+    /// Changes (the value is a counter) whenever a subscriber connects,
+    /// disconnects, ACKs or NACKs: await `changed()` on it, then read
+    /// [`Publisher::subscribers`] or [`Publisher::acked_by_all_connected`].
     pub fn acks_changed(&self) -> watch::Receiver<u64> {
         self.inner.acks.subscribe()
     }
@@ -206,216 +292,561 @@ impl Publisher {
         }
     }
 
-    /// The gRPC service, refusing calls without `authorization: Bearer <token>`.
-    pub fn service(&self, token: String) -> SnapshotServiceServer<Service> {
-        SnapshotServiceServer::new(Service {
+    /// `v` if it is a version this writer published; a subscriber's claim to
+    /// hold anything else says nothing about our snapshots.
+    fn ours(&self, v: Option<pb::Version>) -> Option<pb::Version> {
+        let current = self.current_version()?;
+        v.filter(|v| v.epoch == self.inner.epoch && *v <= current)
+    }
+
+    fn register(&self, hello: &SubscribeRequest, peer: Option<SocketAddr>) -> Registration {
+        let conn = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut subs = lock(&self.inner.subscribers);
+            forget_old(&mut subs);
+            // A node that reconnects replaces its old, disconnected entry.
+            subs.retain(|_, s| s.connected || s.node_id != hello.node_id);
+            subs.insert(
+                conn,
+                SubscriberStatus {
+                    node_id: hello.node_id.clone(),
+                    role: hello.role.clone(),
+                    peer,
+                    connected_since: SystemTime::now(),
+                    connected: true,
+                    disconnected_at: None,
+                    acked: self.ours(hello.applied),
+                    sent: None,
+                    nack_count: 0,
+                    last_nack_error: None,
+                    last_nack_version: None,
+                },
+            );
+        }
+        self.notify();
+        Registration {
             publisher: self.clone(),
-            token: Arc::new(token),
-        })
-        .max_decoding_message_size(64 * 1024)
-        .max_encoding_message_size(crate::MAX_MESSAGE_BYTES)
+            conn,
+        }
     }
 
-    fn lock_subscribers(&self) -> std::sync::MutexGuard<'_, HashMap<u64, SubscriberStatus>> {
-        // A panic while holding the lock leaves plain data behind; keep going.
-        self.inner
-            .subscribers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-    }
-
+    /// Updates a subscriber's entry and wakes [`Publisher::acks_changed`].
     fn update(&self, conn: u64, f: impl FnOnce(&mut SubscriberStatus)) {
-        if let Some(s) = self.lock_subscribers().get_mut(&conn) {
+        self.update_quietly(conn, f);
+        self.notify();
+    }
+
+    /// Updates without waking anyone: for bookkeeping the operator does not
+    /// act on (what was sent), so each response does not wake its loop.
+    fn update_quietly(&self, conn: u64, f: impl FnOnce(&mut SubscriberStatus)) {
+        if let Some(s) = lock(&self.inner.subscribers).get_mut(&conn) {
             f(s);
         }
+    }
+
+    fn notify(&self) {
         self.inner.acks.send_modify(|n| *n = n.wrapping_add(1));
     }
 }
 
-/// The tonic service behind [`Publisher::service`].
-pub struct Service {
-    publisher: Publisher,
-    token: Arc<String>,
+fn forget_old(subs: &mut HashMap<u64, SubscriberStatus>) {
+    let now = SystemTime::now();
+    subs.retain(|_, s| {
+        s.disconnected_at
+            .is_none_or(|t| now.duration_since(t).unwrap_or_default() < FORGET_AFTER)
+    });
 }
 
-fn authorized(req: &Request<Streaming<SubscribeRequest>>, token: &str) -> Result<(), Status> {
-    let header = req
-        .metadata()
-        .get("authorization")
-        .ok_or_else(|| Status::unauthenticated("missing authorization metadata (Bearer token)"))?;
+/// Marks the subscriber disconnected however its stream task ends
+/// (return, cancellation by shutdown, panic).
+struct Registration {
+    publisher: Publisher,
+    conn: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.publisher.update(self.conn, |s| {
+            s.connected = false;
+            s.disconnected_at = Some(SystemTime::now());
+        });
+    }
+}
+
+/// Options of [`serve_with`].
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// The bearer token subscribers must present (non-empty).
+    pub token: String,
+    /// How long a subscriber may take to send its hello.
+    pub hello_deadline: Duration,
+}
+
+impl ServeOptions {
+    /// Defaults with `token`.
+    pub fn new(token: String) -> Self {
+        ServeOptions {
+            token,
+            hello_deadline: HELLO_DEADLINE,
+        }
+    }
+}
+
+/// Serves the snapshot service on `listener` until `shutdown` resolves; then
+/// ends every subscriber stream (subscribers reconnect elsewhere or later)
+/// and returns once connections have closed.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    publisher: Publisher,
+    token: String,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    serve_with(listener, publisher, ServeOptions::new(token), shutdown).await
+}
+
+/// [`serve`] with every option.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    publisher: Publisher,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !options.token.is_empty(),
+        "refusing to serve snapshots without a token"
+    );
+    let local = listener.local_addr().ok();
+    // Streams watch this; it flips when `shutdown` resolves and, being owned
+    // by this call, also reads as closed if this future is dropped.
+    let (closing_tx, closing) = watch::channel(false);
+    let service = SnapshotGrpc {
+        shared: Arc::new(Shared {
+            publisher,
+            token: options.token,
+            hello_deadline: options.hello_deadline,
+            closing,
+        }),
+    };
+    let shutdown = async move {
+        shutdown.await;
+        info!("snapshot server shutting down; closing subscriber streams");
+        closing_tx.send_replace(true);
+    };
+    info!(addr = ?local, "snapshot server listening");
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        // Dead peers (a proxy whose node vanished) are found and their
+        // streams ended instead of being held forever.
+        .tcp_keepalive(Some(Duration::from_secs(60)))
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        // Tens of MB per snapshot: let the window grow past 64 KiB.
+        .http2_adaptive_window(Some(true))
+        .max_concurrent_streams(Some(16))
+        .add_service(service)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await
+        .context("snapshot server")
+}
+
+struct Shared {
+    publisher: Publisher,
+    token: String,
+    hello_deadline: Duration,
+    closing: watch::Receiver<bool>,
+}
+
+/// The gRPC service. Hand-written instead of the generated server so
+/// responses can carry the snapshot's bytes encoded once at publish time
+/// (the generated server would re-encode a `SnapshotResponse` per stream).
+#[derive(Clone)]
+struct SnapshotGrpc {
+    shared: Arc<Shared>,
+}
+
+impl NamedService for SnapshotGrpc {
+    const NAME: &'static str = pb::snapshot_service_server::SERVICE_NAME;
+}
+
+impl<B> Service<http::Request<B>> for SnapshotGrpc
+where
+    B: Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut TaskContext<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if req.uri().path() != SUBSCRIBE_PATH {
+            let path = req.uri().path().to_string();
+            return Box::pin(async move {
+                Ok(Status::unimplemented(format!("no method {path}")).into_http())
+            });
+        }
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            let mut grpc = tonic::server::Grpc::new(SnapshotCodec).apply_max_message_size_config(
+                Some(MAX_REQUEST_BYTES),
+                Some(crate::MAX_MESSAGE_BYTES),
+            );
+            Ok(grpc.streaming(Subscribe(shared), req).await)
+        })
+    }
+}
+
+/// One response on the wire: its small header (version, nonce) and the
+/// published snapshot's shared bytes.
+struct Outgoing {
+    head: Vec<u8>,
+    published: Arc<Published>,
+}
+
+impl Outgoing {
+    fn new(published: Arc<Published>, nonce: String) -> Self {
+        let head = SnapshotResponse {
+            version: Some(published.version),
+            nonce,
+            snapshot: None,
+        }
+        .encode_to_vec();
+        Outgoing { head, published }
+    }
+}
+
+/// Decodes requests with prost; encodes [`Outgoing`] by copying its bytes.
+struct SnapshotCodec;
+
+impl Codec for SnapshotCodec {
+    type Encode = Outgoing;
+    type Decode = SubscribeRequest;
+    type Encoder = OutgoingEncoder;
+    type Decoder = tonic_prost::ProstDecoder<SubscribeRequest>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        OutgoingEncoder
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstDecoder::default()
+    }
+}
+
+struct OutgoingEncoder;
+
+impl Encoder for OutgoingEncoder {
+    type Item = Outgoing;
+    type Error = Status;
+
+    fn encode(&mut self, item: Outgoing, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.reserve(item.head.len() + item.published.field.len());
+        dst.put_slice(&item.head);
+        dst.put_slice(&item.published.field);
+        Ok(())
+    }
+}
+
+/// The `Subscribe` method.
+struct Subscribe(Arc<Shared>);
+
+impl StreamingService<SubscribeRequest> for Subscribe {
+    type Response = Outgoing;
+    type ResponseStream = ReceiverStream<Result<Outgoing, Status>>;
+    type Future = BoxFuture<tonic::Response<Self::ResponseStream>, Status>;
+
+    fn call(&mut self, req: tonic::Request<Streaming<SubscribeRequest>>) -> Self::Future {
+        let shared = self.0.clone();
+        Box::pin(async move {
+            let peer = req.remote_addr();
+            if let Err(status) = authorize(req.metadata(), &shared.token) {
+                warn!(?peer, "snapshot subscriber refused: {}", status.message());
+                return Err(status);
+            }
+            let inbound = req.into_inner();
+            // Capacity 1: at most one response waits in the channel, and the
+            // protocol never has more than one outstanding anyway.
+            let (tx, rx) = mpsc::channel(1);
+            tokio::spawn(stream_task(shared, peer, inbound, tx));
+            Ok(tonic::Response::new(ReceiverStream::new(rx)))
+        })
+    }
+}
+
+fn authorize(metadata: &tonic::metadata::MetadataMap, token: &str) -> Result<(), Status> {
+    let header = metadata.get("authorization").ok_or_else(|| {
+        Status::unauthenticated("missing authorization metadata: expected \"Bearer <token>\"")
+    })?;
     let given = header
         .to_str()
         .ok()
         .and_then(|h| h.strip_prefix("Bearer "))
+        .map(str::trim)
         .ok_or_else(|| Status::unauthenticated("authorization must be \"Bearer <token>\""))?;
-    if constant_time_eq::constant_time_eq(given.trim().as_bytes(), token.as_bytes()) {
+    // Both sides non-empty: an empty configured token must not match an
+    // empty presented one (serve refuses an empty token too).
+    if !given.is_empty()
+        && !token.is_empty()
+        && constant_time_eq::constant_time_eq(given.as_bytes(), token.as_bytes())
+    {
         Ok(())
     } else {
         Err(Status::unauthenticated("wrong snapshot token"))
     }
 }
 
-type ResponseStream = Pin<Box<dyn Stream<Item = Result<SnapshotResponse, Status>> + Send>>;
+type Tx = mpsc::Sender<Result<Outgoing, Status>>;
 
-#[tonic::async_trait]
-impl SnapshotService for Service {
-    type SubscribeStream = ResponseStream;
-
-    async fn subscribe(
-        &self,
-        req: Request<Streaming<SubscribeRequest>>,
-    ) -> Result<Response<ResponseStream>, Status> {
-        if let Err(status) = authorized(&req, &self.token) {
-            warn!(peer = ?req.remote_addr(), "snapshot subscriber refused: {}", status.message());
-            return Err(status);
-        }
-        let peer = req.remote_addr();
-        let inbound = req.into_inner();
-        let (tx, rx) = mpsc::channel(1);
-        tokio::spawn(stream_task(self.publisher.clone(), peer, inbound, tx));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
-    }
-}
-
-/// One subscriber's stream: hello, then send / wait for ACK / conflate, until
-/// either side goes away.
+/// One subscriber's stream: hello, then send / wait for the answer /
+/// conflate, until the subscriber goes away or the server shuts down.
 async fn stream_task(
-    publisher: Publisher,
+    shared: Arc<Shared>,
     peer: Option<SocketAddr>,
     mut inbound: Streaming<SubscribeRequest>,
-    tx: mpsc::Sender<Result<SnapshotResponse, Status>>,
+    tx: Tx,
 ) {
-    let hello = match tokio::time::timeout(HELLO_DEADLINE, inbound.message()).await {
-        Ok(Ok(Some(h))) => h,
-        Ok(Ok(None)) => return,
-        Ok(Err(e)) => {
-            debug!(?peer, "subscriber stream failed before hello: {e}");
-            return;
+    let mut closing = shared.closing.clone();
+    let run = async {
+        let hello = match tokio::time::timeout(shared.hello_deadline, inbound.message()).await {
+            Ok(Ok(Some(h))) => h,
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Err(status)) => return Err(status),
+            Err(_) => {
+                return Err(Status::deadline_exceeded(format!(
+                    "no hello within {:?}",
+                    shared.hello_deadline
+                )));
+            }
+        };
+        let publisher = &shared.publisher;
+        let registration = publisher.register(&hello, peer);
+        info!(node = %hello.node_id, role = %hello.role, ?peer, holds = %version::show_opt(hello.applied.as_ref()), "subscriber connected");
+        let result = serve_stream(publisher, registration.conn, &hello, &mut inbound, &tx).await;
+        match &result {
+            Ok(()) => info!(node = %hello.node_id, "subscriber disconnected"),
+            Err(e) => info!(node = %hello.node_id, "subscriber stream ended: {}", e.message()),
         }
-        Err(_) => {
-            let _ = tx
-                .send(Err(Status::deadline_exceeded("no hello within 10 s")))
-                .await;
-            return;
-        }
+        result
     };
-    let conn = publisher.inner.next_conn.fetch_add(1, Ordering::Relaxed);
-    {
-        let mut subs = publisher.lock_subscribers();
-        // A node that reconnects replaces its old, disconnected entry.
-        subs.retain(|_, s| s.connected || s.node_id != hello.node_id);
-        subs.insert(
-            conn,
-            SubscriberStatus {
-                node_id: hello.node_id.clone(),
-                role: hello.role.clone(),
-                peer,
-                connected_since: SystemTime::now(),
-                connected: true,
-                acked: hello.applied,
-                nack_count: 0,
-                last_nack_error: None,
-                last_nack_version: None,
-                disconnected_at: None,
-            },
-        );
-    }
-    publisher.update(conn, |_| {});
-    info!(node = %hello.node_id, role = %hello.role, ?peer, holds = %version::show_opt(hello.applied.as_ref()), "subscriber connected");
-    let mut closing = publisher.inner.closing.subscribe();
     let result = tokio::select! {
-        r = serve_stream(&publisher, conn, &mut inbound, &tx) => r,
+        r = run => r,
+        // Shutdown (or serve() dropped): end the stream so the connection
+        // can close and graceful shutdown completes.
         _ = closing.wait_for(|c| *c) => Ok(()),
     };
-    publisher.update(conn, |s| {
-        s.connected = false;
-        s.disconnected_at = Some(SystemTime::now());
-    });
-    info!(node = %hello.node_id, "subscriber disconnected{}", result.err().map(|e| format!(": {e:#}")).unwrap_or_default());
+    if let Err(status) = result {
+        debug!(?peer, "snapshot stream error: {}", status.message());
+        // Tell the subscriber why; it may already be gone.
+        let _ = tx.try_send(Err(status));
+    }
 }
 
 async fn serve_stream(
     publisher: &Publisher,
     conn: u64,
+    hello: &SubscribeRequest,
     inbound: &mut Streaming<SubscribeRequest>,
-    tx: &mpsc::Sender<Result<SnapshotResponse, Status>>,
-) -> anyhow::Result<()> {
+    tx: &Tx,
+) -> Result<(), Status> {
     let mut rx = publisher.inner.tx.subscribe();
     let mut last_sent: Option<pb::Version> = None;
     loop {
-        // Latest-wins: whatever is current when we are free to send goes out;
-        // versions published while the subscriber was busy are skipped.
+        // Latest wins: whatever is current when we are free to send goes
+        // out; versions published while the subscriber was busy are skipped.
         let published = loop {
             let current = rx.borrow_and_update().clone();
             if let Some(p) = current
-                && let Some(v) = p.snapshot.version
-                && version::is_newer(&v, last_sent.as_ref())
+                && version::is_newer(&p.version, last_sent.as_ref())
             {
                 break p;
             }
             tokio::select! {
-                changed = rx.changed() => changed.context("publisher gone")?,
+                changed = rx.changed() => {
+                    if changed.is_err() {
+                        return Ok(()); // the publisher is gone
+                    }
+                }
                 () = tx.closed() => return Ok(()),
             }
         };
-        let v = published.snapshot.version.unwrap_or_default();
-        let nonce = hex::encode(rand::random::<[u8; 12]>());
-        let response = SnapshotResponse {
-            version: Some(v),
-            nonce: nonce.clone(),
-            snapshot: Some((*published.snapshot).clone()),
-        };
-        if tx.send(Ok(response)).await.is_err() {
+        let v = published.version;
+        let nonce = hex::encode(rand::random::<[u8; 16]>());
+        if tx
+            .send(Ok(Outgoing::new(published, nonce.clone())))
+            .await
+            .is_err()
+        {
             return Ok(());
         }
         publisher.inner.sent.fetch_add(1, Ordering::Relaxed);
+        publisher.update_quietly(conn, |s| s.sent = Some(v));
         last_sent = Some(v);
-        // At most one unacknowledged response: wait for the answer to this nonce.
-        loop {
-            let Some(msg) = inbound.message().await.context("reading ACK")? else {
+        // At most one unacknowledged response: wait for the answer to this
+        // nonce before looking at the publisher again.
+        let answer = loop {
+            let Some(msg) = inbound.message().await? else {
                 return Ok(());
             };
-            if msg.response_nonce != nonce {
-                continue; // stale answer to an earlier response
+            if msg.response_nonce == nonce {
+                break msg;
             }
-            if msg.error_detail.is_empty() {
-                publisher.inner.ack_count.fetch_add(1, Ordering::Relaxed);
-                publisher.update(conn, |s| s.acked = msg.applied);
-            } else {
-                // Counted and recorded; never resent: we wait for a newer version.
-                publisher.inner.nack_count.fetch_add(1, Ordering::Relaxed);
-                warn!(node = %msg.node_id, version = %version::show(&v), "snapshot NACKed: {}", msg.error_detail);
-                publisher.update(conn, |s| {
-                    s.nack_count += 1;
-                    s.last_nack_error = Some(msg.error_detail.clone());
-                    s.last_nack_version = Some(v);
-                    s.acked = msg.applied;
-                });
-            }
-            break;
+            debug!(node = %hello.node_id, "ignoring an answer to an earlier response");
+        };
+        if answer.error_detail.is_empty() {
+            publisher.inner.ack_count.fetch_add(1, Ordering::Relaxed);
+            debug!(node = %hello.node_id, version = %v, "snapshot acknowledged");
+            publisher.update(conn, |s| s.acked = Some(v));
+        } else {
+            // Counted and recorded; never resent: the loop above waits for a
+            // version newer than `v`.
+            publisher.inner.nack_count.fetch_add(1, Ordering::Relaxed);
+            let error = truncate(&answer.error_detail, MAX_ERROR_BYTES);
+            warn!(node = %hello.node_id, version = %v, kept = %version::show_opt(answer.applied.as_ref()), "snapshot refused by subscriber: {error}");
+            let kept = publisher.ours(answer.applied);
+            publisher.update(conn, |s| {
+                s.nack_count += 1;
+                s.last_nack_error = Some(error);
+                s.last_nack_version = Some(v);
+                if kept.is_some() {
+                    s.acked = kept;
+                }
+            });
         }
     }
 }
 
-/// Serves the snapshot service on `listener` until `shutdown` resolves.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    publisher: Publisher,
-    token: String,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let closer = publisher.clone();
-    let shutdown = async move {
-        shutdown.await;
-        closer.close();
-    };
-    tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        .http2_keepalive_interval(Some(Duration::from_secs(20)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .add_service(publisher.service(token))
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
-        .context("snapshot server")
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn lease(i: u8) -> pb::Lease {
+        pb::Lease {
+            namespace: "d".into(),
+            name: format!("l{i}"),
+            lease_hash: vec![i; 32],
+            user: format!("u{i}"),
+            ip: "10.0.0.1".into(),
+            pool: "p".into(),
+            access_keys: vec![pb::AccessKey {
+                openssh: "ssh-ed25519 AAAA".into(),
+                fingerprint: format!("SHA256:{i}"),
+            }],
+            target: Some(pb::lease::Target::Address("127.0.0.1:22".into())),
+            ..Default::default()
+        }
+    }
+
+    fn snap(n: u8, generated: i64) -> pb::Snapshot {
+        pb::Snapshot {
+            leases: (1..=n).map(lease).collect(),
+            relay: Some(pb::RelayTrust {
+                ca_public_key: "ssh-ed25519 CA".into(),
+                cert_validity_secs: 300,
+            }),
+            generated_unix_ms: generated,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn versions_count_up_under_the_epoch_and_skip_unchanged_content() {
+        let p = Publisher::new(4);
+        assert_eq!(p.current_version(), None);
+        assert_eq!(p.publish(snap(1, 10)).unwrap(), pb::Version::new(4, 1));
+        // Only the timestamp differs: same content, same version, and the
+        // published snapshot keeps its first timestamp.
+        assert_eq!(p.publish(snap(1, 20)).unwrap(), pb::Version::new(4, 1));
+        assert_eq!(p.current().unwrap().generated_unix_ms, 10);
+        // A version set by the caller is ignored.
+        let mut s = snap(2, 30);
+        s.version = Some(pb::Version::new(99, 99));
+        assert_eq!(p.publish(s).unwrap(), pb::Version::new(4, 2));
+        let cur = p.current().unwrap();
+        assert_eq!(cur.version, Some(pb::Version::new(4, 2)));
+        assert_eq!(cur.generated_unix_ms, 30);
+        assert_eq!(cur.leases.len(), 2);
+        // Back to the first content: new content relative to the current one.
+        assert_eq!(p.publish(snap(1, 40)).unwrap(), pb::Version::new(4, 3));
+    }
+
+    #[test]
+    fn an_inconsistent_snapshot_publishes_nothing() {
+        let p = Publisher::new(1);
+        let v1 = p.publish(snap(1, 0)).unwrap();
+        let mut bad = snap(2, 0);
+        bad.leases[1].lease_hash = bad.leases[0].lease_hash.clone();
+        let err = p.publish(bad).unwrap_err();
+        assert!(err.to_string().contains("lease d/l2"), "{err}");
+        assert_eq!(p.current_version(), Some(v1));
+        assert_eq!(p.current().unwrap().leases.len(), 1);
+        assert_eq!(p.totals().refused, 1);
+        // The failed attempt used no version number.
+        assert_eq!(p.publish(snap(3, 0)).unwrap(), pb::Version::new(1, 2));
+    }
+
+    #[test]
+    fn the_wire_bytes_decode_to_the_published_snapshot() {
+        let p = Publisher::new(2);
+        p.publish(snap(3, 1234)).unwrap();
+        let published = p.inner.tx.borrow().clone().unwrap();
+        let out = Outgoing::new(published, "abc".into());
+        let mut bytes = out.head.clone();
+        bytes.extend_from_slice(&out.published.field);
+        let decoded = SnapshotResponse::decode(bytes.as_slice()).unwrap();
+        assert_eq!(decoded.version, Some(pb::Version::new(2, 1)));
+        assert_eq!(decoded.nonce, "abc");
+        assert_eq!(decoded.snapshot.as_ref(), Some(&*p.current().unwrap()));
+        assert_eq!(decoded.snapshot.unwrap().generated_unix_ms, 1234);
+    }
+
+    #[test]
+    fn subscribe_path_matches_the_generated_service_name() {
+        assert_eq!(
+            SUBSCRIBE_PATH,
+            format!("/{}/Subscribe", pb::snapshot_service_server::SERVICE_NAME)
+        );
+    }
+
+    #[test]
+    fn bearer_token_is_required_and_compared() {
+        let mut md = tonic::metadata::MetadataMap::new();
+        let msg = |r: Result<(), Status>| r.unwrap_err().message().to_string();
+        assert!(msg(authorize(&md, "s3cret")).contains("missing"));
+        md.insert("authorization", "Basic s3cret".parse().unwrap());
+        assert!(msg(authorize(&md, "s3cret")).contains("Bearer"));
+        md.insert("authorization", "Bearer nope".parse().unwrap());
+        assert!(msg(authorize(&md, "s3cret")).contains("wrong"));
+        md.insert("authorization", "Bearer ".parse().unwrap());
+        assert!(authorize(&md, "").is_err(), "empty matched empty");
+        md.insert("authorization", "Bearer s3cret".parse().unwrap());
+        assert_eq!(authorize(&md, "s3cret").map_err(|e| e.to_string()), Ok(()));
+    }
+
+    #[test]
+    fn nack_text_is_truncated_on_a_char_boundary() {
+        assert_eq!(truncate("short", 10), "short");
+        let long = "é".repeat(600); // 1200 bytes
+        let t = truncate(&long, MAX_ERROR_BYTES);
+        assert!(t.len() <= MAX_ERROR_BYTES + '…'.len_utf8());
+        assert!(t.ends_with('…'));
+    }
 }

@@ -1,149 +1,89 @@
 //! The snapshot protocol over a real tonic server and the real subscriber.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Condvar, Mutex};
 
-use keyway_snapshot::client::{SubscriberConfig, Subscription, subscribe};
+use common::*;
+use keyway_snapshot::client::subscribe;
 use keyway_snapshot::pb;
-use keyway_snapshot::server::{Publisher, serve};
-use tokio::sync::oneshot;
-
-const WAIT: Duration = Duration::from_secs(20);
-
-fn lease(name: &str, hash: u8, ip: &str) -> pb::Lease {
-    pb::Lease {
-        namespace: "d".into(),
-        name: name.into(),
-        lease_hash: vec![hash; 32],
-        user: name.into(),
-        ip: ip.into(),
-        pool: "p".into(),
-        access_keys: vec![pb::AccessKey {
-            openssh: "ssh-ed25519 AAAA".into(),
-            fingerprint: format!("SHA256:{name}"),
-        }],
-        target: Some(pb::lease::Target::Address("127.0.0.1:22".into())),
-        ..Default::default()
-    }
-}
-
-fn snap(n: u8) -> pb::Snapshot {
-    pb::Snapshot {
-        leases: (1..=n)
-            .map(|i| lease(&format!("l{i}"), i, "10.0.0.1"))
-            .collect(),
-        ..Default::default()
-    }
-}
-
-struct Server {
-    publisher: Publisher,
-    endpoint: String,
-    stop: Option<oneshot::Sender<()>>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-    }
-}
-
-async fn server(epoch: u64, port: u16) -> Server {
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    let publisher = Publisher::new(epoch);
-    let (stop, rx) = oneshot::channel();
-    tokio::spawn(serve(
-        listener,
-        publisher.clone(),
-        "secret".into(),
-        async move {
-            let _ = rx.await;
-        },
-    ));
-    Server {
-        publisher,
-        endpoint,
-        stop: Some(stop),
-    }
-}
-
-fn config(endpoint: &str, token: &str, cache: Option<std::path::PathBuf>) -> SubscriberConfig {
-    SubscriberConfig {
-        endpoint: endpoint.into(),
-        token: token.into(),
-        node_id: "test-node".into(),
-        role: "proxy".into(),
-        cache_path: cache,
-        backoff_min: Duration::from_millis(20),
-        backoff_max: Duration::from_millis(200),
-    }
-}
-
-async fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-fn applied(sub: &Subscription) -> Option<(u64, u64)> {
-    sub.snapshot
-        .borrow()
-        .as_ref()
-        .and_then(|s| s.version)
-        .map(|v| (v.epoch, v.version))
-}
+use keyway_snapshot::server::{Publisher, ServeOptions};
+use prost::Message;
 
 #[tokio::test]
 async fn full_snapshot_on_connect_then_updates_acked() {
-    let srv = server(7, 0).await;
+    let srv = Server::start(7).await;
     let v1 = srv.publisher.publish(snap(1)).unwrap();
-    assert_eq!((v1.epoch, v1.version), (7, 1));
+    assert_eq!(v1, v(7, 1));
     // Same content: same version.
     assert_eq!(srv.publisher.publish(snap(1)).unwrap(), v1);
-    let (sub, task) = subscribe(config(&srv.endpoint, "secret", None), |_| Ok(()));
-    until("v1", || (applied(&sub) == Some((7, 1))).then_some(())).await;
-    srv.publisher.publish(snap(2)).unwrap();
-    until("v2", || (applied(&sub) == Some((7, 2))).then_some(())).await;
-    until("ack recorded", || {
-        srv.publisher
-            .subscribers()
-            .iter()
-            .find(|s| {
-                s.node_id == "test-node" && s.connected && s.acked.map(|a| a.version) == Some(2)
-            })
-            .map(|_| ())
+    let mut acks = srv.publisher.acks_changed();
+    acks.mark_unchanged();
+
+    let (sub, task) = subscribe(config(&srv.endpoint, TOKEN, None), |_| Ok(()));
+    until_applied(&sub, v1).await;
+    assert_eq!(sub.snapshot.borrow().as_ref().unwrap().leases.len(), 1);
+    until_acked(&srv.publisher, "test-node", v1).await;
+    assert!(acks.has_changed().unwrap(), "ack watch not notified");
+
+    let v2 = srv.publisher.publish(snap(2)).unwrap();
+    assert_eq!(v2, v(7, 2));
+    until_applied(&sub, v2).await;
+    until_acked(&srv.publisher, "test-node", v2).await;
+    assert!(srv.publisher.acked_by_all_connected(&v2));
+    assert!(srv.publisher.acked_by_all_connected(&v1));
+    assert!(!srv.publisher.acked_by_all_connected(&v(7, 3)));
+
+    let subs = srv.publisher.subscribers();
+    assert_eq!(subs.len(), 1);
+    let s = &subs[0];
+    assert_eq!(
+        (s.role.as_str(), s.sent, s.nack_count),
+        ("proxy", Some(v2), 0)
+    );
+    assert_eq!(
+        s.peer.map(|p| p.ip().to_string()).as_deref(),
+        Some("127.0.0.1")
+    );
+    let st = sub.status.borrow().clone();
+    assert!(st.connected && !st.from_disk && !st.auth_refused, "{st:?}");
+    assert_eq!((st.applied, st.reconnects, st.nacks), (Some(v2), 0, 0));
+    let t = srv.publisher.totals();
+    assert_eq!((t.sent, t.acks, t.nacks), (2, 2, 0));
+
+    // shutdown() ends the task and the server sees the stream go.
+    sub.shutdown();
+    tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
+    assert!(!sub.status.borrow().connected);
+    until("disconnect seen by the server", || {
+        let subs = srv.publisher.subscribers();
+        (subs.len() == 1 && !subs[0].connected && subs[0].disconnected_at.is_some()).then_some(())
     })
     .await;
-    assert!(srv.publisher.acked_by_all_connected(&pb::Version {
-        epoch: 7,
-        version: 2
-    }));
-    task.abort();
+    // Nobody connected: vacuously acked by all.
+    assert!(srv.publisher.acked_by_all_connected(&v(7, 99)));
 }
 
 #[tokio::test]
 async fn wrong_or_missing_token_is_refused() {
-    let srv = server(1, 0).await;
+    let srv = Server::start(1).await;
     srv.publisher.publish(snap(1)).unwrap();
-    for token in ["wrong", ""] {
+    // An empty token makes the client send no authorization at all.
+    for (token, why) in [
+        ("wrong", "wrong snapshot token"),
+        ("", "missing authorization"),
+    ] {
         let (sub, task) = subscribe(config(&srv.endpoint, token, None), |_| Ok(()));
-        let err = until("an auth error", || sub.status.borrow().last_error.clone()).await;
-        assert!(
-            err.to_lowercase().contains("unauthenticated") || err.contains("token"),
-            "{err}"
-        );
+        let st = until("an auth refusal", || {
+            let st = sub.status.borrow().clone();
+            st.auth_refused.then_some(st)
+        })
+        .await;
+        let err = st.last_error.unwrap();
+        assert!(err.contains(why), "{token:?}: {err}");
+        assert!(!st.connected && st.applied.is_none());
         assert!(sub.snapshot.borrow().is_none());
         task.abort();
     }
@@ -151,18 +91,19 @@ async fn wrong_or_missing_token_is_refused() {
         srv.publisher.subscribers().is_empty(),
         "a refused caller was registered"
     );
+    assert_eq!(srv.publisher.totals().sent, 0);
 }
 
 #[tokio::test]
 async fn nack_is_counted_and_never_resent() {
-    let srv = server(1, 0).await;
-    srv.publisher.publish(snap(1)).unwrap();
-    let seen = Arc::new(AtomicUsize::new(0));
+    let srv = Server::start(1).await;
+    let v1 = srv.publisher.publish(snap(1)).unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
     let refuse = Arc::new(AtomicBool::new(true));
     let (sub, task) = {
         let (seen, refuse) = (seen.clone(), refuse.clone());
-        subscribe(config(&srv.endpoint, "secret", None), move |_| {
-            seen.fetch_add(1, Ordering::SeqCst);
+        subscribe(config(&srv.endpoint, TOKEN, None), move |s| {
+            seen.lock().unwrap().push(s.version.unwrap());
             if refuse.load(Ordering::SeqCst) {
                 Err("not today".into())
             } else {
@@ -170,11 +111,7 @@ async fn nack_is_counted_and_never_resent() {
             }
         })
     };
-    until("a NACK", || {
-        (srv.publisher.totals().nacks == 1).then_some(())
-    })
-    .await;
-    let st = until("nack recorded", || {
+    let st = until("the NACK recorded", || {
         srv.publisher
             .subscribers()
             .into_iter()
@@ -182,121 +119,331 @@ async fn nack_is_counted_and_never_resent() {
     })
     .await;
     assert_eq!(st.last_nack_error.as_deref(), Some("not today"));
+    assert_eq!(st.last_nack_version, Some(v1));
+    assert_eq!(st.acked, None, "a NACK counted as serving our version");
+    assert!(!srv.publisher.acked_by_all_connected(&v1));
+    assert_eq!(srv.publisher.totals().nacks, 1);
     assert!(sub.snapshot.borrow().is_none());
-    // Republishing the same content does not resend the refused version.
-    srv.publisher.publish(snap(1)).unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        seen.load(Ordering::SeqCst),
-        1,
-        "a NACKed version was resent"
-    );
-    assert_eq!(srv.publisher.totals().sent, 1);
+    let sst = sub.status.borrow().clone();
+    assert_eq!(sst.nacks, 1);
+    assert!(sst.last_error.unwrap().contains("not today"));
+
+    // Republishing the same content is no new version: nothing to send.
+    assert_eq!(srv.publisher.publish(snap(1)).unwrap(), v1);
     // A newer version is sent, and accepted.
     refuse.store(false, Ordering::SeqCst);
-    srv.publisher.publish(snap(2)).unwrap();
-    until("v2 applied", || {
-        (applied(&sub) == Some((1, 2))).then_some(())
-    })
-    .await;
+    let v2 = srv.publisher.publish(snap(2)).unwrap();
+    assert_eq!(v2, v(1, 2));
+    until_applied(&sub, v2).await;
+    // Responses arrive in order, so a resend of v1 would be in the list by now.
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![v1, v2],
+        "a NACKed version was resent"
+    );
+    assert_eq!(srv.publisher.totals().sent, 2);
+    until_acked(&srv.publisher, "test-node", v2).await;
     task.abort();
+}
+
+/// A gate the validate callback waits on (bounded, so a failing test cannot
+/// hang the runtime's blocking pool).
+#[derive(Default)]
+struct Gate {
+    open: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Gate {
+    fn wait(&self) {
+        let open = self.open.lock().unwrap();
+        let _ = self.cv.wait_timeout_while(open, WAIT, |o| !*o).unwrap();
+    }
+    fn open(&self) {
+        *self.open.lock().unwrap() = true;
+        self.cv.notify_all();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn latest_wins_with_one_unacked_response() {
-    let srv = server(1, 0).await;
+    let srv = Server::start(1).await;
     srv.publisher.publish(snap(1)).unwrap();
     let received = Arc::new(Mutex::new(Vec::new()));
+    let gate = Arc::new(Gate::default());
     let (sub, task) = {
-        let received = received.clone();
-        subscribe(config(&srv.endpoint, "secret", None), move |s| {
-            received.lock().unwrap().push(s.version.unwrap().version);
-            // A slow subscriber: the server must not queue versions behind it.
-            std::thread::sleep(Duration::from_millis(200));
+        let (received, gate) = (received.clone(), gate.clone());
+        subscribe(config(&srv.endpoint, TOKEN, None), move |s| {
+            let version = s.version.unwrap().version;
+            received.lock().unwrap().push(version);
+            // A slow subscriber: busy with v1 while v2..v30 are published.
+            if version == 1 {
+                gate.wait();
+            }
             Ok(())
         })
     };
-    until("first response", || {
+    until("v1 being validated", || {
         (!received.lock().unwrap().is_empty()).then_some(())
     })
     .await;
     for n in 2..=30u8 {
         srv.publisher.publish(snap(n)).unwrap();
     }
-    until("the latest", || {
-        (applied(&sub) == Some((1, 30))).then_some(())
-    })
-    .await;
-    let got = received.lock().unwrap().clone();
-    assert!(
-        got.len() < 10,
-        "intermediate versions were not conflated: {got:?}"
-    );
-    assert!(got.windows(2).all(|w| w[0] < w[1]), "{got:?}");
-    assert!(srv.publisher.totals().sent as usize == got.len());
+    gate.open();
+    until_applied(&sub, v(1, 30)).await;
+    // v1 was unacknowledged while 2..=30 were published: nothing was sent
+    // behind it, and after its ACK only the latest went out.
+    assert_eq!(*received.lock().unwrap(), vec![1, 30]);
+    assert_eq!(srv.publisher.totals().sent, 2);
+    until_acked(&srv.publisher, "test-node", v(1, 30)).await;
     task.abort();
 }
 
 #[tokio::test]
 async fn disk_copy_serves_while_the_operator_is_away_and_epochs_only_grow() {
     let dir = tempfile::tempdir().unwrap();
-    let cache = dir.path().join("snapshot.pb");
-    let port;
-    {
-        let srv = server(5, 0).await;
-        port = srv
-            .endpoint
-            .rsplit(':')
-            .next()
-            .unwrap()
-            .parse::<u16>()
-            .unwrap();
-        srv.publisher.publish(snap(3)).unwrap();
-        let (sub, task) = subscribe(config(&srv.endpoint, "secret", Some(cache.clone())), |_| {
-            Ok(())
-        });
-        until("v1", || (applied(&sub) == Some((5, 1))).then_some(())).await;
-        task.abort();
-    }
-    // Operator gone: a restarted subscriber serves its disk copy at once.
-    let endpoint = format!("http://127.0.0.1:{port}");
-    let (sub, task) = subscribe(config(&endpoint, "secret", Some(cache.clone())), |_| Ok(()));
-    until("disk copy", || {
-        (applied(&sub) == Some((5, 1))).then_some(())
-    })
-    .await;
-    assert_eq!(sub.snapshot.borrow().as_ref().unwrap().leases.len(), 3);
-    // An older writer (lower epoch) comes up at that address: refused.
-    let old = server(4, port).await;
-    old.publisher.publish(snap(1)).unwrap();
-    until("stale NACK", || {
-        (old.publisher.totals().nacks >= 1).then_some(())
-    })
-    .await;
-    assert_eq!(applied(&sub), Some((5, 1)));
-    drop(old);
-    // A newer writer (higher epoch): applied and persisted.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let new = server(6, port).await;
-    new.publisher.publish(snap(2)).unwrap();
-    until("epoch 6", || (applied(&sub) == Some((6, 1))).then_some(())).await;
+    let cache = dir.path().join("state").join("snapshot.pb");
+    // A loopback address of its own, so no parallel test takes the port
+    // between the servers below.
+    let ip = "127.0.0.57".parse().unwrap();
+    let opts = || ServeOptions::new(TOKEN.into());
+
+    let srv = Server::start_at(Publisher::new(5), ip, 0, opts()).await;
+    let port = srv.addr.port();
+    let endpoint = srv.endpoint.clone();
+    srv.publisher.publish(snap(3)).unwrap();
+    let (sub, task) = subscribe(config(&endpoint, TOKEN, Some(cache.clone())), |_| Ok(()));
+    until_applied(&sub, v(5, 1)).await;
+    until_acked(&srv.publisher, "test-node", v(5, 1)).await;
+    // Acked implies persisted.
+    let on_disk = pb::Snapshot::decode(std::fs::read(&cache).unwrap().as_slice()).unwrap();
+    assert_eq!(on_disk.version, Some(v(5, 1)));
+    assert_eq!(on_disk.leases.len(), 3);
     task.abort();
-    let (again, task) = subscribe(config("http://127.0.0.1:9", "secret", Some(cache)), |_| {
-        Ok(())
-    });
-    until("persisted epoch 6", || {
-        (applied(&again) == Some((6, 1))).then_some(())
+    srv.stop().await;
+
+    // Operator gone: a restarted subscriber serves its disk copy at once.
+    let (sub, task) = subscribe(config(&endpoint, TOKEN, Some(cache.clone())), |_| Ok(()));
+    until_applied(&sub, v(5, 1)).await;
+    assert_eq!(sub.snapshot.borrow().as_ref().unwrap().leases.len(), 3);
+    let st = sub.status.borrow().clone();
+    assert!(st.from_disk && st.applied == Some(v(5, 1)), "{st:?}");
+    until("a failed connection attempt", || {
+        sub.status.borrow().last_error.clone()
     })
     .await;
+    assert_eq!(applied(&sub), Some(v(5, 1)));
+
+    // An older writer (lower epoch) comes up at that address: refused.
+    let old = Server::start_at(Publisher::new(4), ip, port, opts()).await;
+    old.publisher.publish(snap(1)).unwrap();
+    let nacked = until("the stale NACK", || {
+        old.publisher
+            .subscribers()
+            .into_iter()
+            .find(|s| s.nack_count == 1)
+    })
+    .await;
+    let why = nacked.last_nack_error.unwrap();
+    assert!(
+        why.contains("stale: e4.v1 is older than the applied e5.v1"),
+        "{why}"
+    );
+    // The subscriber serves e5.v1, which is not this writer's: not acked.
+    assert_eq!(nacked.acked, None);
+    assert!(!old.publisher.acked_by_all_connected(&v(4, 1)));
+    assert_eq!(applied(&sub), Some(v(5, 1)));
+    assert_eq!(sub.snapshot.borrow().as_ref().unwrap().leases.len(), 3);
+    old.stop().await;
+
+    // A newer writer (higher epoch): applied and persisted.
+    let new = Server::start_at(Publisher::new(6), ip, port, opts()).await;
+    new.publisher.publish(snap(2)).unwrap();
+    until_applied(&sub, v(6, 1)).await;
+    until_acked(&new.publisher, "test-node", v(6, 1)).await;
+    let st = sub.status.borrow().clone();
+    assert!(!st.from_disk && st.reconnects >= 1, "{st:?}");
+    task.abort();
+    new.stop().await;
+
+    let (again, task) = subscribe(config(&endpoint, TOKEN, Some(cache)), |_| Ok(()));
+    until_applied(&again, v(6, 1)).await;
+    assert_eq!(again.snapshot.borrow().as_ref().unwrap().leases.len(), 2);
     task.abort();
 }
 
-#[test]
-fn publisher_refuses_inconsistent_snapshots() {
-    let p = Publisher::new(1);
+#[tokio::test]
+async fn a_corrupt_disk_copy_is_ignored_then_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("snapshot.pb");
+    std::fs::write(&cache, b"\x0a\xff\xff\xff not protobuf").unwrap();
+    let srv = Server::start(1).await;
+    let (sub, task) = subscribe(
+        config(&srv.endpoint, TOKEN, Some(cache.clone())),
+        |_| Ok(()),
+    );
+    // The disk copy is read before connecting: once connected, it was seen.
+    until("connected", || sub.status.borrow().connected.then_some(())).await;
+    assert!(sub.snapshot.borrow().is_none());
+    assert!(!sub.status.borrow().from_disk);
+    let v1 = srv.publisher.publish(snap(2)).unwrap();
+    until_applied(&sub, v1).await;
+    until_acked(&srv.publisher, "test-node", v1).await;
+    let on_disk = pb::Snapshot::decode(std::fs::read(&cache).unwrap().as_slice()).unwrap();
+    assert_eq!(on_disk.version, Some(v1));
+    task.abort();
+}
+
+#[tokio::test]
+async fn a_disk_copy_the_caller_refuses_is_not_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("snapshot.pb");
+    let mut old = snap(1);
+    old.version = Some(v(1, 1));
+    std::fs::write(&cache, old.encode_to_vec()).unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (sub, task) = {
+        let calls = calls.clone();
+        subscribe(
+            config("http://127.0.0.1:9", TOKEN, Some(cache)),
+            move |_| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Err("no".into())
+            },
+        )
+    };
+    until("a connection attempt", || {
+        sub.status.borrow().last_error.clone()
+    })
+    .await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert!(sub.snapshot.borrow().is_none());
+    task.abort();
+}
+
+#[tokio::test]
+async fn a_malformed_snapshot_is_never_published() {
+    let srv = Server::start(1).await;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (sub, task) = {
+        let seen = seen.clone();
+        subscribe(config(&srv.endpoint, TOKEN, None), move |s| {
+            seen.lock()
+                .unwrap()
+                .push((s.version.unwrap(), s.leases.len()));
+            Ok(())
+        })
+    };
+    let v1 = srv.publisher.publish(snap(1)).unwrap();
+    until_applied(&sub, v1).await;
+
     let mut bad = snap(2);
     bad.leases[1].lease_hash = bad.leases[0].lease_hash.clone();
-    assert!(p.publish(bad).is_err());
-    assert!(p.current_version().is_none());
-    assert_eq!(p.totals().refused, 1);
+    let err = srv.publisher.publish(bad).unwrap_err();
+    assert!(
+        err.to_string().contains("lease d/l2: lease hash shared"),
+        "{err}"
+    );
+    let mut bad = snap(2);
+    bad.leases[0].ip = "not-an-ip".into();
+    assert!(srv.publisher.publish(bad).is_err());
+    assert_eq!(srv.publisher.totals().refused, 2);
+    assert_eq!(srv.publisher.current_version(), Some(v1));
+
+    let v2 = srv.publisher.publish(snap(3)).unwrap();
+    assert_eq!(v2, v(1, 2), "a refused snapshot used up a version");
+    until_applied(&sub, v2).await;
+    assert_eq!(*seen.lock().unwrap(), vec![(v1, 1), (v2, 3)]);
+    assert_eq!(srv.publisher.totals().sent, 2);
+    task.abort();
+}
+
+#[tokio::test]
+async fn server_shutdown_ends_streams_and_the_subscriber_keeps_serving() {
+    let srv = Server::start(2).await;
+    let publisher = srv.publisher.clone();
+    let v1 = publisher.publish(snap(1)).unwrap();
+    let (sub, task) = subscribe(config(&srv.endpoint, TOKEN, None), |_| Ok(()));
+    until_applied(&sub, v1).await;
+    until_acked(&publisher, "test-node", v1).await;
+    // serve() returns although a subscriber stream was open.
+    srv.stop().await;
+    until("the server to mark the stream closed", || {
+        (!publisher.subscribers()[0].connected).then_some(())
+    })
+    .await;
+    until("the subscriber to notice", || {
+        (!sub.status.borrow().connected).then_some(())
+    })
+    .await;
+    assert_eq!(applied(&sub), Some(v1));
+    task.abort();
+}
+
+#[tokio::test]
+async fn a_reconnecting_node_replaces_its_old_entry() {
+    let srv = Server::start(1).await;
+    let v1 = srv.publisher.publish(snap(1)).unwrap();
+    let (sub, task) = subscribe(config(&srv.endpoint, TOKEN, None), |_| Ok(()));
+    until_applied(&sub, v1).await;
+    until_acked(&srv.publisher, "test-node", v1).await;
+    // Client goes away without a goodbye: the server's stream task ends.
+    task.abort();
+    until("the stream task to end", || {
+        (!srv.publisher.subscribers()[0].connected).then_some(())
+    })
+    .await;
+    let (sub, task) = subscribe(config(&srv.endpoint, TOKEN, None), |_| Ok(()));
+    until_applied(&sub, v1).await;
+    until_acked(&srv.publisher, "test-node", v1).await;
+    let subs = srv.publisher.subscribers();
+    assert_eq!(subs.len(), 1, "{subs:?}");
+    assert!(subs[0].connected);
+    task.abort();
+}
+
+/// Snapshots larger than gRPC's default 4 MiB limit go through (100,000
+/// leases are ~31 MB: ~0.3 s end to end in a release build; 20,000 keep this
+/// debug-build test short while still exceeding the default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_larger_than_the_grpc_default_limit_goes_through() {
+    const N: u32 = 20_000;
+    let leases: Vec<pb::Lease> = (0..N)
+        .map(|i| {
+            let mut hash = vec![0u8; 32];
+            hash[..4].copy_from_slice(&i.to_be_bytes());
+            pb::Lease {
+                namespace: "tenants".into(),
+                name: format!("vm-{i:06}"),
+                lease_hash: hash,
+                user: format!("user-{}", i / 4),
+                ip: format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255),
+                pool: "public".into(),
+                access_keys: vec![pb::AccessKey {
+                    openssh: format!("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI{i:043}"),
+                    fingerprint: format!("SHA256:{i:043}"),
+                }],
+                target: Some(pb::lease::Target::Address(format!("vm-{i}.internal:22"))),
+                relay_principal: format!("lease-{i:058}"),
+                ..Default::default()
+            }
+        })
+        .collect();
+    let big = pb::Snapshot {
+        leases,
+        ..Default::default()
+    };
+    let bytes = big.encoded_len();
+    assert!(bytes > 5 << 20, "only {bytes} bytes");
+    let srv = Server::start(1).await;
+    let v1 = srv.publisher.publish(big).unwrap();
+    let (sub, task) = subscribe(config(&srv.endpoint, TOKEN, None), |_| Ok(()));
+    until_applied(&sub, v1).await;
+    assert_eq!(
+        sub.snapshot.borrow().as_ref().unwrap().leases.len(),
+        N as usize
+    );
+    until_acked(&srv.publisher, "test-node", v1).await;
+    task.abort();
 }
