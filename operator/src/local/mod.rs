@@ -572,12 +572,9 @@ pub async fn run(opts: LocalOptions) -> Result<()> {
         pid: std::process::id(),
         epoch,
     };
-    state::write_atomic(
-        &paths.operator_info(),
-        &serde_json::to_vec_pretty(&info)?,
-        0o644,
-    )?;
-    info!(dir = %paths.dir.display(), grpc = %info.grpc, epoch, "local mode started");
+    // operator.json is written after the first scan is saved, so whoever waits
+    // for it (proxies, `status`, tests) sees state that reflects the directory.
+    let mut info_pending = Some(info);
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let server = {
@@ -658,6 +655,14 @@ pub async fn run(opts: LocalOptions) -> Result<()> {
                 Ok(()) => last_saved = Some(local.state.clone()),
                 Err(e) => error!("saving state: {e:#}"),
             }
+        }
+        if let Some(info) = info_pending.take() {
+            state::write_atomic(
+                &paths.operator_info(),
+                &serde_json::to_vec_pretty(&info)?,
+                0o644,
+            )?;
+            info!(dir = %paths.dir.display(), grpc = %info.grpc, epoch, "local mode started");
         }
         tokio::select! {
             _ = fs_rx.recv() => {
