@@ -1,7 +1,12 @@
-//! `keyway-proxy`: Keyway's data plane. Today it carries `snapshot`, which
+//! `keyway-proxy`: Keyway's data plane. `run` is the SSH gateway; `snapshot`
 //! subscribes to the operator exactly as the gateway does and prints what it
-//! receives; the SSH gateway (`run`) and the provider agent (`agent`) build on
-//! the same subscription.
+//! receives. The provider agent (`agent`) builds on the same subscription.
+
+mod gateway;
+mod keys;
+mod metrics;
+mod routes;
+mod run;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -20,6 +25,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the SSH gateway: route by (destination IP, key), by lease hash and
+    /// by SshRoute, relay sessions, forward direct-tcpip.
+    #[command(
+        after_help = "Examples:\n  keyway-proxy run --local examples/local\n  keyway-proxy run --endpoint http://keyway-operator:7070 --token-file /etc/keyway/token \\\n      --relay-ca-key /etc/keyway/relay-ca --host-key /var/lib/keyway/host_key"
+    )]
+    Run(Box<run::RunArgs>),
     /// Subscribe to the operator's routing snapshot and print each version applied.
     #[command(
         after_help = "Examples:\n  keyway-proxy snapshot --local examples/local\n  keyway-proxy snapshot --local examples/local --follow"
@@ -41,7 +52,7 @@ enum Command {
 
 /// Where the operator is and how to authenticate.
 #[derive(clap::Args)]
-struct Source {
+pub struct Source {
     /// Local mode: read the operator's address and token from DIR/.keyway/.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["endpoint", "token_file"])]
     local: Option<PathBuf>,
@@ -52,12 +63,12 @@ struct Source {
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
     /// Name this subscriber reports to the operator.
-    #[arg(long, default_value = "keyway-proxy-snapshot")]
-    node_id: String,
+    #[arg(long)]
+    node_id: Option<String>,
 }
 
 impl Source {
-    fn resolve(&self) -> Result<(String, String)> {
+    pub fn resolve(&self) -> Result<(String, String)> {
         let read_token = |p: &PathBuf| -> Result<String> {
             Ok(std::fs::read_to_string(p)
                 .with_context(|| format!("reading the token from {}", p.display()))?
@@ -128,7 +139,10 @@ async fn snapshot_cmd(source: Source, follow: bool, json: bool, timeout: Duratio
         SubscriberConfig {
             endpoint,
             token,
-            node_id: source.node_id.clone(),
+            node_id: source
+                .node_id
+                .clone()
+                .unwrap_or_else(|| "keyway-proxy-snapshot".into()),
             role: "cli".into(),
             cache_path: None,
             backoff_min: Duration::from_millis(200),
@@ -217,6 +231,7 @@ async fn main() -> std::process::ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Run(args) => run::run(*args).await,
         Command::Snapshot {
             source,
             follow,

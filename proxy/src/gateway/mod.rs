@@ -1,0 +1,427 @@
+//! The SSH gateway: the listener, each connection's lifecycle, limits,
+//! settlement and drain. The russh handler lives in [`ssh`]; what happens to
+//! a channel lives in [`relay`] (through an upstream SSH login) and
+//! [`direct`] (straight TCP to a lease's target).
+//!
+//! Every connection is one task that owns a cancellation token. Channels are
+//! tasks of their own that end with that token, so nothing outlives its
+//! connection, and cancelling it (auth deadline, settlement, drain) closes
+//! the socket for certain (see [`stream`]).
+
+pub mod direct;
+pub mod relay;
+pub mod ssh;
+pub mod stream;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::keys::RelayIssuer;
+use crate::metrics::Metrics;
+use crate::routes::{DestKey, Destination, RouteTable, Via};
+
+/// Caps and deadlines; every one has a flag.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// From accept to authenticated.
+    pub auth_timeout: Duration,
+    /// Connections still handshaking or authenticating. When full, a new
+    /// connection evicts the oldest of them (like sshd's MaxStartups, but
+    /// deterministic): a flood of stalled handshakes cannot lock real users
+    /// out, because a real handshake finishes in milliseconds.
+    pub max_unauthenticated: usize,
+    /// All open connections.
+    pub max_connections: usize,
+    /// Dialing a target (TCP, plus the SSH login for relays).
+    pub connect_timeout: Duration,
+    /// How long SIGTERM waits for connections to finish.
+    pub drain: Duration,
+    /// Messages buffered per channel before russh pushes back.
+    pub channel_buffer: usize,
+    /// Idle upstream SSH connections are kept this long for reuse.
+    pub upstream_idle: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            auth_timeout: Duration::from_secs(30),
+            max_unauthenticated: 256,
+            max_connections: 10_000,
+            connect_timeout: Duration::from_secs(10),
+            drain: Duration::from_secs(30),
+            channel_buffer: 64,
+            upstream_idle: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What a connection authenticated as; kept to re-check it against every
+/// new snapshot.
+#[derive(Clone, Debug)]
+pub struct AuthInfo {
+    pub user: String,
+    pub dst: IpAddr,
+    pub fingerprint: Option<String>,
+    pub dest: Arc<Destination>,
+}
+
+struct Pending {
+    cancel: CancellationToken,
+    /// Set once the connection authenticated or ended.
+    done: Arc<AtomicBool>,
+}
+
+struct Live {
+    auth: AuthInfo,
+    handle: russh::server::Handle,
+    cancel: CancellationToken,
+}
+
+/// State shared by every connection.
+pub struct Gateway {
+    pub metrics: Arc<Metrics>,
+    pub limits: Limits,
+    table: watch::Receiver<Arc<RouteTable>>,
+    pub relay: Option<Arc<RelayIssuer>>,
+    /// Relay certificate lifetime, from the snapshot.
+    pub cert_validity_secs: AtomicU64,
+    pub upstreams: relay::Upstreams,
+    ssh_config: Arc<russh::server::Config>,
+    live: std::sync::Mutex<HashMap<u64, Live>>,
+    next_id: AtomicU64,
+    pending: std::sync::Mutex<VecDeque<Pending>>,
+    total: Arc<Semaphore>,
+    /// Cancelled at the end of the drain: every connection ends.
+    kill: CancellationToken,
+}
+
+impl Gateway {
+    pub fn new(
+        host_key: ssh_key::PrivateKey,
+        limits: Limits,
+        metrics: Arc<Metrics>,
+        relay: Option<Arc<RelayIssuer>>,
+        table: watch::Receiver<Arc<RouteTable>>,
+    ) -> Arc<Self> {
+        let ssh_config = ssh::server_config(host_key, &limits);
+        Arc::new(Gateway {
+            pending: Default::default(),
+            total: Arc::new(Semaphore::new(limits.max_connections)),
+            upstreams: relay::Upstreams::default(),
+            limits,
+            metrics,
+            table,
+            relay,
+            cert_validity_secs: AtomicU64::new(300),
+            ssh_config: Arc::new(ssh_config),
+            live: Default::default(),
+            next_id: AtomicU64::new(1),
+            kill: CancellationToken::new(),
+        })
+    }
+
+    /// The routing table in use.
+    pub fn table(&self) -> Arc<RouteTable> {
+        self.table.borrow().clone()
+    }
+
+    /// Accepts until `stop` fires, then drains: waits up to the drain
+    /// deadline for connections to finish, then cuts the rest.
+    pub async fn serve(self: &Arc<Self>, listeners: Vec<TcpListener>, stop: CancellationToken) {
+        let mut accepts = tokio::task::JoinSet::new();
+        for l in listeners {
+            let gw = self.clone();
+            let stop = stop.clone();
+            accepts.spawn(async move { gw.accept_loop(l, stop).await });
+        }
+        while accepts.join_next().await.is_some() {}
+        let open = self.metrics.connections_open.get();
+        info!(open, deadline = ?self.limits.drain, "draining");
+        let until = Instant::now() + self.limits.drain;
+        while self.metrics.connections_open.get() > 0 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let left = self.metrics.connections_open.get();
+        if left > 0 {
+            warn!(
+                left,
+                "drain deadline reached; closing the remaining connections"
+            );
+        }
+        self.kill.cancel();
+        self.upstreams.close_all().await;
+        let until = Instant::now() + Duration::from_secs(2);
+        while self.metrics.connections_open.get() > 0 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener, stop: CancellationToken) {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        warn!("accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = stop.cancelled() => return,
+            };
+            let Ok(total) = self.total.clone().try_acquire_owned() else {
+                self.metrics
+                    .connections
+                    .with_label_values(&["refused_limit"])
+                    .inc();
+                drop(tcp);
+                continue;
+            };
+            let cancel = self.kill.child_token();
+            let done = Arc::new(AtomicBool::new(false));
+            self.admit_unauthenticated(Pending {
+                cancel: cancel.clone(),
+                done: done.clone(),
+            });
+            let gw = self.clone();
+            tokio::spawn(async move {
+                gw.serve_conn(tcp, peer, cancel, done).await;
+                drop(total);
+            });
+        }
+    }
+
+    async fn serve_conn(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        cancel: CancellationToken,
+        done: Arc<AtomicBool>,
+    ) {
+        let done_on_exit = done.clone();
+        let _done = scopeguard(move || done_on_exit.store(true, Ordering::Relaxed));
+        let m = self.metrics.clone();
+        m.connections.with_label_values(&["accepted"]).inc();
+        m.connections_open.inc();
+        m.unauthenticated.inc();
+        let _open = scopeguard(move || m.connections_open.dec());
+        let started = Instant::now();
+        let local = match tcp.local_addr() {
+            Ok(a) => a,
+            Err(e) => {
+                debug!(%peer, "no local address: {e}");
+                self.metrics.unauthenticated.dec();
+                return;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let stream = stream::KillableStream::new(tcp, cancel.clone());
+        let (auth_tx, auth_rx) = tokio::sync::oneshot::channel();
+        let handler = ssh::Conn::new(
+            self.clone(),
+            peer,
+            crate::routes::canonical(local.ip()),
+            auth_tx,
+            cancel.clone(),
+        );
+        let deadline = tokio::time::Instant::from_std(started + self.limits.auth_timeout);
+        let running = tokio::time::timeout_at(
+            deadline,
+            russh::server::run_stream(self.ssh_config.clone(), stream, handler),
+        )
+        .await;
+        let running = match running {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                debug!(%peer, "handshake failed: {e:?}");
+                self.end_unauthenticated("closed_unauthenticated", &cancel);
+                return;
+            }
+            Err(_) => {
+                debug!(%peer, "no SSH identification before the auth deadline");
+                self.end_unauthenticated("auth_timeout", &cancel);
+                return;
+            }
+        };
+        let handle = running.handle();
+        tokio::pin!(running);
+        let auth = tokio::select! {
+            r = &mut running => {
+                debug!(%peer, "closed before authenticating: {:?}", r.err());
+                self.end_unauthenticated("closed_unauthenticated", &cancel);
+                return;
+            }
+            a = auth_rx => match a {
+                Ok(a) => a,
+                Err(_) => {
+                    self.end_unauthenticated("closed_unauthenticated", &cancel);
+                    let _ = tokio::time::timeout(Duration::from_secs(1), &mut running).await;
+                    return;
+                }
+            },
+            () = tokio::time::sleep_until(deadline) => {
+                debug!(%peer, "authentication deadline passed");
+                self.end_unauthenticated("auth_timeout", &cancel);
+                let _ = tokio::time::timeout(Duration::from_secs(1), &mut running).await;
+                return;
+            }
+        };
+        self.metrics.unauthenticated.dec();
+        done.store(true, Ordering::Relaxed);
+        self.metrics
+            .connections
+            .with_label_values(&["authenticated"])
+            .inc();
+        self.metrics
+            .handshake_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let mode = match auth.dest.via {
+            Via::LeaseHash => "jump",
+            Via::PooledIp | Via::Route => "relay",
+        };
+        info!(%peer, dst = %local, user = %auth.user, to = %auth.dest.label, mode, "authenticated");
+        let gauge = self.metrics.sessions_active.with_label_values(&[mode]);
+        gauge.inc();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let still_routed = self
+            .table()
+            .decide(&auth.user, auth.dst, auth.fingerprint.as_deref())
+            .is_some_and(|d| d.key == auth.dest.key);
+        self.lock_live().insert(
+            id,
+            Live {
+                auth,
+                handle: handle.clone(),
+                cancel: cancel.clone(),
+            },
+        );
+        // A snapshot may have withdrawn the lease between auth and registering.
+        if !still_routed {
+            self.settle(id);
+        }
+        let _ = (&mut running).await;
+        self.lock_live().remove(&id);
+        gauge.dec();
+        // Ends every channel task of this connection.
+        cancel.cancel();
+        debug!(%peer, "connection closed");
+    }
+
+    fn end_unauthenticated(&self, result: &str, cancel: &CancellationToken) {
+        self.metrics.unauthenticated.dec();
+        // An evicted connection was counted when it was evicted.
+        if !cancel.is_cancelled() {
+            self.metrics.connections.with_label_values(&[result]).inc();
+        }
+        cancel.cancel();
+    }
+
+    /// Queues a new unauthenticated connection, evicting the oldest one
+    /// when the queue is at its cap.
+    fn admit_unauthenticated(&self, new: Pending) {
+        let mut q = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        q.retain(|p| !p.done.load(Ordering::Relaxed) && !p.cancel.is_cancelled());
+        while q.len() >= self.limits.max_unauthenticated.max(1) {
+            let Some(old) = q.pop_front() else { break };
+            self.metrics
+                .connections
+                .with_label_values(&["evicted_unauthenticated"])
+                .inc();
+            old.cancel.cancel();
+        }
+        q.push_back(new);
+    }
+
+    fn lock_live(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Live>> {
+        // A poisoned map is still a consistent map (entries are whole values).
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies a new table: connections it no longer routes are closed.
+    pub fn enforce(&self, table: &RouteTable) {
+        let stale: Vec<u64> = self
+            .lock_live()
+            .iter()
+            .filter(|(_, l)| {
+                table
+                    .decide(&l.auth.user, l.auth.dst, l.auth.fingerprint.as_deref())
+                    .is_none_or(|d| d.key != l.auth.dest.key)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in stale {
+            self.settle(id);
+        }
+    }
+
+    /// Tells the client why, then cuts the connection; well inside 1 s.
+    fn settle(&self, id: u64) {
+        let Some(live) = self.lock_live().remove(&id) else {
+            return;
+        };
+        info!(user = %live.auth.user, to = %live.auth.dest.label, "route withdrawn; closing the connection");
+        self.metrics.settled_closed.inc();
+        self.metrics
+            .connections
+            .with_label_values(&["settled"])
+            .inc();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(
+                Duration::from_millis(300),
+                live.handle.disconnect(
+                    russh::Disconnect::ByApplication,
+                    "keyway: this VM's lease was settled or withdrawn".into(),
+                    String::new(),
+                ),
+            )
+            .await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            live.cancel.cancel();
+        });
+    }
+
+    /// Destinations some live connection uses.
+    pub fn live_destinations(&self) -> Vec<DestKey> {
+        self.lock_live()
+            .values()
+            .map(|l| l.auth.dest.key.clone())
+            .collect()
+    }
+}
+
+/// Runs `f` when dropped.
+pub fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}
+
+/// Binds the SSH listeners.
+pub async fn bind(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>> {
+    let mut out = Vec::new();
+    for a in addrs {
+        out.push(
+            TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding the SSH listener to {a}"))?,
+        );
+    }
+    Ok(out)
+}

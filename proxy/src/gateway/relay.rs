@@ -1,0 +1,424 @@
+//! Relay mode: the gateway logs into the VM itself and carries the client's
+//! session channels (and `-L` forwards) over that upstream connection.
+//!
+//! The upstream login uses a short-lived OpenSSH user certificate from the
+//! relay CA whose principal is the lease's `relay_principal`; the VM trusts it
+//! through `status.relayTrust` (`cert-authority,principals="…" <CA>`). One
+//! upstream connection per (destination, target, user) is shared by all the
+//! client connections that need it and closed after it idles.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use russh::client;
+use russh::server::{ChannelOpenHandle, Msg};
+use russh::{Channel, ChannelMsg, ChannelOpenFailure};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::Gateway;
+use super::direct::observe;
+use crate::routes::{DestKey, Destination, Target};
+
+/// The upstream client's handler: the VM's host key is not pinned (the
+/// gateway reaches VMs over the provider's own network; see
+/// docs/security.md), so it is logged and accepted.
+pub struct Upstream;
+
+impl client::Handler for Upstream {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        debug!("upstream host key {key:?}");
+        Ok(true)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Key {
+    dest: DestKey,
+    addr: String,
+    user: String,
+}
+
+#[derive(Default)]
+struct Slot {
+    conn: tokio::sync::Mutex<Option<Arc<client::Handle<Upstream>>>>,
+    users: AtomicUsize,
+    idle_since: std::sync::Mutex<Option<Instant>>,
+}
+
+/// Shared upstream connections.
+#[derive(Default)]
+pub struct Upstreams {
+    slots: std::sync::Mutex<HashMap<Key, Arc<Slot>>>,
+}
+
+/// A borrowed upstream connection; returning it starts the idle clock.
+pub struct Borrowed {
+    slot: Arc<Slot>,
+    pub handle: Arc<client::Handle<Upstream>>,
+}
+
+impl Drop for Borrowed {
+    fn drop(&mut self) {
+        if self.slot.users.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self
+                .slot
+                .idle_since
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        }
+    }
+}
+
+impl Upstreams {
+    fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Arc<Slot>>> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// An authenticated upstream connection for `dest`, shared when one is
+    /// open, else dialed (one dial at a time per key).
+    async fn get(&self, gw: &Gateway, dest: &Destination) -> Result<Borrowed> {
+        let Target::Address(addr) = &dest.target else {
+            bail!("provider targets are not served by this gateway yet");
+        };
+        let key = Key {
+            dest: dest.key.clone(),
+            addr: addr.clone(),
+            user: dest.upstream_user.clone(),
+        };
+        let slot = self.slots().entry(key).or_default().clone();
+        slot.users.fetch_add(1, Ordering::AcqRel);
+        *slot.idle_since.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let borrowed = |handle| Borrowed {
+            slot: slot.clone(),
+            handle,
+        };
+        let mut conn = slot.conn.lock().await;
+        if let Some(h) = conn.as_ref().filter(|h| !h.is_closed()) {
+            return Ok(borrowed(h.clone()));
+        }
+        let started = Instant::now();
+        let dialed = tokio::time::timeout(gw.limits.connect_timeout, dial(gw, dest, addr)).await;
+        let handle = match dialed {
+            Ok(Ok(h)) => {
+                observe(gw, "ssh", "ok", started);
+                Arc::new(h)
+            }
+            Ok(Err(e)) => {
+                observe(gw, "ssh", "error", started);
+                slot.users.fetch_sub(1, Ordering::AcqRel);
+                return Err(e);
+            }
+            Err(_) => {
+                observe(gw, "ssh", "timeout", started);
+                slot.users.fetch_sub(1, Ordering::AcqRel);
+                bail!("no upstream login within {:?}", gw.limits.connect_timeout);
+            }
+        };
+        *conn = Some(handle.clone());
+        Ok(borrowed(handle))
+    }
+
+    /// Closes upstream connections nobody uses for `idle`, and those whose
+    /// destination the gateway no longer routes.
+    pub async fn prune(&self, idle: Duration, still_routed: impl Fn(&DestKey) -> bool) {
+        let now = Instant::now();
+        let doomed: Vec<Arc<Slot>> = {
+            let mut slots = self.slots();
+            let keys: Vec<Key> = slots
+                .iter()
+                .filter(|(k, s)| {
+                    let unused = s.users.load(Ordering::Acquire) == 0
+                        && s.idle_since
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .is_some_and(|t| now.duration_since(t) >= idle);
+                    unused || !still_routed(&k.dest)
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            keys.iter().filter_map(|k| slots.remove(k)).collect()
+        };
+        for s in doomed {
+            if let Some(h) = s.conn.lock().await.take() {
+                let _ = h
+                    .disconnect(russh::Disconnect::ByApplication, "idle", "")
+                    .await;
+            }
+        }
+    }
+
+    /// Closes everything (shutdown).
+    pub async fn close_all(&self) {
+        self.prune(Duration::ZERO, |_| false).await;
+    }
+}
+
+async fn dial(gw: &Gateway, dest: &Destination, addr: &str) -> Result<client::Handle<Upstream>> {
+    let issuer = gw
+        .relay
+        .as_ref()
+        .ok_or_else(|| anyhow!("relay mode needs the relay CA key (--relay-ca-key)"))?;
+    let tcp = TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connecting to {addr}"))?;
+    let _ = tcp.set_nodelay(true);
+    let config = Arc::new(client::Config {
+        nodelay: true,
+        inactivity_timeout: None,
+        keepalive_interval: Some(Duration::from_secs(30)),
+        keepalive_max: 4,
+        channel_buffer_size: gw.limits.channel_buffer.max(1),
+        ..Default::default()
+    });
+    let mut handle = client::connect_stream(config, tcp, Upstream)
+        .await
+        .with_context(|| format!("SSH handshake with {addr}"))?;
+    let validity = gw.cert_validity_secs.load(Ordering::Relaxed);
+    let cert = issuer.issue(
+        &dest.relay_principal,
+        &format!("keyway relay for {}", dest.label),
+        validity,
+    )?;
+    let res = handle
+        .authenticate_openssh_cert(dest.upstream_user.clone(), issuer.key(), cert)
+        .await
+        .with_context(|| format!("logging into {addr}"))?;
+    if !res.success() {
+        bail!(
+            "{addr} refused the relay certificate for {}@ (principal {}); does the VM's authorized_keys carry the lease's status.relayTrust line?",
+            dest.upstream_user,
+            dest.relay_principal
+        );
+    }
+    info!(to = %dest.label, %addr, user = %dest.upstream_user, "upstream login");
+    Ok(handle)
+}
+
+/// A session channel: opened upstream first, then accepted, then bridged.
+pub async fn session(
+    gw: Arc<Gateway>,
+    dest: Arc<Destination>,
+    down: Channel<Msg>,
+    reply: ChannelOpenHandle,
+    down_handle: russh::server::Handle,
+    cancel: CancellationToken,
+) {
+    let opened = async {
+        let up = gw.upstreams.get(&gw, &dest).await?;
+        let chan = up
+            .handle
+            .channel_open_session()
+            .await
+            .context("opening a session on the VM")?;
+        anyhow::Ok((up, chan))
+    };
+    let (up, chan) = tokio::select! {
+        r = opened => match r {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(to = %dest.label, "relay session refused: {e:#}");
+                reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                return;
+            }
+        },
+        () = cancel.cancelled() => return,
+    };
+    reply.accept().await;
+    let gauge = gw.metrics.channels_active.with_label_values(&["session"]);
+    gauge.inc();
+    tokio::select! {
+        () = bridge_session(&gw, down, chan, down_handle) => {}
+        () = cancel.cancelled() => {}
+    }
+    gauge.dec();
+    drop(up);
+}
+
+async fn bridge_session(
+    gw: &Gateway,
+    down: Channel<Msg>,
+    up: Channel<client::Msg>,
+    down_handle: russh::server::Handle,
+) {
+    let id = down.id();
+    let (mut down_r, down_w) = down.split();
+    let (mut up_r, up_w) = up.split();
+    let to_vm = gw.metrics.bytes.with_label_values(&["upstream"]);
+    let to_client = gw.metrics.bytes.with_label_values(&["downstream"]);
+    let client_to_vm = async {
+        while let Some(msg) = down_r.wait().await {
+            let r = match msg {
+                ChannelMsg::Data { data } => {
+                    to_vm.inc_by(data.len() as u64);
+                    up_w.data_bytes(data).await
+                }
+                ChannelMsg::ExtendedData { data, ext } => {
+                    to_vm.inc_by(data.len() as u64);
+                    up_w.extended_data_bytes(ext, data).await
+                }
+                ChannelMsg::Eof => up_w.eof().await,
+                ChannelMsg::Close => break,
+                ChannelMsg::RequestPty {
+                    term,
+                    col_width,
+                    row_height,
+                    pix_width,
+                    pix_height,
+                    terminal_modes,
+                    ..
+                } => {
+                    up_w.request_pty(
+                        false,
+                        &term,
+                        col_width,
+                        row_height,
+                        pix_width,
+                        pix_height,
+                        &terminal_modes,
+                    )
+                    .await
+                }
+                ChannelMsg::SetEnv {
+                    variable_name,
+                    variable_value,
+                    ..
+                } => up_w.set_env(false, variable_name, variable_value).await,
+                ChannelMsg::RequestShell { .. } => up_w.request_shell(true).await,
+                ChannelMsg::Exec { command, .. } => up_w.exec(true, command).await,
+                ChannelMsg::RequestSubsystem { name, .. } => {
+                    up_w.request_subsystem(true, name).await
+                }
+                ChannelMsg::WindowChange {
+                    col_width,
+                    row_height,
+                    pix_width,
+                    pix_height,
+                } => {
+                    up_w.window_change(col_width, row_height, pix_width, pix_height)
+                        .await
+                }
+                ChannelMsg::Signal { signal } => up_w.signal(signal).await,
+                _ => Ok(()),
+            };
+            if r.is_err() {
+                break;
+            }
+        }
+        let _ = up_w.close().await;
+    };
+    let vm_to_client = async {
+        while let Some(msg) = up_r.wait().await {
+            let r = match msg {
+                ChannelMsg::Data { data } => {
+                    to_client.inc_by(data.len() as u64);
+                    down_w.data_bytes(data).await
+                }
+                ChannelMsg::ExtendedData { data, ext } => {
+                    to_client.inc_by(data.len() as u64);
+                    down_w.extended_data_bytes(ext, data).await
+                }
+                ChannelMsg::Eof => down_w.eof().await,
+                ChannelMsg::ExitStatus { exit_status } => down_w.exit_status(exit_status).await,
+                ChannelMsg::ExitSignal {
+                    signal_name,
+                    core_dumped,
+                    error_message,
+                    lang_tag,
+                } => down_handle
+                    .exit_signal_request(id, signal_name, core_dumped, error_message, lang_tag)
+                    .await
+                    .map_err(|()| russh::Error::SendError),
+                ChannelMsg::Failure => {
+                    // The VM refused a shell, exec or subsystem the gateway
+                    // already accepted (see ssh.rs): say so and end it.
+                    let _ = down_w
+                        .extended_data_bytes(1, &b"keyway: the VM refused the request\r\n"[..])
+                        .await;
+                    let _ = down_w.exit_status(1).await;
+                    let _ = down_w.eof().await;
+                    break;
+                }
+                ChannelMsg::Close => break,
+                _ => Ok(()),
+            };
+            if r.is_err() {
+                break;
+            }
+        }
+        let _ = down_w.close().await;
+    };
+    tokio::join!(client_to_vm, vm_to_client);
+}
+
+/// Where a relayed `-L` forward asks the VM to connect.
+pub struct ForwardTo {
+    pub host: String,
+    pub port: u32,
+    pub originator_address: String,
+    pub originator_port: u32,
+}
+
+/// A `direct-tcpip` channel from a relay-mode client, opened on the VM.
+pub async fn direct_tcpip(
+    gw: Arc<Gateway>,
+    dest: Arc<Destination>,
+    to: ForwardTo,
+    down: Channel<Msg>,
+    reply: ChannelOpenHandle,
+    cancel: CancellationToken,
+) {
+    let opened = async {
+        let up = gw.upstreams.get(&gw, &dest).await?;
+        let chan = up
+            .handle
+            .channel_open_direct_tcpip(
+                to.host.clone(),
+                to.port,
+                to.originator_address.clone(),
+                to.originator_port,
+            )
+            .await
+            .with_context(|| format!("the VM refused to forward to {}:{}", to.host, to.port))?;
+        anyhow::Ok((up, chan))
+    };
+    let (up, chan) = tokio::select! {
+        r = opened => match r {
+            Ok(x) => x,
+            Err(e) => {
+                debug!(to = %dest.label, "relayed forward refused: {e:#}");
+                reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                return;
+            }
+        },
+        () = cancel.cancelled() => return,
+    };
+    reply.accept().await;
+    let gauge = gw
+        .metrics
+        .channels_active
+        .with_label_values(&["direct-tcpip"]);
+    gauge.inc();
+    let mut a = down.into_stream();
+    let mut b = chan.into_stream();
+    tokio::select! {
+        r = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, 64 * 1024, 64 * 1024) => {
+            if let Ok((up_bytes, down_bytes)) = r {
+                gw.metrics.bytes.with_label_values(&["upstream"]).inc_by(up_bytes);
+                gw.metrics.bytes.with_label_values(&["downstream"]).inc_by(down_bytes);
+            }
+        }
+        () = cancel.cancelled() => {}
+    }
+    gauge.dec();
+    drop(up);
+}

@@ -1,0 +1,317 @@
+//! The russh server handler: authentication and channel opens.
+//!
+//! The handler stays thin. It decides routes (a table lookup) and answers
+//! channel requests at once; everything that waits on the network (dialing a
+//! target, an upstream login, moving bytes) runs in a task per channel, so a
+//! slow or unreachable target never stalls this connection's other channels
+//! or its keepalives.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use russh::server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
+use russh::{Channel, ChannelId, MethodKind, MethodSet};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use super::{AuthInfo, Gateway, Limits, direct, relay};
+use crate::keys::fingerprint;
+use crate::routes::{Destination, Via};
+
+/// The server configuration every connection shares.
+pub fn server_config(host_key: ssh_key::PrivateKey, limits: &Limits) -> russh::server::Config {
+    russh::server::Config {
+        server_id: russh::SshId::Standard(
+            concat!("SSH-2.0-Keyway_", env!("CARGO_PKG_VERSION")).into(),
+        ),
+        methods: MethodSet::from(&[MethodKind::PublicKey][..]),
+        // Every rejection is the same table lookup; a short constant delay
+        // flattens what timing difference remains without making a client
+        // with several keys wait a second per key.
+        auth_rejection_time: Duration::from_millis(50),
+        auth_rejection_time_initial: Some(Duration::ZERO),
+        keys: vec![host_key],
+        max_auth_attempts: 20,
+        channel_buffer_size: limits.channel_buffer.max(1),
+        // Authenticated sessions may idle for days; dead peers are found by
+        // keepalives instead. The auth deadline covers the unauthenticated.
+        inactivity_timeout: None,
+        keepalive_interval: Some(Duration::from_secs(30)),
+        keepalive_max: 4,
+        nodelay: true,
+        ..Default::default()
+    }
+}
+
+/// One client connection's handler.
+pub struct Conn {
+    gw: Arc<Gateway>,
+    peer: SocketAddr,
+    dst: IpAddr,
+    auth_tx: Option<oneshot::Sender<AuthInfo>>,
+    cancel: CancellationToken,
+    authed: Option<AuthInfo>,
+}
+
+impl Conn {
+    pub fn new(
+        gw: Arc<Gateway>,
+        peer: SocketAddr,
+        dst: IpAddr,
+        auth_tx: oneshot::Sender<AuthInfo>,
+        cancel: CancellationToken,
+    ) -> Self {
+        Conn {
+            gw,
+            peer,
+            dst,
+            auth_tx: Some(auth_tx),
+            cancel,
+            authed: None,
+        }
+    }
+
+    fn decide(&self, user: &str, fp: Option<&str>) -> Option<Destination> {
+        self.gw.table().decide(user, self.dst, fp)
+    }
+
+    fn reject(&self, method: &str) -> Auth {
+        self.gw
+            .metrics
+            .auth_failures
+            .with_label_values(&[method])
+            .inc();
+        Auth::Reject {
+            proceed_with_methods: Some(MethodSet::from(&[MethodKind::PublicKey][..])),
+            partial_success: false,
+        }
+    }
+
+    fn dest(&self) -> Option<Arc<Destination>> {
+        self.authed.as_ref().map(|a| a.dest.clone())
+    }
+}
+
+/// Errors end the connection; russh's own are enough.
+pub type Error = russh::Error;
+
+impl russh::server::Handler for Conn {
+    type Error = Error;
+
+    async fn auth_none(&mut self, user: &str) -> Result<Auth, Error> {
+        match self.decide(user, None) {
+            Some(d) => {
+                self.authed = Some(AuthInfo {
+                    user: user.to_string(),
+                    dst: self.dst,
+                    fingerprint: None,
+                    dest: Arc::new(d),
+                });
+                Ok(Auth::Accept)
+            }
+            // Every OpenSSH client starts with `none`; not a failure.
+            None => Ok(Auth::Reject {
+                proceed_with_methods: Some(MethodSet::from(&[MethodKind::PublicKey][..])),
+                partial_success: false,
+            }),
+        }
+    }
+
+    async fn auth_password(&mut self, _user: &str, _password: &str) -> Result<Auth, Error> {
+        Ok(self.reject("password"))
+    }
+
+    async fn auth_keyboard_interactive<'a>(
+        &'a mut self,
+        _user: &str,
+        _submethods: &str,
+        _response: Option<russh::server::Response<'a>>,
+    ) -> Result<Auth, Error> {
+        Ok(self.reject("keyboard-interactive"))
+    }
+
+    async fn auth_publickey_offered(
+        &mut self,
+        user: &str,
+        offer: PublicKeyOffer<'_>,
+    ) -> Result<Auth, Error> {
+        // "Not this key" for keys that route nowhere, so OpenSSH offers the
+        // next key in its agent instead of giving up.
+        let fp = fingerprint(offer.public_key);
+        if self.decide(user, Some(&fp)).is_some() {
+            Ok(Auth::Accept)
+        } else {
+            Ok(self.reject("publickey"))
+        }
+    }
+
+    async fn auth_publickey(
+        &mut self,
+        user: &str,
+        key: VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Error> {
+        let fp = fingerprint(key.public_key);
+        match self.decide(user, Some(&fp)) {
+            Some(d) => {
+                self.authed = Some(AuthInfo {
+                    user: user.to_string(),
+                    dst: self.dst,
+                    fingerprint: Some(fp),
+                    dest: Arc::new(d),
+                });
+                Ok(Auth::Accept)
+            }
+            None => Ok(self.reject("publickey")),
+        }
+    }
+
+    async fn auth_succeeded(&mut self, _session: &mut Session) -> Result<(), Error> {
+        if let (Some(tx), Some(a)) = (self.auth_tx.take(), self.authed.clone()) {
+            let _ = tx.send(a);
+        }
+        Ok(())
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        session: &mut Session,
+    ) -> Result<(), Error> {
+        let Some(dest) = self.dest() else {
+            return Ok(()); // dropping `reply` refuses the channel
+        };
+        let user = self
+            .authed
+            .as_ref()
+            .map(|a| a.user.clone())
+            .unwrap_or_default();
+        debug!(peer = %self.peer, %user, to = %dest.label, "session channel");
+        tokio::spawn(relay::session(
+            self.gw.clone(),
+            dest,
+            channel,
+            reply,
+            session.handle(),
+            self.cancel.clone(),
+        ));
+        Ok(())
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host_to_connect: &str,
+        port_to_connect: u32,
+        originator_address: &str,
+        originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Error> {
+        let Some(dest) = self.dest() else {
+            return Ok(());
+        };
+        match dest.via {
+            // The gateway is a jump host: the lease's own target and nothing
+            // else, whatever host the client named (no open proxy).
+            Via::LeaseHash => {
+                tokio::spawn(direct::forward(
+                    self.gw.clone(),
+                    dest,
+                    channel,
+                    reply,
+                    self.cancel.clone(),
+                ));
+            }
+            // The gateway stands in for the VM: `-L` forwards are the VM's to
+            // make, through the upstream login.
+            Via::PooledIp | Via::Route => {
+                tokio::spawn(relay::direct_tcpip(
+                    self.gw.clone(),
+                    dest,
+                    relay::ForwardTo {
+                        host: host_to_connect.to_string(),
+                        port: port_to_connect,
+                        originator_address: originator_address.to_string(),
+                        originator_port,
+                    },
+                    channel,
+                    reply,
+                    self.cancel.clone(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    // Requests on session channels are answered here, at once and in order:
+    // russh keeps one "wants reply" flag per channel, so a reply sent later
+    // from another task could land on the wrong request. The channel's task
+    // receives the same requests (in order, with the data) and carries them
+    // upstream; if the VM then refuses a shell, exec or subsystem, the task
+    // reports it on stderr and closes the channel with status 1.
+
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        _term: &str,
+        _col_width: u32,
+        _row_height: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        _modes: &[(russh::Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Error> {
+        session.channel_success(channel)
+    }
+
+    async fn env_request(
+        &mut self,
+        channel: ChannelId,
+        _variable_name: &str,
+        _variable_value: &str,
+        session: &mut Session,
+    ) -> Result<(), Error> {
+        session.channel_success(channel)
+    }
+
+    async fn shell_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Error> {
+        session.channel_success(channel)
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        _data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Error> {
+        session.channel_success(channel)
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        _name: &str,
+        session: &mut Session,
+    ) -> Result<(), Error> {
+        session.channel_success(channel)
+    }
+
+    async fn x11_request(
+        &mut self,
+        channel: ChannelId,
+        _single_connection: bool,
+        _x11_auth_protocol: &str,
+        _x11_auth_cookie: &str,
+        _x11_screen_number: u32,
+        session: &mut Session,
+    ) -> Result<(), Error> {
+        session.channel_failure(channel)
+    }
+}

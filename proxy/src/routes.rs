@@ -1,0 +1,523 @@
+//! The routing table: a snapshot indexed for the SSH listener.
+//!
+//! Pure code, no I/O. A table is built once per applied snapshot and answers
+//! one question in O(1): given the user name a client sent, the destination IP
+//! it dialed and the key it offers, where (if anywhere) does it go? Rules, in
+//! DESIGN.md's order:
+//!
+//! 1. a 64-hex user name selects the lease by hash; the key must be one of
+//!    that lease's access keys (no fallback: a hash that routes nowhere is a
+//!    rejection);
+//! 2. otherwise `(destination IP, key fingerprint)` selects the lease;
+//! 3. otherwise an `ssh://user@host` SshRoute whose host is the destination IP
+//!    and whose allowed keys hold the key (or which allows anyone).
+//!
+//! Everything else is `None`, and the caller answers every `None` the same
+//! way, so a client cannot learn which leases exist.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+
+use keyway_snapshot::pb;
+
+/// Where a routed connection's bytes go.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Target {
+    /// `host:port` of an sshd, dialed over TCP.
+    Address(String),
+    /// A provider agent reached over libp2p (not served by this gateway yet).
+    Provider { peer_id: String },
+}
+
+/// How a connection was matched; decides what `direct-tcpip` means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// `ssh <leaseHash>@gateway`: the gateway is a jump host; `direct-tcpip`
+    /// goes straight to the lease's target and carries the client's own SSH.
+    LeaseHash,
+    /// `ssh <pooled IP>`: the gateway is the VM as far as the client knows;
+    /// sessions and `-L` forwards are relayed through an upstream SSH login.
+    PooledIp,
+    /// An `ssh://user@host` SshRoute, relayed like a pooled-IP login.
+    Route,
+}
+
+/// Identifies what a connection is bound to, for settlement and for sharing
+/// upstream connections.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DestKey {
+    Lease([u8; 32]),
+    Route { namespace: String, name: String },
+}
+
+/// A routing decision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Destination {
+    pub key: DestKey,
+    pub via: Via,
+    /// `namespace/name` of the lease or route, for logs.
+    pub label: String,
+    pub target: Target,
+    /// The user name relayed sessions log into the target as.
+    pub upstream_user: String,
+    /// The principal relay certificates carry for this destination.
+    pub relay_principal: String,
+}
+
+#[derive(Debug)]
+struct LeaseEntry {
+    hash: [u8; 32],
+    label: String,
+    target: Option<Target>,
+    upstream_user: String,
+    relay_principal: String,
+    fingerprints: HashSet<String>,
+}
+
+#[derive(Debug)]
+struct RouteEntry {
+    namespace: String,
+    name: String,
+    to: RouteTo,
+    allow: HashSet<String>,
+    allow_unauthenticated: bool,
+}
+
+#[derive(Debug)]
+enum RouteTo {
+    Lease(usize),
+    Address(String),
+}
+
+/// The indexed snapshot. Cheap to share (`Arc`), rebuilt per version.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    leases: Vec<LeaseEntry>,
+    by_hash: HashMap<[u8; 32], usize>,
+    by_ip_key: HashMap<(IpAddr, String), usize>,
+    routes: Vec<RouteEntry>,
+    by_user_host: HashMap<(String, IpAddr), Vec<usize>>,
+}
+
+/// User name for relayed logins by lease hash when the lease names none: a
+/// 64-hex name is never a real account.
+pub const DEFAULT_HASH_UPSTREAM_USER: &str = "root";
+
+impl RouteTable {
+    /// Indexes a (checked) snapshot. Entries that cannot route (an IP that
+    /// does not parse, a hash of the wrong length) are skipped, never guessed.
+    pub fn build(snap: &pb::Snapshot) -> Self {
+        let mut t = RouteTable::default();
+        for l in &snap.leases {
+            let Ok(hash) = <[u8; 32]>::try_from(l.lease_hash.as_slice()) else {
+                continue;
+            };
+            let target = match &l.target {
+                Some(pb::lease::Target::Address(a)) => Some(Target::Address(a.clone())),
+                Some(pb::lease::Target::Provider(p)) => Some(Target::Provider {
+                    peer_id: p.peer_id.clone(),
+                }),
+                None => None,
+            };
+            let idx = t.leases.len();
+            t.leases.push(LeaseEntry {
+                hash,
+                label: format!("{}/{}", l.namespace, l.name),
+                target,
+                upstream_user: l.upstream_user.clone(),
+                relay_principal: l.relay_principal.clone(),
+                fingerprints: l
+                    .access_keys
+                    .iter()
+                    .map(|k| k.fingerprint.clone())
+                    .collect(),
+            });
+            t.by_hash.insert(hash, idx);
+            if let Ok(ip) = l.ip.parse::<IpAddr>() {
+                let disabled: HashSet<&str> = l
+                    .ip_route_disabled_fingerprints
+                    .iter()
+                    .map(String::as_str)
+                    .collect();
+                for k in &l.access_keys {
+                    if !disabled.contains(k.fingerprint.as_str()) {
+                        // The operator guarantees uniqueness; first one wins if not.
+                        t.by_ip_key
+                            .entry((ip, k.fingerprint.clone()))
+                            .or_insert(idx);
+                    }
+                }
+            }
+        }
+        for r in &snap.routes {
+            let Some(pb::route::Match::Ssh(m)) = &r.r#match else {
+                continue;
+            };
+            let Ok(host) = m.host.trim_matches(['[', ']']).parse::<IpAddr>() else {
+                continue; // only the dialed IP is visible to the listener
+            };
+            let to = match &r.to {
+                Some(pb::route::To::Address(a)) => RouteTo::Address(a.clone()),
+                Some(pb::route::To::LeaseHash(h)) => {
+                    match <[u8; 32]>::try_from(h.as_slice())
+                        .ok()
+                        .and_then(|h| t.by_hash.get(&h))
+                    {
+                        Some(&i) => RouteTo::Lease(i),
+                        None => continue,
+                    }
+                }
+                None => continue,
+            };
+            let idx = t.routes.len();
+            t.routes.push(RouteEntry {
+                namespace: r.namespace.clone(),
+                name: r.name.clone(),
+                to,
+                allow: r.allow_keys.iter().map(|k| k.fingerprint.clone()).collect(),
+                allow_unauthenticated: r.allow_unauthenticated,
+            });
+            t.by_user_host
+                .entry((m.user.clone(), host))
+                .or_default()
+                .push(idx);
+        }
+        t
+    }
+
+    /// Number of leases indexed.
+    pub fn leases(&self) -> usize {
+        self.leases.len()
+    }
+
+    /// Decides where a login goes. `fingerprint` is the offered key's OpenSSH
+    /// SHA-256 fingerprint, or `None` for the `none` method.
+    pub fn decide(
+        &self,
+        user: &str,
+        dst: IpAddr,
+        fingerprint: Option<&str>,
+    ) -> Option<Destination> {
+        let dst = canonical(dst);
+        if let Some(hash) = parse_hash(user) {
+            let fp = fingerprint?;
+            let &i = self.by_hash.get(&hash)?;
+            let l = &self.leases[i];
+            if !l.fingerprints.contains(fp) {
+                return None;
+            }
+            let upstream = if l.upstream_user.is_empty() {
+                DEFAULT_HASH_UPSTREAM_USER.to_string()
+            } else {
+                l.upstream_user.clone()
+            };
+            return self.lease_destination(i, Via::LeaseHash, upstream);
+        }
+        if let Some(fp) = fingerprint
+            && let Some(&i) = self.by_ip_key.get(&(dst, fp.to_string()))
+        {
+            let l = &self.leases[i];
+            let upstream = if l.upstream_user.is_empty() {
+                user.to_string()
+            } else {
+                l.upstream_user.clone()
+            };
+            return self.lease_destination(i, Via::PooledIp, upstream);
+        }
+        let candidates = self.by_user_host.get(&(user.to_string(), dst))?;
+        let r = candidates.iter().map(|&i| &self.routes[i]).find(|r| {
+            r.allow_unauthenticated || fingerprint.is_some_and(|fp| r.allow.contains(fp))
+        })?;
+        match &r.to {
+            RouteTo::Lease(i) => {
+                let l = &self.leases[*i];
+                let upstream = if l.upstream_user.is_empty() {
+                    user.to_string()
+                } else {
+                    l.upstream_user.clone()
+                };
+                let mut d = self.lease_destination(*i, Via::Route, upstream)?;
+                d.key = DestKey::Route {
+                    namespace: r.namespace.clone(),
+                    name: r.name.clone(),
+                };
+                d.label = format!("{}/{} -> {}", r.namespace, r.name, l.label);
+                Some(d)
+            }
+            RouteTo::Address(a) => Some(Destination {
+                key: DestKey::Route {
+                    namespace: r.namespace.clone(),
+                    name: r.name.clone(),
+                },
+                via: Via::Route,
+                label: format!("{}/{}", r.namespace, r.name),
+                target: Target::Address(a.clone()),
+                upstream_user: user.to_string(),
+                // Outside a lease the target trusts the relay CA the plain
+                // OpenSSH way: the certificate names the account.
+                relay_principal: user.to_string(),
+            }),
+        }
+    }
+
+    /// True while `key` still names something in this table.
+    pub fn contains(&self, key: &DestKey) -> bool {
+        match key {
+            DestKey::Lease(h) => self.by_hash.contains_key(h),
+            DestKey::Route { namespace, name } => self
+                .routes
+                .iter()
+                .any(|r| &r.namespace == namespace && &r.name == name),
+        }
+    }
+
+    fn lease_destination(&self, i: usize, via: Via, upstream_user: String) -> Option<Destination> {
+        let l = &self.leases[i];
+        Some(Destination {
+            key: DestKey::Lease(l.hash),
+            via,
+            label: l.label.clone(),
+            target: l.target.clone()?,
+            upstream_user,
+            relay_principal: l.relay_principal.clone(),
+        })
+    }
+}
+
+/// `::ffff:a.b.c.d` (how a dual-stack listener reports IPv4) is `a.b.c.d`.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}
+
+/// A user name that is exactly 64 hex digits is a lease hash.
+pub fn parse_hash(user: &str) -> Option<[u8; 32]> {
+    if user.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(user.to_ascii_lowercase(), &mut out).ok()?;
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn key(fp: &str) -> pb::AccessKey {
+        pb::AccessKey {
+            openssh: format!("ssh-ed25519 {fp}"),
+            fingerprint: fp.into(),
+        }
+    }
+
+    fn lease(name: &str, user: &str, ip: &str, h: u8, fps: &[&str]) -> pb::Lease {
+        pb::Lease {
+            namespace: "default".into(),
+            name: name.into(),
+            lease_hash: vec![h; 32],
+            user: user.into(),
+            ip: ip.into(),
+            pool: "p".into(),
+            access_keys: fps.iter().map(|f| key(f)).collect(),
+            target: Some(pb::lease::Target::Address(format!("127.0.20.{h}:22"))),
+            upstream_user: String::new(),
+            relay_principal: format!("keyway-lease-{h}"),
+            ip_route_disabled_fingerprints: vec![],
+        }
+    }
+
+    fn snap(leases: Vec<pb::Lease>, routes: Vec<pb::Route>) -> pb::Snapshot {
+        pb::Snapshot {
+            version: Some(pb::Version {
+                epoch: 1,
+                version: 1,
+            }),
+            leases,
+            routes,
+            relay: None,
+            generated_unix_ms: 0,
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn shared_ip_routes_by_key() {
+        let t = RouteTable::build(&snap(
+            vec![
+                lease("alice-web", "alice", "127.0.10.1", 1, &["A"]),
+                lease("bob-dev", "bob", "127.0.10.1", 3, &["B"]),
+                lease("alice-db", "alice", "127.0.10.2", 2, &["A"]),
+            ],
+            vec![],
+        ));
+        let d = |u: &str, i: &str, k: &str| t.decide(u, ip(i), Some(k)).map(|d| d.label);
+        assert_eq!(
+            d("me", "127.0.10.1", "A").as_deref(),
+            Some("default/alice-web")
+        );
+        assert_eq!(
+            d("me", "127.0.10.1", "B").as_deref(),
+            Some("default/bob-dev")
+        );
+        assert_eq!(
+            d("me", "127.0.10.2", "A").as_deref(),
+            Some("default/alice-db")
+        );
+        // bob holds nothing on .2; an unknown key holds nothing anywhere.
+        assert_eq!(d("me", "127.0.10.2", "B"), None);
+        assert_eq!(d("me", "127.0.10.1", "C"), None);
+        // The dual-stack form of the same IPv4 address routes the same.
+        assert_eq!(
+            d("me", "::ffff:127.0.10.1", "A").as_deref(),
+            Some("default/alice-web")
+        );
+        // The client's user name is the upstream user unless the lease names one.
+        let x = t.decide("ubuntu", ip("127.0.10.1"), Some("A")).unwrap();
+        assert_eq!(x.upstream_user, "ubuntu");
+        assert_eq!(x.via, Via::PooledIp);
+    }
+
+    #[test]
+    fn lease_hash_needs_one_of_its_keys_and_never_falls_back() {
+        let t = RouteTable::build(&snap(
+            vec![
+                lease("a", "alice", "127.0.10.1", 1, &["A"]),
+                lease("b", "bob", "127.0.10.1", 2, &["B"]),
+            ],
+            vec![],
+        ));
+        let h1 = hex::encode([1u8; 32]);
+        let d = t.decide(&h1, ip("127.0.10.9"), Some("A")).unwrap();
+        assert_eq!((d.via, d.label.as_str()), (Via::LeaseHash, "default/a"));
+        assert_eq!(d.upstream_user, DEFAULT_HASH_UPSTREAM_USER);
+        // Uppercase hex is the same hash.
+        assert!(
+            t.decide(&h1.to_uppercase(), ip("127.0.10.9"), Some("A"))
+                .is_some()
+        );
+        // Right hash, wrong key: rejected, even though (ip, B) routes to b.
+        assert_eq!(t.decide(&h1, ip("127.0.10.1"), Some("B")), None);
+        // Unknown hash: rejected.
+        assert_eq!(
+            t.decide(&"ab".repeat(32), ip("127.0.10.1"), Some("A")),
+            None
+        );
+        // No key: rejected.
+        assert_eq!(t.decide(&h1, ip("127.0.10.1"), None), None);
+    }
+
+    #[test]
+    fn disabled_ip_fingerprints_route_only_by_hash() {
+        let mut b = lease("b", "bob", "127.0.10.1", 2, &["S"]);
+        b.ip_route_disabled_fingerprints = vec!["S".into()];
+        let t = RouteTable::build(&snap(
+            vec![lease("a", "alice", "127.0.10.1", 1, &["S"]), b],
+            vec![],
+        ));
+        assert_eq!(
+            t.decide("x", ip("127.0.10.1"), Some("S")).unwrap().label,
+            "default/a"
+        );
+        let h2 = hex::encode([2u8; 32]);
+        assert_eq!(
+            t.decide(&h2, ip("127.0.10.1"), Some("S")).unwrap().label,
+            "default/b"
+        );
+    }
+
+    #[test]
+    fn ssh_routes_match_user_and_destination() {
+        let route =
+            |name: &str, user: &str, host: &str, to: pb::route::To, keys: &[&str], open: bool| {
+                pb::Route {
+                    namespace: "ops".into(),
+                    name: name.into(),
+                    from: format!("ssh://{user}@{host}"),
+                    r#match: Some(pb::route::Match::Ssh(pb::SshMatch {
+                        user: user.into(),
+                        host: host.into(),
+                    })),
+                    to: Some(to),
+                    allow_keys: keys.iter().map(|k| key(k)).collect(),
+                    allow_unauthenticated: open,
+                }
+            };
+        let t = RouteTable::build(&snap(
+            vec![lease("a", "alice", "127.0.10.1", 1, &["A"])],
+            vec![
+                route(
+                    "git",
+                    "git",
+                    "127.0.10.5",
+                    pb::route::To::Address("127.0.30.1:22".into()),
+                    &["K"],
+                    false,
+                ),
+                route(
+                    "demo",
+                    "demo",
+                    "127.0.10.5",
+                    pb::route::To::Address("127.0.30.2:22".into()),
+                    &[],
+                    true,
+                ),
+                route(
+                    "to-a",
+                    "ops",
+                    "127.0.10.5",
+                    pb::route::To::LeaseHash(vec![1; 32]),
+                    &["K"],
+                    false,
+                ),
+            ],
+        ));
+        let g = t.decide("git", ip("127.0.10.5"), Some("K")).unwrap();
+        assert_eq!(g.target, Target::Address("127.0.30.1:22".into()));
+        assert_eq!(g.upstream_user, "git");
+        assert_eq!(g.relay_principal, "git");
+        assert_eq!(t.decide("git", ip("127.0.10.5"), Some("Z")), None);
+        assert_eq!(t.decide("git", ip("127.0.10.6"), Some("K")), None);
+        assert!(t.decide("demo", ip("127.0.10.5"), None).is_some());
+        assert!(t.decide("git", ip("127.0.10.5"), None).is_none());
+        let o = t.decide("ops", ip("127.0.10.5"), Some("K")).unwrap();
+        assert_eq!(o.target, Target::Address("127.0.20.1:22".into()));
+        assert_eq!(o.relay_principal, "keyway-lease-1");
+        assert!(t.contains(&o.key));
+        // A lease's own (ip, key) route wins over a route with the same user.
+        assert_eq!(
+            t.decide("ops", ip("127.0.10.1"), Some("A")).unwrap().via,
+            Via::PooledIp
+        );
+    }
+
+    #[test]
+    fn withdrawn_leases_are_gone() {
+        let t1 = RouteTable::build(&snap(
+            vec![lease("a", "alice", "127.0.10.1", 1, &["A"])],
+            vec![],
+        ));
+        let d = t1.decide("u", ip("127.0.10.1"), Some("A")).unwrap();
+        let t2 = RouteTable::build(&snap(vec![], vec![]));
+        assert!(t1.contains(&d.key));
+        assert!(!t2.contains(&d.key));
+        assert_eq!(t2.decide("u", ip("127.0.10.1"), Some("A")), None);
+    }
+
+    #[test]
+    fn hash_parsing() {
+        assert!(parse_hash(&"0".repeat(64)).is_some());
+        assert!(parse_hash(&"0".repeat(63)).is_none());
+        assert!(parse_hash(&"g".repeat(64)).is_none());
+        assert!(parse_hash("root").is_none());
+    }
+}

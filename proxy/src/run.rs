@@ -1,0 +1,245 @@
+//! `keyway-proxy run`: wires the snapshot subscription, the routing table,
+//! the SSH gateway and the metrics endpoint together.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Result;
+use keyway_snapshot::client::{SubscriberConfig, subscribe};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::Source;
+use crate::gateway::{self, Gateway, Limits};
+use crate::keys::{self, RelayIssuer};
+use crate::metrics::{self, Metrics};
+use crate::routes::RouteTable;
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    source: Source,
+    /// SSH listen address; repeat to listen on several (e.g. one per pooled IP).
+    #[arg(
+        long = "ssh-listen",
+        value_name = "ADDR",
+        default_value = "0.0.0.0:2222"
+    )]
+    ssh_listen: Vec<SocketAddr>,
+    /// Metrics and health listen address (/metrics, /healthz, /readyz).
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:9090")]
+    metrics_listen: SocketAddr,
+    /// Ed25519 host key; created on first run. Share it between replicas so
+    /// clients see one gateway. Default: DIR/.keyway/proxy-host-key in local
+    /// mode, else /var/lib/keyway/host_key.
+    #[arg(long, value_name = "FILE")]
+    host_key: Option<PathBuf>,
+    /// The relay CA's private key (OpenSSH format), used to mint the
+    /// short-lived certificates relay logins use. Default in local mode:
+    /// DIR/.keyway/relay-ca.
+    #[arg(long, value_name = "FILE")]
+    relay_ca_key: Option<PathBuf>,
+    /// Where the last applied snapshot is kept, so a restart routes before the
+    /// operator answers. Default: DIR/.keyway/proxy-snapshot.pb in local mode,
+    /// else /var/lib/keyway/snapshot.pb.
+    #[arg(long, value_name = "FILE")]
+    cache: Option<PathBuf>,
+    /// Seconds from accept to authenticated before a connection is closed.
+    #[arg(long, default_value_t = 30)]
+    auth_timeout_secs: u64,
+    /// Connections still handshaking; beyond it the oldest is evicted.
+    #[arg(long, default_value_t = 256)]
+    max_unauthenticated: usize,
+    /// All open connections; beyond it new ones are refused.
+    #[arg(long, default_value_t = 10_000)]
+    max_connections: usize,
+    /// Seconds to reach a target (TCP, plus the SSH login for relays).
+    #[arg(long, default_value_t = 10)]
+    connect_timeout_secs: u64,
+    /// Seconds SIGTERM waits for open connections before closing them.
+    #[arg(long, default_value_t = 30)]
+    drain_secs: u64,
+    /// Messages buffered per channel before the connection pushes back.
+    #[arg(long, default_value_t = 64)]
+    channel_buffer: usize,
+}
+
+pub async fn run(args: RunArgs) -> Result<()> {
+    let (endpoint, token) = args.source.resolve()?;
+    let state_dir = args.source.local.as_ref().map(|d| d.join(".keyway"));
+    let default_path = |local: &str, global: &str| match &state_dir {
+        Some(d) => d.join(local),
+        None => PathBuf::from(global),
+    };
+    let host_key_path = args
+        .host_key
+        .clone()
+        .unwrap_or_else(|| default_path("proxy-host-key", "/var/lib/keyway/host_key"));
+    let cache = args
+        .cache
+        .clone()
+        .unwrap_or_else(|| default_path("proxy-snapshot.pb", "/var/lib/keyway/snapshot.pb"));
+    let host_key = keys::load_or_create_host_key(&host_key_path)?;
+    let relay_ca_path = args
+        .relay_ca_key
+        .clone()
+        .or_else(|| state_dir.as_ref().map(|d| d.join("relay-ca")));
+    let relay = match &relay_ca_path {
+        Some(p) => Some(Arc::new(RelayIssuer::new(keys::load_private(p)?)?)),
+        None => {
+            warn!("no --relay-ca-key: relay sessions are refused; lease-hash jumps (-J/-W) work");
+            None
+        }
+    };
+    let limits = Limits {
+        auth_timeout: Duration::from_secs(args.auth_timeout_secs.max(1)),
+        max_unauthenticated: args.max_unauthenticated.max(1),
+        max_connections: args.max_connections.max(1),
+        connect_timeout: Duration::from_secs(args.connect_timeout_secs.max(1)),
+        drain: Duration::from_secs(args.drain_secs),
+        channel_buffer: args.channel_buffer.max(1),
+        ..Limits::default()
+    };
+
+    let metrics = Metrics::new()?;
+    let metrics_listener = metrics::bind(args.metrics_listen).await?;
+    let listeners = gateway::bind(&args.ssh_listen).await?;
+
+    let (table_tx, table_rx) = watch::channel(Arc::new(RouteTable::default()));
+    let gw = Gateway::new(host_key, limits, metrics.clone(), relay.clone(), table_rx);
+
+    let node_id = args.source.node_id.clone().unwrap_or_else(default_node_id);
+    let (sub, sub_task) = subscribe(
+        SubscriberConfig {
+            endpoint,
+            token,
+            node_id,
+            role: "gateway".into(),
+            cache_path: Some(cache),
+            backoff_min: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(5),
+        },
+        |_| Ok(()),
+    );
+
+    // Each applied snapshot: index it, swap it in, close what it withdrew.
+    let apply = {
+        let gw = gw.clone();
+        let mut rx = sub.snapshot.clone();
+        let relay = relay.clone();
+        tokio::spawn(async move {
+            let mut warned_ca = false;
+            loop {
+                let snap = rx.borrow_and_update().clone();
+                if let Some(snap) = snap {
+                    let table = Arc::new(RouteTable::build(&snap));
+                    let v = snap.version.unwrap_or_default();
+                    if let Some(r) = &snap.relay {
+                        if r.cert_validity_secs > 0 {
+                            gw.cert_validity_secs
+                                .store(u64::from(r.cert_validity_secs), Ordering::Relaxed);
+                        }
+                        if let Some(issuer) = &relay
+                            && !warned_ca
+                            && issuer.ca_public() != r.ca_public_key.trim()
+                        {
+                            warned_ca = true;
+                            warn!(
+                                "the relay CA key does not match the snapshot's relay CA; VMs will refuse relay logins"
+                            );
+                        }
+                    }
+                    let _ = table_tx.send(table.clone());
+                    gw.metrics.snapshot_applied(
+                        v.epoch,
+                        v.version,
+                        table.leases(),
+                        snap.generated_unix_ms,
+                    );
+                    info!(version = %format!("e{}.v{}", v.epoch, v.version), leases = table.leases(), "routing snapshot applied");
+                    gw.enforce(&table);
+                    let live = gw.live_destinations();
+                    gw.upstreams
+                        .prune(gw.limits.upstream_idle, |k| {
+                            table.contains(k) || live.contains(k)
+                        })
+                        .await;
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    // Idle upstream connections close without waiting for a snapshot.
+    let janitor = {
+        let gw = gw.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                let table = gw.table();
+                gw.upstreams
+                    .prune(gw.limits.upstream_idle, |k| table.contains(k))
+                    .await;
+            }
+        })
+    };
+
+    let stop = CancellationToken::new();
+    let metrics_task = {
+        let stop = stop.clone();
+        let m = metrics.clone();
+        tokio::spawn(async move {
+            if let Err(e) =
+                metrics::serve(metrics_listener, m, async move { stop.cancelled().await }).await
+            {
+                warn!("{e:#}");
+            }
+        })
+    };
+    let addrs: Vec<String> = args.ssh_listen.iter().map(|a| a.to_string()).collect();
+    info!(ssh = %addrs.join(","), metrics = %args.metrics_listen, "keyway-proxy gateway started");
+    let signals = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!("no SIGTERM handler: {e}");
+                        let _ = tokio::signal::ctrl_c().await;
+                        stop.cancel();
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = term.recv() => info!("SIGTERM: no new connections; draining"),
+                _ = tokio::signal::ctrl_c() => info!("interrupted: no new connections; draining"),
+            }
+            stop.cancel();
+        })
+    };
+    gw.serve(listeners, stop.clone()).await;
+    stop.cancel();
+    signals.abort();
+    apply.abort();
+    janitor.abort();
+    sub.shutdown();
+    let _ = tokio::time::timeout(Duration::from_secs(2), sub_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), metrics_task).await;
+    info!("stopped");
+    Ok(())
+}
+
+fn default_node_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .map(|h| format!("{h}-{}", std::process::id()))
+        .unwrap_or_else(|| format!("keyway-proxy-{}", std::process::id()))
+}
