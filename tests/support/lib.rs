@@ -2,6 +2,8 @@
 //! conditions with deadlines (never sleep-and-hope), and clean up on drop.
 #![allow(clippy::unwrap_used)]
 
+pub mod stack;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -64,9 +66,23 @@ pub struct Proc {
 
 impl Proc {
     /// Spawns `cmd` with output to `log`.
-    pub fn spawn(mut cmd: Command, log: &Path) -> Result<Self> {
+    pub fn spawn(cmd: Command, log: &Path) -> Result<Self> {
         let out =
             std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        Self::spawn_into(cmd, out, log)
+    }
+
+    /// Like [`Proc::spawn`], appending to the log.
+    pub fn spawn_append(cmd: Command, log: &Path) -> Result<Self> {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("opening {}", log.display()))?;
+        Self::spawn_into(cmd, out, log)
+    }
+
+    fn spawn_into(mut cmd: Command, out: std::fs::File, log: &Path) -> Result<Self> {
         let err = out.try_clone()?;
         let child = cmd
             .stdin(Stdio::null())
@@ -135,12 +151,18 @@ impl Operator {
     /// Starts `keyway-operator run --local dir` on an ephemeral gRPC port and
     /// waits until it has written its first state.
     pub fn start(dir: &Path) -> Result<Self> {
+        Self::start_with(dir, &[])
+    }
+
+    /// [`Operator::start`] with extra flags.
+    pub fn start_with(dir: &Path, extra: &[&str]) -> Result<Self> {
         let info = dir.join(".keyway/operator.json");
         let _ = std::fs::remove_file(&info);
         let mut cmd = Command::new(bin("keyway-operator"));
         cmd.args(["run", "--local"])
             .arg(dir)
             .args(["--grpc-listen", "127.0.0.1:0", "--rescan-secs", "5"])
+            .args(extra)
             .env("RUST_LOG", "info,keyway_operator=debug");
         let log = dir.with_extension(format!("operator-{}.log", std::process::id()));
         let mut proc = Proc::spawn(cmd, &log)?;

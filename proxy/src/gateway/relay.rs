@@ -237,26 +237,86 @@ pub async fn session(
     let gauge = gw.metrics.channels_active.with_label_values(&["session"]);
     gauge.inc();
     tokio::select! {
-        () = bridge_session(&gw, down, chan, down_handle) => {}
+        () = bridge(&gw, down, chan, down_handle) => {}
         () = cancel.cancelled() => {}
     }
     gauge.dec();
     drop(up);
 }
 
-async fn bridge_session(
+/// Bytes each direction of a bridged channel may hold in the gateway.
+///
+/// russh refills a channel's window as soon as data arrives, not as it is
+/// consumed, and its connection loop waits while a channel's queue is full.
+/// If the gateway wrote to one side straight from the other side's queue,
+/// two saturated directions would wait on each other's loops (a deadlock
+/// under a bidirectional bulk stream such as `ssh vm cat < big`). So each
+/// direction is drained at once into a buffer of this many bytes, and only a
+/// buffer at its cap pushes back on its russh loop.
+const BRIDGE_BUFFER_BYTES: usize = 8 << 20;
+
+/// Moves a channel's messages into a bounded buffer as soon as they arrive.
+async fn drain(
+    mut read: russh::ChannelReadHalf,
+    tx: tokio::sync::mpsc::UnboundedSender<Held>,
+    budget: Arc<tokio::sync::Semaphore>,
+) {
+    while let Some(msg) = read.wait().await {
+        let n = match &msg {
+            ChannelMsg::Data { data } | ChannelMsg::ExtendedData { data, .. } => data.len(),
+            _ => 0,
+        };
+        let permit = if n > 0 {
+            let n = u32::try_from(n.min(BRIDGE_BUFFER_BYTES)).unwrap_or(u32::MAX);
+            match budget.clone().acquire_many_owned(n).await {
+                Ok(p) => Some(p),
+                Err(_) => return,
+            }
+        } else {
+            None
+        };
+        let last = matches!(msg, ChannelMsg::Close);
+        if tx.send((msg, permit)).is_err() || last {
+            return;
+        }
+    }
+}
+
+/// A message and the share of the byte budget it holds until written.
+type Held = (ChannelMsg, Option<tokio::sync::OwnedSemaphorePermit>);
+
+fn buffer() -> (
+    tokio::sync::mpsc::UnboundedSender<Held>,
+    tokio::sync::mpsc::UnboundedReceiver<Held>,
+    Arc<tokio::sync::Semaphore>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    (
+        tx,
+        rx,
+        Arc::new(tokio::sync::Semaphore::new(BRIDGE_BUFFER_BYTES)),
+    )
+}
+
+/// Carries a client's channel and the matching upstream channel both ways:
+/// data, extended data, requests, EOF, exit status and signals, close.
+async fn bridge(
     gw: &Gateway,
     down: Channel<Msg>,
     up: Channel<client::Msg>,
     down_handle: russh::server::Handle,
 ) {
     let id = down.id();
-    let (mut down_r, down_w) = down.split();
-    let (mut up_r, up_w) = up.split();
+    let (down_r, down_w) = down.split();
+    let (up_r, up_w) = up.split();
     let to_vm = gw.metrics.bytes.with_label_values(&["upstream"]);
     let to_client = gw.metrics.bytes.with_label_values(&["downstream"]);
+    let (a_tx, mut a_rx, a_budget) = buffer();
+    let (b_tx, mut b_rx, b_budget) = buffer();
+    let drain_client = drain(down_r, a_tx, a_budget);
+    let drain_vm = drain(up_r, b_tx, b_budget);
     let client_to_vm = async {
-        while let Some(msg) = down_r.wait().await {
+        while let Some((msg, _permit)) = a_rx.recv().await {
             let r = match msg {
                 ChannelMsg::Data { data } => {
                     to_vm.inc_by(data.len() as u64);
@@ -317,7 +377,7 @@ async fn bridge_session(
         let _ = up_w.close().await;
     };
     let vm_to_client = async {
-        while let Some(msg) = up_r.wait().await {
+        while let Some((msg, _permit)) = b_rx.recv().await {
             let r = match msg {
                 ChannelMsg::Data { data } => {
                     to_client.inc_by(data.len() as u64);
@@ -357,7 +417,10 @@ async fn bridge_session(
         }
         let _ = down_w.close().await;
     };
-    tokio::join!(client_to_vm, vm_to_client);
+    // Each drain ends at its side's Close (or when russh drops the channel);
+    // each writer ends at the Close it carries, closing the other side,
+    // whose Close then ends the other pair. Connection end cancels all.
+    tokio::join!(drain_client, drain_vm, client_to_vm, vm_to_client);
 }
 
 /// Where a relayed `-L` forward asks the VM to connect.
@@ -375,6 +438,7 @@ pub async fn direct_tcpip(
     to: ForwardTo,
     down: Channel<Msg>,
     reply: ChannelOpenHandle,
+    down_handle: russh::server::Handle,
     cancel: CancellationToken,
 ) {
     let opened = async {
@@ -408,15 +472,8 @@ pub async fn direct_tcpip(
         .channels_active
         .with_label_values(&["direct-tcpip"]);
     gauge.inc();
-    let mut a = down.into_stream();
-    let mut b = chan.into_stream();
     tokio::select! {
-        r = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, 64 * 1024, 64 * 1024) => {
-            if let Ok((up_bytes, down_bytes)) = r {
-                gw.metrics.bytes.with_label_values(&["upstream"]).inc_by(up_bytes);
-                gw.metrics.bytes.with_label_values(&["downstream"]).inc_by(down_bytes);
-            }
-        }
+        () = bridge(&gw, down, chan, down_handle) => {}
         () = cancel.cancelled() => {}
     }
     gauge.dec();

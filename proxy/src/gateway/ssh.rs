@@ -208,7 +208,7 @@ impl russh::server::Handler for Conn {
         originator_address: &str,
         originator_port: u32,
         reply: ChannelOpenHandle,
-        _session: &mut Session,
+        session: &mut Session,
     ) -> Result<(), Error> {
         let Some(dest) = self.dest() else {
             return Ok(());
@@ -239,6 +239,7 @@ impl russh::server::Handler for Conn {
                     },
                     channel,
                     reply,
+                    session.handle(),
                     self.cancel.clone(),
                 ));
             }
