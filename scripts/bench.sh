@@ -11,7 +11,8 @@ trap 'rm -f "$out"' EXIT
     echo
     echo "Written by \`make bench\` (scripts/bench.sh) on $(date -u +%Y-%m-%d), $(nproc) cores,"
     echo "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(rustc --version)."
-    echo "Release build; each figure is one run of the command shown above its table."
+    echo "Release build; each figure is one run of the command shown above its table (the
+gateway's transfers: best of two)."
     echo
 } >"$out"
 
@@ -27,6 +28,7 @@ run() { # run TITLE CARGO-ARGS...
 
 run "Allocator" -p keyway-operator --bench allocator
 run "Routing snapshot" -p keyway-operator --bench snapshot
+KEYWAY_BENCH_OUT="$out" bash scripts/bench-gateway.sh
 
 mv "$out" BENCHMARKS.md
 trap - EXIT

@@ -163,6 +163,16 @@ impl Upstreams {
     }
 }
 
+/// AES-GCM first for the gateway's own logins: hardware-accelerated on the
+/// machines gateways run on, where ChaCha20 is not.
+const UPSTREAM_CIPHERS: &[russh::cipher::Name] = &[
+    russh::cipher::AES_128_GCM,
+    russh::cipher::AES_256_GCM,
+    russh::cipher::CHACHA20_POLY1305,
+    russh::cipher::AES_256_CTR,
+    russh::cipher::AES_128_CTR,
+];
+
 async fn dial(gw: &Gateway, dest: &Destination, addr: &str) -> Result<client::Handle<Upstream>> {
     let issuer = gw
         .relay
@@ -178,6 +188,10 @@ async fn dial(gw: &Gateway, dest: &Destination, addr: &str) -> Result<client::Ha
         keepalive_interval: Some(Duration::from_secs(30)),
         keepalive_max: 4,
         channel_buffer_size: gw.limits.channel_buffer.max(1),
+        preferred: russh::Preferred {
+            cipher: std::borrow::Cow::Borrowed(UPSTREAM_CIPHERS),
+            ..Default::default()
+        },
         ..Default::default()
     });
     let mut handle = client::connect_stream(config, tcp, Upstream)

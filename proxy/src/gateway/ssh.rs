@@ -41,9 +41,24 @@ pub fn server_config(host_key: ssh_key::PrivateKey, limits: &Limits) -> russh::s
         keepalive_interval: Some(Duration::from_secs(30)),
         keepalive_max: 4,
         nodelay: true,
+        preferred: russh::Preferred {
+            cipher: std::borrow::Cow::Borrowed(SERVER_CIPHERS),
+            ..Default::default()
+        },
         ..Default::default()
     }
 }
+
+/// russh's defaults plus aes128-gcm, which OpenSSH clients are often
+/// configured for; the client's order decides among them.
+const SERVER_CIPHERS: &[russh::cipher::Name] = &[
+    russh::cipher::CHACHA20_POLY1305,
+    russh::cipher::AES_256_GCM,
+    russh::cipher::AES_128_GCM,
+    russh::cipher::AES_256_CTR,
+    russh::cipher::AES_192_CTR,
+    russh::cipher::AES_128_CTR,
+];
 
 /// One client connection's handler.
 pub struct Conn {
