@@ -555,3 +555,47 @@ fn metrics_and_health_endpoints_answer() {
     );
     assert_eq!(st.metric("keyway_snapshot_leases", &[]), 1.0);
 }
+
+#[test]
+fn a_hung_target_does_not_stall_the_connection_or_its_keepalives() {
+    let st = Stack::start(
+        &["127.0.18.1"],
+        &[LeaseSpec::silent("hung-vm", "alice")],
+        &["--connect-timeout-secs", "6"],
+    )
+    .unwrap();
+    let ip = st.leases["hung-vm"].ip.clone();
+    // The client gives up on a server that misses 2 keepalives 1 s apart; the
+    // upstream login hangs for 6 s. If waiting for it blocked the connection's
+    // loop, keepalives would go unanswered and the client would report a
+    // timeout; instead the channel is refused when the dial gives up.
+    let t0 = Instant::now();
+    let o = st.ssh_output(
+        &["alice"],
+        &[
+            "-o",
+            "ServerAliveInterval=1",
+            "-o",
+            "ServerAliveCountMax=2",
+            "-o",
+            "LogLevel=INFO",
+            &ip,
+            "true",
+        ],
+    );
+    let took = t0.elapsed();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(255), "{o:?}");
+    assert!(
+        !err.contains("Timeout, server"),
+        "keepalives stalled: {err}"
+    );
+    assert!(err.contains("open failed"), "{err}\n{}", st.proxy_log());
+    assert!(took >= Duration::from_secs(5), "{took:?}");
+    assert!(
+        st.metric(
+            "keyway_upstream_connect_duration_seconds_count",
+            &["timeout"]
+        ) >= 1.0
+    );
+}

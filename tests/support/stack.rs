@@ -18,6 +18,8 @@ use crate::*;
 pub struct LeaseSpec {
     pub name: String,
     pub user: String,
+    /// The target accepts TCP and never says a word (a hung VM).
+    pub silent: bool,
 }
 
 impl LeaseSpec {
@@ -25,6 +27,15 @@ impl LeaseSpec {
         LeaseSpec {
             name: name.into(),
             user: user.into(),
+            silent: false,
+        }
+    }
+
+    /// A lease whose VM accepts connections and never answers.
+    pub fn silent(name: &str, user: &str) -> Self {
+        LeaseSpec {
+            silent: true,
+            ..Self::new(name, user)
         }
     }
 }
@@ -65,6 +76,8 @@ pub struct Stack {
     pub operator: Option<Operator>,
     pub proxy: Option<Proc>,
     pub vms: BTreeMap<String, Proc>,
+    /// Listeners standing in for hung VMs (never accepted from).
+    pub silent: Vec<TcpListener>,
     specs: Vec<LeaseSpec>,
     proxy_args: Vec<String>,
     vm_port: u16,
@@ -95,6 +108,7 @@ impl Stack {
             operator: None,
             proxy: None,
             vms: BTreeMap::new(),
+            silent: Vec::new(),
             specs: leases.to_vec(),
             proxy_args: proxy_args.iter().map(|s| s.to_string()).collect(),
             vm_port,
@@ -124,9 +138,13 @@ impl Stack {
                 },
             );
         }
-        let names: Vec<String> = st.leases.keys().cloned().collect();
-        for name in names {
-            st.start_vm(&name)?;
+        for spec in leases {
+            if spec.silent {
+                let l = TcpListener::bind(st.leases[&spec.name].target.as_str())?;
+                st.silent.push(l);
+            } else {
+                st.start_vm(&spec.name)?;
+            }
         }
         st.start_proxy()?;
         Ok(st)
