@@ -599,3 +599,51 @@ fn a_hung_target_does_not_stall_the_connection_or_its_keepalives() {
         ) >= 1.0
     );
 }
+
+#[test]
+fn sigterm_stops_accepting_and_lets_open_sessions_finish() {
+    let mut st = Stack::start(&["127.0.19.1"], &specs(&[("alice-vm", "alice")]), &[]).unwrap();
+    let ip = st.leases["alice-vm"].ip.clone();
+    // env requests are carried (the VM accepts KEYWAY_*).
+    let o = st
+        .ssh(
+            &["alice"],
+            &["-o", "SendEnv=KEYWAY_TEST", &ip, "echo $KEYWAY_TEST"],
+        )
+        .env("KEYWAY_TEST", "carried")
+        .output()
+        .unwrap();
+    assert_eq!(stdout(&o), "carried", "{o:?}");
+
+    let mut session = st
+        .ssh(&["alice"], &[&ip, "echo started; sleep 2; echo done"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(session.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "started");
+    let pid = st.proxy.as_ref().unwrap().pid().unwrap();
+    Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    let addr = format!("{ip}:{}", st.ssh_port);
+    wait_for(Duration::from_secs(10), "the listener closed", || {
+        TcpStream::connect(&addr).is_err().then_some(())
+    })
+    .unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "done");
+    assert!(session.wait().unwrap().success());
+    let proxy = st.proxy.as_mut().unwrap();
+    wait_for(Duration::from_secs(10), "the gateway exited", || {
+        (!proxy.running()).then_some(())
+    })
+    .unwrap();
+    assert!(st.proxy_log().contains("draining"));
+}

@@ -120,7 +120,12 @@ impl Proc {
         }
     }
 
-    /// Whether it is still running.
+    /// Its process id while it has one.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// True while the process has not exited.
     pub fn running(&mut self) -> bool {
         self.child
             .as_mut()
