@@ -69,6 +69,16 @@ pub struct RunArgs {
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
+    // Every connection is a socket, and relays add one upstream: lift the
+    // soft descriptor limit to the hard one so --max-connections is reachable.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) if (n as usize) < args.max_connections.saturating_mul(2) => warn!(
+            limit = n,
+            "the open-file limit is below 2 x --max-connections; raise it (LimitNOFILE / ulimit -n)"
+        ),
+        Ok(_) => {}
+        Err(e) => warn!("could not raise the open-file limit: {e}"),
+    }
     let (endpoint, token) = args.source.resolve()?;
     let state_dir = args.source.local.as_ref().map(|d| d.join(".keyway"));
     let default_path = |local: &str, global: &str| match &state_dir {
