@@ -133,6 +133,27 @@ fn lease_hash_jumps_reach_the_vm_end_to_end_and_only_the_lease_target() {
     assert_eq!(o.status.code(), Some(3), "{o:?}\n{}", st.proxy_log());
     assert_eq!(stdout(&o), "alice-vm");
 
+    // 64 MiB both ways at once through the jump (the client's stdin to the
+    // VM's `cat` and back), checksummed.
+    let blob = st.tmp.path().join("jump-blob");
+    let data: Vec<u8> = (0..64u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+        .collect();
+    std::fs::write(&blob, &data).unwrap();
+    let back = st.tmp.path().join("jump-back");
+    let o = Command::new("ssh")
+        .arg("-F")
+        .arg(st.ssh_config(&["alice"]))
+        .args(["-J", &st.jump("alice-vm"), "-p", port])
+        .arg(format!("root@{host}"))
+        .arg("cat")
+        .stdin(std::fs::File::open(&blob).unwrap())
+        .stdout(std::fs::File::create(&back).unwrap())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    assert!(std::fs::read(&back).unwrap() == data);
+
     // ssh -W names some other host: the gateway still dials only the lease's
     // target (no open proxy), so what answers is the VM's sshd.
     let mut w = st
