@@ -69,13 +69,15 @@ pub struct Borrowed {
 
 impl Drop for Borrowed {
     fn drop(&mut self) {
-        if self.slot.users.fetch_sub(1, Ordering::AcqRel) == 1 {
-            *self
-                .slot
-                .idle_since
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
-        }
+        release(&self.slot);
+    }
+}
+
+/// One user fewer; the last one starts the idle clock (so a slot whose dials
+/// fail is pruned like an idle one).
+fn release(slot: &Slot) {
+    if slot.users.fetch_sub(1, Ordering::AcqRel) == 1 {
+        *slot.idle_since.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
     }
 }
 
@@ -115,12 +117,12 @@ impl Upstreams {
             }
             Ok(Err(e)) => {
                 observe(gw, "ssh", "error", started);
-                slot.users.fetch_sub(1, Ordering::AcqRel);
+                release(&slot);
                 return Err(e);
             }
             Err(_) => {
                 observe(gw, "ssh", "timeout", started);
-                slot.users.fetch_sub(1, Ordering::AcqRel);
+                release(&slot);
                 bail!("no upstream login within {:?}", gw.limits.connect_timeout);
             }
         };
