@@ -260,22 +260,34 @@ pub async fn session(
     drop(up);
 }
 
-/// Bytes each direction of a bridged channel may hold in the gateway.
+/// Bytes a bridged channel may hold in the gateway, per direction.
 ///
 /// russh refills a channel's window as soon as data arrives, not as it is
 /// consumed, and its connection loop waits while a channel's queue is full.
-/// If the gateway wrote to one side straight from the other side's queue,
-/// two saturated directions would wait on each other's loops (a deadlock
-/// under a bidirectional bulk stream such as `ssh vm cat < big`). So each
-/// direction is drained at once into a buffer of this many bytes, and only a
-/// buffer at its cap pushes back on its russh loop.
-const BRIDGE_BUFFER_BYTES: usize = 8 << 20;
+/// Writing to one side straight from the other side's queue lets two
+/// saturated directions wait on each other's loops: a deadlock under a
+/// bidirectional bulk stream such as `ssh vm cat < big` (the e2e test caught
+/// it). So each direction is drained at once into a buffer and only a full
+/// buffer pushes back on its russh loop.
+///
+/// The caps are deliberately unequal. A full client→VM buffer blocks the
+/// client's connection loop, which then cannot take the client's window
+/// adjustments, so VM→client writes wait; the VM→client buffer must be able
+/// to absorb what the VM produces meanwhile, which is bounded by what the
+/// client→VM side feeds it plus the windows in flight. With the second cap
+/// well above the first, an echoing VM never fills both and the loops cannot
+/// lock each other; a VM producing unrelated output at full speed while the
+/// client floods it could still, after 72 MiB (a known limit of bridging two
+/// russh loops without window control, see docs/gateway.md).
+const CLIENT_TO_VM_BUFFER_BYTES: usize = 8 << 20;
+/// See [`CLIENT_TO_VM_BUFFER_BYTES`].
+const VM_TO_CLIENT_BUFFER_BYTES: usize = 64 << 20;
 
 /// Moves a channel's messages into a bounded buffer as soon as they arrive.
 async fn drain(
     mut read: russh::ChannelReadHalf,
     tx: tokio::sync::mpsc::UnboundedSender<Held>,
-    budget: Arc<tokio::sync::Semaphore>,
+    budget: Budget,
 ) {
     while let Some(msg) = read.wait().await {
         let n = match &msg {
@@ -283,8 +295,8 @@ async fn drain(
             _ => 0,
         };
         let permit = if n > 0 {
-            let n = u32::try_from(n.min(BRIDGE_BUFFER_BYTES)).unwrap_or(u32::MAX);
-            match budget.clone().acquire_many_owned(n).await {
+            let n = u32::try_from(n.min(budget.cap)).unwrap_or(u32::MAX);
+            match budget.permits.clone().acquire_many_owned(n).await {
                 Ok(p) => Some(p),
                 Err(_) => return,
             }
@@ -301,16 +313,28 @@ async fn drain(
 /// A message and the share of the byte budget it holds until written.
 type Held = (ChannelMsg, Option<tokio::sync::OwnedSemaphorePermit>);
 
-fn buffer() -> (
+/// A byte budget remembers its cap in the semaphore's initial permits; a
+/// single message never asks for more than the whole budget.
+struct Budget {
+    permits: Arc<tokio::sync::Semaphore>,
+    cap: usize,
+}
+
+fn buffer(
+    cap: usize,
+) -> (
     tokio::sync::mpsc::UnboundedSender<Held>,
     tokio::sync::mpsc::UnboundedReceiver<Held>,
-    Arc<tokio::sync::Semaphore>,
+    Budget,
 ) {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     (
         tx,
         rx,
-        Arc::new(tokio::sync::Semaphore::new(BRIDGE_BUFFER_BYTES)),
+        Budget {
+            permits: Arc::new(tokio::sync::Semaphore::new(cap)),
+            cap,
+        },
     )
 }
 
@@ -327,8 +351,8 @@ async fn bridge(
     let (up_r, up_w) = up.split();
     let to_vm = gw.metrics.bytes.with_label_values(&["upstream"]);
     let to_client = gw.metrics.bytes.with_label_values(&["downstream"]);
-    let (a_tx, mut a_rx, a_budget) = buffer();
-    let (b_tx, mut b_rx, b_budget) = buffer();
+    let (a_tx, mut a_rx, a_budget) = buffer(CLIENT_TO_VM_BUFFER_BYTES);
+    let (b_tx, mut b_rx, b_budget) = buffer(VM_TO_CLIENT_BUFFER_BYTES);
     let drain_client = drain(down_r, a_tx, a_budget);
     let drain_vm = drain(up_r, b_tx, b_budget);
     let client_to_vm = async {
