@@ -206,23 +206,12 @@ impl RouteTable {
             if !l.fingerprints.contains(fp) {
                 return None;
             }
-            let upstream = if l.upstream_user.is_empty() {
-                DEFAULT_HASH_UPSTREAM_USER.to_string()
-            } else {
-                l.upstream_user.clone()
-            };
-            return self.lease_destination(i, Via::LeaseHash, upstream);
+            return self.lease_destination(i, Via::LeaseHash, DEFAULT_HASH_UPSTREAM_USER);
         }
         if let Some(fp) = fingerprint
             && let Some(&i) = self.by_ip_key.get(&(dst, fp.to_string()))
         {
-            let l = &self.leases[i];
-            let upstream = if l.upstream_user.is_empty() {
-                user.to_string()
-            } else {
-                l.upstream_user.clone()
-            };
-            return self.lease_destination(i, Via::PooledIp, upstream);
+            return self.lease_destination(i, Via::PooledIp, user);
         }
         let candidates = self.by_user_host.get(&(user.to_string(), dst))?;
         let r = candidates.iter().map(|&i| &self.routes[i]).find(|r| {
@@ -230,18 +219,12 @@ impl RouteTable {
         })?;
         match &r.to {
             RouteTo::Lease(i) => {
-                let l = &self.leases[*i];
-                let upstream = if l.upstream_user.is_empty() {
-                    user.to_string()
-                } else {
-                    l.upstream_user.clone()
-                };
-                let mut d = self.lease_destination(*i, Via::Route, upstream)?;
+                let mut d = self.lease_destination(*i, Via::Route, user)?;
                 d.key = DestKey::Route {
                     namespace: r.namespace.clone(),
                     name: r.name.clone(),
                 };
-                d.label = format!("{}/{} -> {}", r.namespace, r.name, l.label);
+                d.label = format!("{}/{} -> {}", r.namespace, r.name, self.leases[*i].label);
                 Some(d)
             }
             RouteTo::Address(a) => Some(Destination {
@@ -271,14 +254,20 @@ impl RouteTable {
         }
     }
 
-    fn lease_destination(&self, i: usize, via: Via, upstream_user: String) -> Option<Destination> {
+    /// `default_user` is the upstream user when the lease names none.
+    fn lease_destination(&self, i: usize, via: Via, default_user: &str) -> Option<Destination> {
         let l = &self.leases[i];
+        let upstream_user = if l.upstream_user.is_empty() {
+            default_user
+        } else {
+            &l.upstream_user
+        };
         Some(Destination {
             key: DestKey::Lease(l.hash),
             via,
             label: l.label.clone(),
             target: l.target.clone()?,
-            upstream_user,
+            upstream_user: upstream_user.to_string(),
             relay_principal: l.relay_principal.clone(),
         })
     }

@@ -172,11 +172,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
                     );
                     info!(version = %format!("e{}.v{}", v.epoch, v.version), leases = table.leases(), "routing snapshot applied");
                     gw.enforce(&table);
-                    let live = gw.live_destinations();
+                    // enforce() just settled every connection the table no
+                    // longer routes, so their upstreams can go too.
                     gw.upstreams
-                        .prune(gw.limits.upstream_idle, |k| {
-                            table.contains(k) || live.contains(k)
-                        })
+                        .prune(gw.limits.upstream_idle, |k| table.contains(k))
                         .await;
                 }
                 if rx.changed().await.is_err() {

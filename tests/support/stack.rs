@@ -263,6 +263,9 @@ impl Stack {
             .tmp
             .path()
             .join(format!("ssh_config.{}", keys.join("+")));
+        if path.exists() {
+            return path; // same keys, same text
+        }
         let mut text = String::from(
             "Host *\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  GlobalKnownHostsFile /dev/null\n  IdentitiesOnly yes\n  BatchMode yes\n  LogLevel ERROR\n  ConnectTimeout 10\n  ServerAliveInterval 5\n",
         );

@@ -39,19 +39,19 @@ pub async fn forward(
     let mut tcp = match tcp {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
-            observe(&gw, "tcp", "error", started);
+            gw.observe_connect("tcp", "error", started);
             warn!(to = %dest.label, %addr, "target unreachable: {e}");
             reply.reject(ChannelOpenFailure::ConnectFailed).await;
             return;
         }
         Err(_) => {
-            observe(&gw, "tcp", "timeout", started);
+            gw.observe_connect("tcp", "timeout", started);
             warn!(to = %dest.label, %addr, "target did not answer within {:?}", gw.limits.connect_timeout);
             reply.reject(ChannelOpenFailure::ConnectFailed).await;
             return;
         }
     };
-    observe(&gw, "tcp", "ok", started);
+    gw.observe_connect("tcp", "ok", started);
     let _ = tcp.set_nodelay(true);
     reply.accept().await;
     let gauge = gw
@@ -70,11 +70,4 @@ pub async fn forward(
         () = cancel.cancelled() => {}
     }
     gauge.dec();
-}
-
-pub(super) fn observe(gw: &Gateway, kind: &str, result: &str, started: Instant) {
-    gw.metrics
-        .upstream_connect_seconds
-        .with_label_values(&[kind, result])
-        .observe(started.elapsed().as_secs_f64());
 }

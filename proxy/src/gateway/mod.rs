@@ -27,7 +27,7 @@ use tracing::{debug, info, warn};
 
 use crate::keys::RelayIssuer;
 use crate::metrics::Metrics;
-use crate::routes::{DestKey, Destination, RouteTable, Via};
+use crate::routes::{Destination, RouteTable, Via};
 
 /// Caps and deadlines; every one has a flag.
 #[derive(Clone, Debug)]
@@ -391,12 +391,12 @@ impl Gateway {
         });
     }
 
-    /// Destinations some live connection uses.
-    pub fn live_destinations(&self) -> Vec<DestKey> {
-        self.lock_live()
-            .values()
-            .map(|l| l.auth.dest.key.clone())
-            .collect()
+    /// Records how long reaching a target took, by kind and result.
+    pub fn observe_connect(&self, kind: &str, result: &str, started: Instant) {
+        self.metrics
+            .upstream_connect_seconds
+            .with_label_values(&[kind, result])
+            .observe(started.elapsed().as_secs_f64());
     }
 }
 

@@ -21,7 +21,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::Gateway;
-use super::direct::observe;
 use crate::routes::{DestKey, Destination, Target};
 
 /// The upstream client's handler: the VM's host key is not pinned (the
@@ -112,16 +111,16 @@ impl Upstreams {
         let dialed = tokio::time::timeout(gw.limits.connect_timeout, dial(gw, dest, addr)).await;
         let handle = match dialed {
             Ok(Ok(h)) => {
-                observe(gw, "ssh", "ok", started);
+                gw.observe_connect("ssh", "ok", started);
                 Arc::new(h)
             }
             Ok(Err(e)) => {
-                observe(gw, "ssh", "error", started);
+                gw.observe_connect("ssh", "error", started);
                 release(&slot);
                 return Err(e);
             }
             Err(_) => {
-                observe(gw, "ssh", "timeout", started);
+                gw.observe_connect("ssh", "timeout", started);
                 release(&slot);
                 bail!("no upstream login within {:?}", gw.limits.connect_timeout);
             }
@@ -218,46 +217,6 @@ async fn dial(gw: &Gateway, dest: &Destination, addr: &str) -> Result<client::Ha
     }
     info!(to = %dest.label, %addr, user = %dest.upstream_user, "upstream login");
     Ok(handle)
-}
-
-/// A session channel: opened upstream first, then accepted, then bridged.
-pub async fn session(
-    gw: Arc<Gateway>,
-    dest: Arc<Destination>,
-    down: Channel<Msg>,
-    reply: ChannelOpenHandle,
-    down_handle: russh::server::Handle,
-    cancel: CancellationToken,
-) {
-    let opened = async {
-        let up = gw.upstreams.get(&gw, &dest).await?;
-        let chan = up
-            .handle
-            .channel_open_session()
-            .await
-            .context("opening a session on the VM")?;
-        anyhow::Ok((up, chan))
-    };
-    let (up, chan) = tokio::select! {
-        r = opened => match r {
-            Ok(x) => x,
-            Err(e) => {
-                warn!(to = %dest.label, "relay session refused: {e:#}");
-                reply.reject(ChannelOpenFailure::ConnectFailed).await;
-                return;
-            }
-        },
-        () = cancel.cancelled() => return,
-    };
-    reply.accept().await;
-    let gauge = gw.metrics.channels_active.with_label_values(&["session"]);
-    gauge.inc();
-    tokio::select! {
-        () = bridge(&gw, down, chan, down_handle) => {}
-        () = cancel.cancelled() => {}
-    }
-    gauge.dec();
-    drop(up);
 }
 
 /// Bytes a bridged channel may hold in the gateway, per direction.
@@ -463,43 +422,67 @@ async fn bridge(
     tokio::join!(drain_client, drain_vm, client_to_vm, vm_to_client);
 }
 
-/// Where a relayed `-L` forward asks the VM to connect.
-pub struct ForwardTo {
-    pub host: String,
-    pub port: u32,
-    pub originator_address: String,
-    pub originator_port: u32,
+/// What a client channel becomes on the VM.
+pub enum Open {
+    /// A `session` channel (shell, exec, subsystem, …).
+    Session,
+    /// A `direct-tcpip` channel from a relay-mode client (`-L`): the VM
+    /// makes the connection.
+    DirectTcpip {
+        host: String,
+        port: u32,
+        originator_address: String,
+        originator_port: u32,
+    },
 }
 
-/// A `direct-tcpip` channel from a relay-mode client, opened on the VM.
-pub async fn direct_tcpip(
+/// A client channel carried over the lease's upstream login: opened on the
+/// VM first, then accepted, then bridged until either side closes or the
+/// connection ends.
+pub async fn channel(
     gw: Arc<Gateway>,
     dest: Arc<Destination>,
-    to: ForwardTo,
+    open: Open,
     down: Channel<Msg>,
     reply: ChannelOpenHandle,
     down_handle: russh::server::Handle,
     cancel: CancellationToken,
 ) {
+    let kind = match open {
+        Open::Session => "session",
+        Open::DirectTcpip { .. } => "direct-tcpip",
+    };
     let opened = async {
         let up = gw.upstreams.get(&gw, &dest).await?;
-        let chan = up
-            .handle
-            .channel_open_direct_tcpip(
-                to.host.clone(),
-                to.port,
-                to.originator_address.clone(),
-                to.originator_port,
-            )
-            .await
-            .with_context(|| format!("the VM refused to forward to {}:{}", to.host, to.port))?;
+        let chan = match &open {
+            Open::Session => up
+                .handle
+                .channel_open_session()
+                .await
+                .context("opening a session on the VM")?,
+            Open::DirectTcpip {
+                host,
+                port,
+                originator_address,
+                originator_port,
+            } => up
+                .handle
+                .channel_open_direct_tcpip(
+                    host.clone(),
+                    *port,
+                    originator_address.clone(),
+                    *originator_port,
+                )
+                .await
+                .with_context(|| format!("the VM refused to forward to {host}:{port}"))?,
+        };
         anyhow::Ok((up, chan))
     };
     let (up, chan) = tokio::select! {
         r = opened => match r {
             Ok(x) => x,
             Err(e) => {
-                debug!(to = %dest.label, "relayed forward refused: {e:#}");
+                warn!(to = %dest.label, kind, "relayed channel refused: {e:#}");
                 reply.reject(ChannelOpenFailure::ConnectFailed).await;
                 return;
             }
@@ -507,10 +490,7 @@ pub async fn direct_tcpip(
         () = cancel.cancelled() => return,
     };
     reply.accept().await;
-    let gauge = gw
-        .metrics
-        .channels_active
-        .with_label_values(&["direct-tcpip"]);
+    let gauge = gw.metrics.channels_active.with_label_values(&[kind]);
     gauge.inc();
     tokio::select! {
         () = bridge(&gw, down, chan, down_handle) => {}

@@ -204,9 +204,10 @@ impl russh::server::Handler for Conn {
             .map(|a| a.user.clone())
             .unwrap_or_default();
         debug!(peer = %self.peer, %user, to = %dest.label, "session channel");
-        tokio::spawn(relay::session(
+        tokio::spawn(relay::channel(
             self.gw.clone(),
             dest,
+            relay::Open::Session,
             channel,
             reply,
             session.handle(),
@@ -243,10 +244,10 @@ impl russh::server::Handler for Conn {
             // The gateway stands in for the VM: `-L` forwards are the VM's to
             // make, through the upstream login.
             Via::PooledIp | Via::Route => {
-                tokio::spawn(relay::direct_tcpip(
+                tokio::spawn(relay::channel(
                     self.gw.clone(),
                     dest,
-                    relay::ForwardTo {
+                    relay::Open::DirectTcpip {
                         host: host_to_connect.to_string(),
                         port: port_to_connect,
                         originator_address: originator_address.to_string(),
