@@ -42,6 +42,7 @@ fn subscriber(op: &Operator, token: &str) -> (Subscription, tokio::task::JoinHan
             cache_path: None,
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_millis(500),
+            ca_pem: None,
         },
         |_| Ok(()),
     )

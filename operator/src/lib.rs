@@ -2,6 +2,7 @@
 //! status and snapshot building) and the thin I/O front doors around it.
 
 pub mod allocator;
+pub mod cluster;
 pub mod crdgen;
 pub mod local;
 pub mod report;

@@ -23,7 +23,7 @@ struct Cli {
 enum Command {
     /// Run the operator.
     #[command(
-        after_help = "Examples:\n  keyway-operator run --local examples/local\n  keyway-operator run --local /srv/keyway --grpc-listen 127.0.0.1:7070"
+        after_help = "Examples:\n  keyway-operator run --local examples/local\n  keyway-operator run --local /srv/keyway --grpc-listen 127.0.0.1:7070\n  keyway-operator run --relay-ca-key /etc/keyway/relay-ca/key --token-secret keyway-snapshot-token"
     )]
     Run {
         /// Local mode: read IPPool/VMLease/SshRoute YAML from DIR, keep state in DIR/.keyway/.
@@ -42,6 +42,8 @@ enum Command {
         /// Lifetime of the relay certificates proxies mint, in seconds.
         #[arg(long, default_value_t = 300, value_name = "SECS")]
         relay_cert_validity_secs: u32,
+        #[command(flatten)]
+        cluster: Box<ClusterArgs>,
     },
     /// Print what the operator decided for a local-mode directory.
     #[command(
@@ -61,6 +63,103 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
     },
+}
+
+/// Cluster-mode flags (ignored with --local).
+#[derive(clap::Args)]
+#[command(next_help_heading = "Cluster mode")]
+struct ClusterArgs {
+    /// The relay CA: its private key (the Secret proxies also mount) or its
+    /// public `.pub` line; goes into every lease's status.relayTrust.
+    #[arg(long, value_name = "FILE", env = "KEYWAY_RELAY_CA_KEY")]
+    relay_ca_key: Option<PathBuf>,
+    /// File holding the snapshot token (a mounted Secret).
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with = "token_secret",
+        env = "KEYWAY_TOKEN_FILE"
+    )]
+    token_file: Option<PathBuf>,
+    /// Secret (in the operator's namespace) holding the snapshot token under
+    /// key `token`; NAME or NAME/KEY.
+    #[arg(long, value_name = "NAME[/KEY]", env = "KEYWAY_TOKEN_SECRET")]
+    token_secret: Option<String>,
+    /// TLS certificate (PEM) for the snapshot server; needs --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) for the snapshot server.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// /metrics, /healthz and /readyz (ready = leader).
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:9090")]
+    metrics_listen: SocketAddr,
+    /// Namespace of the leader Lease and token Secret (default: the
+    /// service account's, or the kubeconfig context's).
+    #[arg(long, env = "POD_NAMESPACE")]
+    namespace: Option<String>,
+    /// Name of the coordination.k8s.io Lease replicas elect a leader on.
+    #[arg(long, default_value = "keyway-operator")]
+    leader_lease: String,
+    /// This replica's identity in the Lease (default: $POD_NAME, else host-pid).
+    #[arg(long)]
+    identity: Option<String>,
+    /// Seconds a silent leader keeps the Lease (a standby takes over after it).
+    #[arg(long, default_value_t = 15.0, value_name = "SECS")]
+    lease_duration_secs: f64,
+    /// Seconds the leader keeps failing to renew before it steps down.
+    #[arg(long, default_value_t = 10.0, value_name = "SECS")]
+    renew_deadline_secs: f64,
+    /// Seconds between renewals and between a standby's attempts.
+    #[arg(long, default_value_t = 2.0, value_name = "SECS")]
+    retry_period_secs: f64,
+}
+
+fn secs(what: &str, v: f64) -> Result<Duration> {
+    Duration::try_from_secs_f64(v).map_err(|e| anyhow::anyhow!("--{what}: {e}"))
+}
+
+fn cluster_options(
+    args: ClusterArgs,
+    grpc_listen: Option<SocketAddr>,
+    public_ssh_port: Option<u16>,
+    relay_cert_validity_secs: u32,
+) -> Result<keyway_operator::cluster::ClusterOptions> {
+    use keyway_operator::cluster::{ClusterOptions, TlsFiles, TokenSource};
+    let token = match (args.token_file, args.token_secret) {
+        (Some(f), _) => TokenSource::File(f),
+        (None, Some(s)) => {
+            let (name, key) = s.split_once('/').unwrap_or((s.as_str(), "token"));
+            TokenSource::Secret {
+                name: name.to_string(),
+                key: key.to_string(),
+            }
+        }
+        (None, None) => anyhow::bail!(
+            "cluster mode needs the snapshot token: --token-file FILE or --token-secret NAME (or --local DIR for local mode)"
+        ),
+    };
+    let relay_ca_key = args.relay_ca_key.ok_or_else(|| {
+        anyhow::anyhow!("cluster mode needs --relay-ca-key FILE (the relay CA proxies sign with)")
+    })?;
+    Ok(ClusterOptions {
+        grpc_listen: grpc_listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 7070))),
+        metrics_listen: args.metrics_listen,
+        public_ssh_port: public_ssh_port.unwrap_or(22),
+        relay_cert_validity_secs,
+        relay_ca_key,
+        token,
+        tls: args
+            .tls_cert
+            .zip(args.tls_key)
+            .map(|(cert, key)| TlsFiles { cert, key }),
+        namespace: args.namespace,
+        lease_name: args.leader_lease,
+        identity: args.identity,
+        lease_duration: secs("lease-duration-secs", args.lease_duration_secs)?,
+        renew_deadline: secs("renew-deadline-secs", args.renew_deadline_secs)?,
+        retry_period: secs("retry-period-secs", args.retry_period_secs)?,
+    })
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -88,6 +187,7 @@ async fn main() -> std::process::ExitCode {
             public_ssh_port,
             rescan_secs,
             relay_cert_validity_secs,
+            cluster,
         } => {
             init_tracing();
             match local {
@@ -102,9 +202,15 @@ async fn main() -> std::process::ExitCode {
                     })
                     .await
                 }
-                None => Err(anyhow::anyhow!(
-                    "cluster mode is not built yet; use `keyway-operator run --local DIR`"
-                )),
+                None => match cluster_options(
+                    *cluster,
+                    grpc_listen,
+                    public_ssh_port,
+                    relay_cert_validity_secs,
+                ) {
+                    Ok(opts) => keyway_operator::cluster::run(opts).await,
+                    Err(e) => Err(e),
+                },
             }
         }
         Command::Status { local, output } => {

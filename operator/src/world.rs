@@ -216,6 +216,17 @@ impl World {
                 .values()
                 .filter_map(|e| Some(request(&e.obj, e.effective.as_ref()?))),
         );
+        // A lease that keeps the IP its status records was not allocated
+        // anything new: no notice (a restart must not replay an Event per lease).
+        let events: Vec<Event> = events
+            .into_iter()
+            .filter(|e| match e {
+                Event::Allocated { lease, ip } => {
+                    leases.get(lease).and_then(|l| l.obj.status_ip) != Some(*ip)
+                }
+                _ => true,
+            })
+            .collect();
         let mut world = World {
             settings,
             allocator,

@@ -65,9 +65,21 @@ pub struct Source {
     /// Name this subscriber reports to the operator.
     #[arg(long)]
     node_id: Option<String>,
+    /// PEM CA certificate that signed the operator's TLS certificate (for an
+    /// https:// endpoint).
+    #[arg(long, value_name = "FILE")]
+    ca_file: Option<PathBuf>,
 }
 
 impl Source {
+    /// The CA to verify an https:// operator with, if one is configured.
+    pub fn ca_pem(&self) -> Result<Option<Vec<u8>>> {
+        self.ca_file
+            .as_ref()
+            .map(|p| std::fs::read(p).with_context(|| format!("reading the CA {}", p.display())))
+            .transpose()
+    }
+
     pub fn resolve(&self) -> Result<(String, String)> {
         let read_token = |p: &PathBuf| -> Result<String> {
             Ok(std::fs::read_to_string(p)
@@ -147,6 +159,7 @@ async fn snapshot_cmd(source: Source, follow: bool, json: bool, timeout: Duratio
             cache_path: None,
             backoff_min: Duration::from_millis(200),
             backoff_max: Duration::from_secs(5),
+            ca_pem: source.ca_pem()?,
         },
         |_| Ok(()),
     );

@@ -132,6 +132,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             cache_path: Some(cache),
             backoff_min: Duration::from_millis(200),
             backoff_max: Duration::from_secs(5),
+            ca_pem: args.source.ca_pem()?,
         },
         |_| Ok(()),
     );

@@ -50,6 +50,9 @@ pub struct SubscriberConfig {
     pub backoff_min: Duration,
     /// Longest reconnect delay.
     pub backoff_max: Duration,
+    /// PEM CA certificate(s) trusted for an `https://` endpoint; `None`
+    /// with `https://` trusts nothing and fails to connect.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 /// How the subscription is doing (for `/readyz` and metrics).
@@ -265,8 +268,23 @@ fn bearer(token: &str) -> Result<Option<MetadataValue<Ascii>>> {
 async fn stream(shared: &Shared, streams: &mut u64, delivered: &mut bool) -> Result<()> {
     let config = &shared.config;
     let authorization = bearer(&config.token)?;
-    let channel = Endpoint::from_shared(config.endpoint.clone())
-        .with_context(|| format!("invalid endpoint {:?}", config.endpoint))?
+    let mut endpoint = Endpoint::from_shared(config.endpoint.clone())
+        .with_context(|| format!("invalid endpoint {:?}", config.endpoint))?;
+    if config.endpoint.starts_with("https://") {
+        let ca = config.ca_pem.as_ref().with_context(|| {
+            format!(
+                "{} is https but no CA certificate is configured to verify it",
+                config.endpoint
+            )
+        })?;
+        endpoint = endpoint
+            .tls_config(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(ca)),
+            )
+            .context("configuring TLS")?;
+    }
+    let channel = endpoint
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .tcp_keepalive(Some(Duration::from_secs(60)))

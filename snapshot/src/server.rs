@@ -380,6 +380,23 @@ pub struct ServeOptions {
     pub token: String,
     /// How long a subscriber may take to send its hello.
     pub hello_deadline: Duration,
+    /// Serve TLS with this identity instead of plaintext.
+    pub tls: Option<ServerTls>,
+}
+
+/// The snapshot server's TLS identity (PEM).
+#[derive(Clone)]
+pub struct ServerTls {
+    /// Certificate chain.
+    pub cert_pem: Vec<u8>,
+    /// Private key.
+    pub key_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls").finish_non_exhaustive()
+    }
 }
 
 impl ServeOptions {
@@ -388,6 +405,7 @@ impl ServeOptions {
         ServeOptions {
             token,
             hello_deadline: HELLO_DEADLINE,
+            tls: None,
         }
     }
 }
@@ -432,8 +450,15 @@ pub async fn serve_with(
         info!("snapshot server shutting down; closing subscriber streams");
         closing_tx.send_replace(true);
     };
-    info!(addr = ?local, "snapshot server listening");
-    tonic::transport::Server::builder()
+    info!(addr = ?local, tls = options.tls.is_some(), "snapshot server listening");
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &options.tls {
+        let identity = tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem);
+        builder = builder
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .context("configuring TLS for the snapshot server")?;
+    }
+    builder
         .tcp_nodelay(true)
         // Dead peers (a proxy whose node vanished) are found and their
         // streams ended instead of being held forever.

@@ -2,6 +2,7 @@
 //! conditions with deadlines (never sleep-and-hope), and clean up on drop.
 #![allow(clippy::unwrap_used)]
 
+pub mod cluster;
 pub mod stack;
 
 use std::path::{Path, PathBuf};

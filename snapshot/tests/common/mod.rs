@@ -121,6 +121,7 @@ pub fn config(endpoint: &str, token: &str, cache: Option<std::path::PathBuf>) ->
         cache_path: cache,
         backoff_min: Duration::from_millis(20),
         backoff_max: Duration::from_millis(200),
+        ca_pem: None,
     }
 }
 

@@ -1,0 +1,381 @@
+//! What the leader knows: the pure [`World`] plus which version of each
+//! Kubernetes object it has admitted, and the statuses that follow. No I/O;
+//! the controllers feed it objects and the status round reads plans out.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+
+use k8s_openapi::jiff::Timestamp;
+use kube::api::DynamicObject;
+use serde::Serialize;
+
+use super::convert;
+use crate::allocator::LeaseKey;
+use crate::routed::{Ack, RoutedKind, RoutedTracker};
+use crate::world::{Notice, Settings, World};
+
+/// Identity of an object in the index.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ObjKey {
+    /// An IPPool by name.
+    Pool(String),
+    /// A VMLease.
+    Lease(LeaseKey),
+    /// An SshRoute.
+    Route(LeaseKey),
+}
+
+impl ObjKey {
+    /// Kind name for logs, metrics and Events.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ObjKey::Pool(_) => "IPPool",
+            ObjKey::Lease(_) => "VMLease",
+            ObjKey::Route(_) => "SshRoute",
+        }
+    }
+
+    /// Namespace ("" for pools) and name.
+    pub fn namespace_name(&self) -> (&str, &str) {
+        match self {
+            ObjKey::Pool(n) => ("", n),
+            ObjKey::Lease(k) | ObjKey::Route(k) => (&k.namespace, &k.name),
+        }
+    }
+
+    /// The key of a watched object of `kind`.
+    pub fn of(kind: &str, obj: &DynamicObject) -> Option<ObjKey> {
+        let name = obj.metadata.name.clone()?;
+        Some(match kind {
+            "IPPool" => ObjKey::Pool(name),
+            "VMLease" => ObjKey::Lease(convert::key_of(obj)),
+            _ => ObjKey::Route(convert::key_of(obj)),
+        })
+    }
+}
+
+/// True when the object is on its way out (it counts as gone).
+pub fn is_deleting(obj: &DynamicObject) -> bool {
+    obj.metadata.deletion_timestamp.is_some()
+}
+
+/// What identifies the admitted version: uid plus spec. Status is ours and
+/// does not count (a hand-edited status is reverted, not admitted).
+fn fingerprint(obj: &DynamicObject) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    obj.metadata.uid.hash(&mut h);
+    obj.data.get("spec").map(|s| s.to_string()).hash(&mut h);
+    h.finish()
+}
+
+/// One status the leader should write.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StatusWrite {
+    /// Which object.
+    pub key: ObjKey,
+    /// The full status (server-side apply owns every field it sets).
+    pub status: serde_json::Value,
+}
+
+/// Objects as last seen through the watches, by key.
+pub type Observed = HashMap<ObjKey, std::sync::Arc<DynamicObject>>;
+
+/// See the module docs.
+pub struct Index {
+    /// The pure core.
+    pub world: World,
+    /// When each object's routing content was first published.
+    pub tracker: RoutedTracker,
+    applied: HashMap<ObjKey, u64>,
+    dirty: bool,
+}
+
+impl Index {
+    /// Rebuilds from everything listed at start, assigned-first (every lease
+    /// keeps the IP its status records before anything new is allocated).
+    /// Objects being deleted are left out.
+    pub fn restore(
+        settings: Settings,
+        pools: &[DynamicObject],
+        leases: &[DynamicObject],
+        routes: &[DynamicObject],
+    ) -> Self {
+        let live = |o: &&DynamicObject| !is_deleting(o) && o.metadata.name.is_some();
+        let mut applied = HashMap::new();
+        for (kind, list) in [("IPPool", pools), ("VMLease", leases), ("SshRoute", routes)] {
+            for o in list.iter().filter(live) {
+                if let Some(k) = ObjKey::of(kind, o) {
+                    applied.insert(k, fingerprint(o));
+                }
+            }
+        }
+        let world = World::restore(
+            settings,
+            pools.iter().filter(live).map(convert::pool).collect(),
+            leases.iter().filter(live).map(convert::lease).collect(),
+            routes.iter().filter(live).map(convert::route).collect(),
+        );
+        Index {
+            world,
+            tracker: RoutedTracker::default(),
+            applied,
+            dirty: true,
+        }
+    }
+
+    /// Admits an object of `kind` unless this exact version was admitted
+    /// already. Returns whether the world changed.
+    pub fn apply(&mut self, kind: &str, obj: &DynamicObject) -> bool {
+        let Some(key) = ObjKey::of(kind, obj) else {
+            return false;
+        };
+        let fp = fingerprint(obj);
+        if self.applied.get(&key) == Some(&fp) {
+            return false;
+        }
+        // A new object under an old name (deleted behind our back, recreated):
+        // the old one goes first so nothing of it carries over.
+        if let ObjKey::Lease(k) = &key {
+            let replaced = self
+                .world
+                .lease(k)
+                .is_some_and(|old| obj.metadata.uid.as_deref().is_some_and(|u| u != old.uid));
+            if replaced {
+                self.world.delete_lease(k);
+            }
+        }
+        match &key {
+            ObjKey::Pool(_) => self.world.apply_pool(convert::pool(obj)),
+            ObjKey::Lease(_) => self.world.apply_lease(convert::lease(obj)),
+            ObjKey::Route(_) => self.world.apply_route(convert::route(obj)),
+        }
+        self.applied.insert(key, fp);
+        self.dirty = true;
+        true
+    }
+
+    /// Removes an object (lease cleanup, or an object seen gone).
+    pub fn remove(&mut self, key: &ObjKey) -> bool {
+        if self.applied.remove(key).is_none() {
+            return false;
+        }
+        match key {
+            ObjKey::Pool(n) => self.world.delete_pool(n),
+            ObjKey::Lease(k) => self.world.delete_lease(k),
+            ObjKey::Route(k) => self.world.delete_route(k),
+        }
+        self.dirty = true;
+        true
+    }
+
+    /// Removes every admitted object not in `present` (deleted without our
+    /// finalizer running: pools and routes have none, and a finalizer can be
+    /// stripped by hand). Returns how many went.
+    pub fn sweep(&mut self, present: &HashSet<ObjKey>) -> usize {
+        let gone: Vec<ObjKey> = self
+            .applied
+            .keys()
+            .filter(|k| !present.contains(k))
+            .cloned()
+            .collect();
+        for k in &gone {
+            self.remove(k);
+        }
+        gone.len()
+    }
+
+    /// Objects admitted, by kind name.
+    pub fn counts(&self) -> HashMap<&'static str, usize> {
+        let mut m = HashMap::new();
+        for k in self.applied.keys() {
+            *m.entry(k.kind()).or_default() += 1;
+        }
+        m
+    }
+
+    /// Whether the world changed since [`Index::take_dirty`] was last called.
+    pub fn take_dirty(&mut self) -> bool {
+        std::mem::take(&mut self.dirty)
+    }
+
+    /// World notices (for Events).
+    pub fn take_notices(&mut self) -> Vec<Notice> {
+        self.world.take_notices()
+    }
+
+    /// The statuses that differ from what `observed` shows. `acks` are the
+    /// connected subscribers' acknowledgements.
+    pub fn plan(&self, observed: &Observed, acks: &[Ack], now: Timestamp) -> Vec<StatusWrite> {
+        let derived = self.world.derive();
+        let mut out = Vec::new();
+        let mut keys: Vec<&ObjKey> = self.applied.keys().collect();
+        keys.sort();
+        for key in keys {
+            let obs = observed.get(key);
+            let write = match key {
+                ObjKey::Pool(name) => {
+                    let prev = obs.and_then(|o| convert::pool_status(o));
+                    self.world
+                        .pool_status(name, prev.as_ref(), now)
+                        .filter(|st| Some(st) != prev.as_ref())
+                        .and_then(|st| json(&st))
+                }
+                ObjKey::Lease(k) => {
+                    let prev = obs.and_then(|o| convert::lease_status(o));
+                    let routed = self
+                        .tracker
+                        .info(RoutedKind::Lease, &k.namespace, &k.name, acks);
+                    self.world
+                        .lease_status(&derived, k, prev.as_ref(), &routed, now)
+                        .filter(|st| Some(st) != prev.as_ref())
+                        .and_then(|st| json(&st))
+                }
+                ObjKey::Route(k) => {
+                    let prev = obs.and_then(|o| convert::route_status(o));
+                    let routed = self
+                        .tracker
+                        .info(RoutedKind::Route, &k.namespace, &k.name, acks);
+                    self.world
+                        .route_status(&derived, k, prev.as_ref(), &routed, now)
+                        .filter(|st| Some(st) != prev.as_ref())
+                        .and_then(|st| json(&st))
+                }
+            };
+            // Only objects the watch has shown can be patched (status of an
+            // object the API server does not have yet would 404).
+            if let (Some(status), Some(_)) = (write, obs) {
+                out.push(StatusWrite {
+                    key: key.clone(),
+                    status,
+                });
+            }
+        }
+        out
+    }
+}
+
+fn json<T: Serialize>(v: &T) -> Option<serde_json::Value> {
+    serde_json::to_value(v).ok()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn settings() -> Settings {
+        Settings {
+            public_ssh_port: 22,
+            relay_ca_public_key:
+                "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGd1c2tqYWhzZGZsa2phc2RsZmtqYXNkbGZrajEyMzQ1"
+                    .into(),
+            relay_cert_validity_secs: 300,
+        }
+    }
+
+    fn pool(addrs: &[&str]) -> DynamicObject {
+        serde_json::from_value(json!({
+            "apiVersion": "keyway.dev/v1alpha1", "kind": "IPPool",
+            "metadata": {"name": "p", "uid": "pool-uid", "generation": 1},
+            "spec": {"addresses": addrs}
+        }))
+        .unwrap()
+    }
+
+    fn lease(name: &str, user: &str, secs: u32, ip: Option<&str>) -> DynamicObject {
+        let mut v = json!({
+            "apiVersion": "keyway.dev/v1alpha1", "kind": "VMLease",
+            "metadata": {"name": name, "namespace": "t", "uid": format!("uid-{name}"), "generation": 1,
+                         "creationTimestamp": format!("2026-01-01T00:00:{secs:02}Z"), "resourceVersion": "1"},
+            "spec": {"user": user, "poolRef": "p", "target": {"address": "h:22"},
+                     "accessPublicKeys": ["0000000000000000000000000000000000000000000000000000000000000001"]}
+        });
+        if let Some(ip) = ip {
+            v["status"] = json!({"ip": ip});
+        }
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn observed(objs: &[(&str, &DynamicObject)]) -> Observed {
+        objs.iter()
+            .map(|(k, o)| (ObjKey::of(k, o).unwrap(), std::sync::Arc::new((*o).clone())))
+            .collect()
+    }
+
+    #[test]
+    fn restore_keeps_recorded_ips_and_the_older_lease_wins_a_duplicate() {
+        let p = pool(&["10.0.0.1", "10.0.0.2"]);
+        let a = lease("a", "u", 1, Some("10.0.0.2"));
+        let b = lease("b", "u", 2, Some("10.0.0.2"));
+        let idx = Index::restore(settings(), &[p], &[a, b], &[]);
+        let key = |n: &str| LeaseKey {
+            namespace: "t".into(),
+            name: n.into(),
+        };
+        assert_eq!(
+            idx.world.lease_ip(&key("a")),
+            Some("10.0.0.2".parse().unwrap())
+        );
+        assert_eq!(
+            idx.world.lease_ip(&key("b")),
+            Some("10.0.0.1".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn the_same_version_is_admitted_once_and_sweep_removes_the_gone() {
+        let p = pool(&["10.0.0.1"]);
+        let a = lease("a", "u", 1, None);
+        let mut idx = Index::restore(settings(), std::slice::from_ref(&p), &[], &[]);
+        assert!(idx.take_dirty());
+        assert!(idx.apply("VMLease", &a));
+        assert!(
+            !idx.apply("VMLease", &a),
+            "an unchanged object is not re-admitted"
+        );
+        let mut edited = a.clone();
+        edited.data["spec"]["settled"] = json!(true);
+        assert!(idx.apply("VMLease", &edited));
+        let present: HashSet<ObjKey> = [ObjKey::of("IPPool", &p).unwrap()].into();
+        assert_eq!(idx.sweep(&present), 1);
+        assert_eq!(idx.counts().get("VMLease"), None);
+    }
+
+    #[test]
+    fn plan_writes_only_what_differs_from_the_observed_status() {
+        let p = pool(&["10.0.0.1"]);
+        let a = lease("a", "u", 1, None);
+        let idx = Index::restore(
+            settings(),
+            std::slice::from_ref(&p),
+            std::slice::from_ref(&a),
+            &[],
+        );
+        let now = Timestamp::now();
+        let obs = observed(&[("IPPool", &p), ("VMLease", &a)]);
+        let writes = idx.plan(&obs, &[], now);
+        assert_eq!(writes.len(), 2, "{writes:?}");
+        let lease_status = &writes
+            .iter()
+            .find(|w| w.key.kind() == "VMLease")
+            .unwrap()
+            .status;
+        assert_eq!(lease_status["ip"], "10.0.0.1");
+        assert_eq!(lease_status["phase"], "Ready");
+        // Once the watch shows what was written, nothing is written again.
+        let mut a2 = a.clone();
+        a2.data["status"] = lease_status.clone();
+        let mut p2 = p.clone();
+        p2.data["status"] = writes
+            .iter()
+            .find(|w| w.key.kind() == "IPPool")
+            .unwrap()
+            .status
+            .clone();
+        let obs = observed(&[("IPPool", &p2), ("VMLease", &a2)]);
+        assert_eq!(idx.plan(&obs, &[], now), vec![]);
+        // Objects the watch has not shown are not written.
+        assert_eq!(idx.plan(&Observed::new(), &[], now), vec![]);
+    }
+}

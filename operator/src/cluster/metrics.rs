@@ -1,0 +1,172 @@
+//! The operator's `/metrics`, `/healthz` and `/readyz` (ready = this replica
+//! leads and has restored its state, so a Service in front of the snapshot
+//! port only sends proxies to the leader).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{Context, Result};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Every metric the cluster-mode operator exports (names start `keyway_operator_`).
+pub struct Metrics {
+    registry: Registry,
+    /// 1 while this replica holds the leader Lease.
+    pub leader: IntGauge,
+    /// Reconciles by kind and result (`ok`, `error`).
+    pub reconciles: IntCounterVec,
+    /// Status writes by kind and result.
+    pub status_writes: IntCounterVec,
+    /// Events published by reason.
+    pub events: IntCounterVec,
+    /// Objects known, by kind.
+    pub objects: IntGaugeVec,
+    /// Snapshot version published last.
+    pub snapshot_version: IntGauge,
+    /// Snapshot writer epoch.
+    pub snapshot_epoch: IntGauge,
+    /// Connected snapshot subscribers.
+    pub subscribers: IntGauge,
+    /// Duration of one status round (derive, publish, diff).
+    pub round_seconds: Histogram,
+    /// Rounds run.
+    pub rounds: IntCounter,
+    ready: AtomicBool,
+}
+
+impl Metrics {
+    /// Registers everything.
+    pub fn new() -> Result<Arc<Self>> {
+        let registry = Registry::new();
+        let m = Metrics {
+            leader: IntGauge::new(
+                "keyway_operator_leader",
+                "1 while this replica is the leader",
+            )?,
+            reconciles: IntCounterVec::new(
+                Opts::new(
+                    "keyway_operator_reconciles_total",
+                    "Reconciles by kind and result",
+                ),
+                &["kind", "result"],
+            )?,
+            status_writes: IntCounterVec::new(
+                Opts::new(
+                    "keyway_operator_status_writes_total",
+                    "Status patches (server-side apply) by kind and result",
+                ),
+                &["kind", "result"],
+            )?,
+            events: IntCounterVec::new(
+                Opts::new(
+                    "keyway_operator_events_total",
+                    "Kubernetes Events published by reason",
+                ),
+                &["reason"],
+            )?,
+            objects: IntGaugeVec::new(
+                Opts::new(
+                    "keyway_operator_objects",
+                    "Objects the operator knows, by kind",
+                ),
+                &["kind"],
+            )?,
+            snapshot_version: IntGauge::new(
+                "keyway_operator_snapshot_version",
+                "Version of the routing snapshot published last",
+            )?,
+            snapshot_epoch: IntGauge::new(
+                "keyway_operator_snapshot_epoch",
+                "Writer epoch of the routing snapshots",
+            )?,
+            subscribers: IntGauge::new(
+                "keyway_operator_snapshot_subscribers",
+                "Connected snapshot subscribers",
+            )?,
+            round_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "keyway_operator_status_round_seconds",
+                    "Time to derive allocations, publish the snapshot and diff statuses",
+                )
+                .buckets(vec![
+                    0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ]),
+            )?,
+            rounds: IntCounter::new("keyway_operator_status_rounds_total", "Status rounds run")?,
+            registry,
+            ready: AtomicBool::new(false),
+        };
+        m.registry.register(Box::new(m.leader.clone()))?;
+        m.registry.register(Box::new(m.reconciles.clone()))?;
+        m.registry.register(Box::new(m.status_writes.clone()))?;
+        m.registry.register(Box::new(m.events.clone()))?;
+        m.registry.register(Box::new(m.objects.clone()))?;
+        m.registry.register(Box::new(m.snapshot_version.clone()))?;
+        m.registry.register(Box::new(m.snapshot_epoch.clone()))?;
+        m.registry.register(Box::new(m.subscribers.clone()))?;
+        m.registry.register(Box::new(m.round_seconds.clone()))?;
+        m.registry.register(Box::new(m.rounds.clone()))?;
+        Ok(Arc::new(m))
+    }
+
+    /// Marks the replica ready (leader, state restored) or not.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    fn render(&self) -> String {
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::warn!("encoding metrics: {e}");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// Serves `/metrics`, `/healthz`, `/readyz` on `listener` until `shutdown`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let m1 = metrics.clone();
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let m = m1.clone();
+                async move {
+                    (
+                        [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+                        m.render(),
+                    )
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let m = metrics.clone();
+                async move {
+                    if m.ready.load(Ordering::Relaxed) {
+                        (StatusCode::OK, "leader\n")
+                    } else {
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "standby (not the leader) or starting\n",
+                        )
+                    }
+                }
+            }),
+        );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("serving metrics")
+}

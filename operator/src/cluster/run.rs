@@ -1,0 +1,885 @@
+//! The I/O of cluster mode: leader election, the start-up restore, the
+//! controllers, the status round, Events and the snapshot server.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ObjectReference, Secret};
+use k8s_openapi::jiff::Timestamp;
+use keyway_crds::{IPPool, SshRoute, VMLease};
+use keyway_snapshot::server::{Publisher, ServeOptions, ServerTls};
+use kube::api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
+use kube::{Api, Client};
+use tokio::sync::{Notify, watch};
+use tracing::{debug, error, info, warn};
+
+use super::index::{Index, ObjKey, Observed, StatusWrite, is_deleting};
+use super::leader::{self, LeaderConfig};
+use super::metrics::Metrics;
+use super::{FIELD_MANAGER, FINALIZER};
+use crate::routed::Ack;
+use crate::world::{Notice, Settings, Severity};
+
+/// Where the snapshot token comes from.
+#[derive(Clone, Debug)]
+pub enum TokenSource {
+    /// A file (a Secret mounted into the pod).
+    File(PathBuf),
+    /// A Secret in the operator's namespace, read through the API.
+    Secret {
+        /// Secret name.
+        name: String,
+        /// Key inside `data`.
+        key: String,
+    },
+}
+
+/// PEM files of the snapshot server's TLS identity.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    /// Certificate chain.
+    pub cert: PathBuf,
+    /// Private key.
+    pub key: PathBuf,
+}
+
+/// Options of `keyway-operator run` (cluster mode).
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    /// Snapshot gRPC listen address.
+    pub grpc_listen: SocketAddr,
+    /// `/metrics`, `/healthz`, `/readyz` listen address.
+    pub metrics_listen: SocketAddr,
+    /// Port users reach the proxies' SSH listener on.
+    pub public_ssh_port: u16,
+    /// Lifetime of relay certificates.
+    pub relay_cert_validity_secs: u32,
+    /// The relay CA (private key or `.pub` line), for `status.relayTrust`.
+    pub relay_ca_key: PathBuf,
+    /// The snapshot token.
+    pub token: TokenSource,
+    /// TLS for the snapshot server, when configured.
+    pub tls: Option<TlsFiles>,
+    /// The operator's namespace (Lease, Secret); default: the client's.
+    pub namespace: Option<String>,
+    /// Leader Lease name.
+    pub lease_name: String,
+    /// This replica's identity; default: `$POD_NAME`, else host name and pid.
+    pub identity: Option<String>,
+    /// Leader election timing.
+    pub lease_duration: Duration,
+    /// See [`LeaderConfig::renew_deadline`].
+    pub renew_deadline: Duration,
+    /// See [`LeaderConfig::retry_period`].
+    pub retry_period: Duration,
+}
+
+/// The three kinds, as dynamic API resources (objects are read untyped so
+/// one that bypassed the schema cannot stall a whole watch).
+#[derive(Clone)]
+struct Kinds {
+    pool: ApiResource,
+    lease: ApiResource,
+    route: ApiResource,
+}
+
+impl Kinds {
+    fn new() -> Self {
+        Kinds {
+            pool: ApiResource::erase::<IPPool>(&()),
+            lease: ApiResource::erase::<VMLease>(&()),
+            route: ApiResource::erase::<SshRoute>(&()),
+        }
+    }
+
+    fn of(&self, key: &ObjKey) -> &ApiResource {
+        match key {
+            ObjKey::Pool(_) => &self.pool,
+            ObjKey::Lease(_) => &self.lease,
+            ObjKey::Route(_) => &self.route,
+        }
+    }
+
+    fn api(&self, client: &Client, key: &ObjKey) -> Api<DynamicObject> {
+        let ar = self.of(key);
+        match key {
+            ObjKey::Pool(_) => Api::all_with(client.clone(), ar),
+            ObjKey::Lease(k) | ObjKey::Route(k) => {
+                Api::namespaced_with(client.clone(), &k.namespace, ar)
+            }
+        }
+    }
+}
+
+struct Ctx {
+    client: Client,
+    kinds: Kinds,
+    index: Mutex<Index>,
+    publisher: Publisher,
+    metrics: Arc<Metrics>,
+    /// Events to publish (bounded: a storm of notices drops Events, counted,
+    /// rather than queueing without limit).
+    events: tokio::sync::mpsc::Sender<(KubeEvent, ObjectReference, String)>,
+    /// Wakes the status round.
+    wake: Notify,
+    /// Consecutive failures per object, for backoff.
+    failures: Mutex<HashMap<(String, String, String), u32>>,
+}
+
+impl Ctx {
+    fn index(&self) -> std::sync::MutexGuard<'_, Index> {
+        // A panic while holding the lock is a bug elsewhere; the index itself
+        // is still consistent between calls, so keep going.
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn admit(&self, kind: &str, obj: &DynamicObject) {
+        if self.index().apply(kind, obj) {
+            self.wake.notify_one();
+        }
+    }
+
+    fn remove(&self, key: &ObjKey) {
+        if self.index().remove(key) {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Publishes the snapshot now if the world changed.
+    fn publish_if_changed(&self) {
+        let mut idx = self.index();
+        if idx.take_dirty() {
+            publish(&mut idx, &self.publisher, &self.metrics);
+        }
+    }
+}
+
+fn publish(idx: &mut Index, publisher: &Publisher, metrics: &Metrics) {
+    let derived = idx.world.derive();
+    let snap = idx
+        .world
+        .snapshot(&derived, Timestamp::now().as_millisecond());
+    match publisher.publish(snap) {
+        Ok(v) => {
+            if let Some(cur) = publisher.current() {
+                idx.tracker.observe(&cur);
+            }
+            metrics
+                .snapshot_version
+                .set(i64::try_from(v.version).unwrap_or(i64::MAX));
+            debug!(version = %format!("e{}.v{}", v.epoch, v.version), "snapshot published");
+        }
+        Err(e) => error!("snapshot not published (consistency check failed): {e}"),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct ReconcileError(String);
+
+fn identity_default() -> String {
+    if let Ok(p) = std::env::var("POD_NAME")
+        && !p.is_empty()
+    {
+        return p;
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "keyway-operator".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// Reads the relay CA's public key from a private key file or a `.pub` line.
+fn relay_ca_public(path: &std::path::Path) -> Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the relay CA {}", path.display()))?;
+    let mut public = match ssh_key::PublicKey::from_openssh(text.trim()) {
+        Ok(p) => p,
+        Err(_) => ssh_key::PrivateKey::from_openssh(text.as_bytes())
+            .with_context(|| {
+                format!(
+                    "{} is neither an OpenSSH public nor private key",
+                    path.display()
+                )
+            })?
+            .public_key()
+            .clone(),
+    };
+    public.set_comment("");
+    Ok(public
+        .to_openssh()
+        .context("encoding the relay CA")?
+        .trim()
+        .to_string())
+}
+
+async fn read_token(client: &Client, namespace: &str, source: &TokenSource) -> Result<String> {
+    let token = match source {
+        TokenSource::File(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("reading the snapshot token {}", p.display()))?,
+        TokenSource::Secret { name, key } => {
+            let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+            let secret = api
+                .get(name)
+                .await
+                .with_context(|| format!("reading Secret {namespace}/{name}"))?;
+            let bytes = secret
+                .data
+                .as_ref()
+                .and_then(|d| d.get(key))
+                .map(|b| b.0.clone())
+                .or_else(|| {
+                    secret
+                        .string_data
+                        .as_ref()
+                        .and_then(|d| d.get(key))
+                        .map(|s| s.as_bytes().to_vec())
+                })
+                .ok_or_else(|| anyhow!("Secret {namespace}/{name} has no key {key:?}"))?;
+            String::from_utf8(bytes)
+                .with_context(|| format!("Secret {namespace}/{name} key {key:?} is not UTF-8"))?
+        }
+    };
+    let token = token.trim().to_string();
+    if token.is_empty() {
+        bail!("the snapshot token is empty");
+    }
+    Ok(token)
+}
+
+/// Lists every object of a kind, retrying transient errors with backoff.
+async fn list_all(
+    api: &Api<DynamicObject>,
+    what: &str,
+    stop: &watch::Receiver<bool>,
+) -> Result<Vec<DynamicObject>> {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match api.list(&ListParams::default()).await {
+            Ok(l) => return Ok(l.items),
+            Err(e) => {
+                if *stop.borrow() {
+                    bail!("stopped while listing {what}");
+                }
+                warn!("listing {what}: {e}; retrying in {delay:?}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}
+
+/// Runs cluster mode until SIGTERM/SIGINT (clean exit, Lease handed back) or
+/// until leadership is lost (error: the process restarts and re-reads
+/// everything rather than trusting state from a term it no longer holds).
+pub async fn run(opts: ClusterOptions) -> Result<()> {
+    let client = Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+    let namespace = opts
+        .namespace
+        .clone()
+        .unwrap_or_else(|| client.default_namespace().to_string());
+    let identity = opts.identity.clone().unwrap_or_else(identity_default);
+    // Configuration errors surface now, not after winning an election.
+    let relay_ca_public_key = relay_ca_public(&opts.relay_ca_key)?;
+    if let TokenSource::File(_) = &opts.token {
+        read_token(&client, &namespace, &opts.token).await?;
+    }
+    let tls = match &opts.tls {
+        Some(t) => Some(ServerTls {
+            cert_pem: std::fs::read(&t.cert)
+                .with_context(|| format!("reading {}", t.cert.display()))?,
+            key_pem: std::fs::read(&t.key)
+                .with_context(|| format!("reading {}", t.key.display()))?,
+        }),
+        None => None,
+    };
+    let leader_config = LeaderConfig {
+        namespace: namespace.clone(),
+        name: opts.lease_name.clone(),
+        identity: identity.clone(),
+        lease_duration: opts.lease_duration,
+        renew_deadline: opts.renew_deadline,
+        retry_period: opts.retry_period,
+    };
+    leader_config.check()?;
+
+    let metrics = Metrics::new()?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let metrics_listener = tokio::net::TcpListener::bind(opts.metrics_listen)
+        .await
+        .with_context(|| format!("binding the metrics listener to {}", opts.metrics_listen))?;
+    let metrics_task = {
+        let metrics = metrics.clone();
+        let mut rx = stop_rx.clone();
+        tokio::spawn(async move {
+            let stop = async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            if let Err(e) = super::metrics::serve(metrics_listener, metrics, stop).await {
+                warn!("{e:#}");
+            }
+        })
+    };
+    info!(%namespace, %identity, lease = %opts.lease_name, "cluster mode: waiting for leadership");
+
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    let leadership = tokio::select! {
+        l = leader::acquire(Api::<Lease>::namespaced(client.clone(), &namespace), leader_config) => l?,
+        () = &mut signal => {
+            info!("shutting down (standby)");
+            let _ = stop_tx.send(true);
+            let _ = metrics_task.await;
+            return Ok(());
+        }
+    };
+    metrics.leader.set(1);
+    metrics
+        .snapshot_epoch
+        .set(i64::try_from(leadership.epoch).unwrap_or(i64::MAX));
+    let mut lost = leadership.lost.clone();
+    let settings = Settings {
+        public_ssh_port: opts.public_ssh_port,
+        relay_ca_public_key,
+        relay_cert_validity_secs: opts.relay_cert_validity_secs,
+    };
+    let outcome = tokio::select! {
+        r = lead(client, &opts, &namespace, &identity, leadership.epoch, settings, tls, metrics.clone(), stop_rx.clone()) => {
+            r.map(|()| "stopped")
+        }
+        _ = lost.wait_for(|l| *l) => Err(anyhow!("lost leadership")),
+        () = &mut signal => Ok("signal"),
+    };
+    let _ = stop_tx.send(true);
+    metrics.set_ready(false);
+    metrics.leader.set(0);
+    match outcome {
+        Ok(why) => {
+            info!(why, "shutting down; handing the Lease back");
+            leadership.release().await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), metrics_task).await;
+            Ok(())
+        }
+        Err(e) => Err(e.context("the operator stops so a fresh start re-reads every object")),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn lead(
+    client: Client,
+    opts: &ClusterOptions,
+    namespace: &str,
+    identity: &str,
+    epoch: u64,
+    settings: Settings,
+    tls: Option<ServerTls>,
+    metrics: Arc<Metrics>,
+    stop: watch::Receiver<bool>,
+) -> Result<()> {
+    let token = read_token(&client, namespace, &opts.token).await?;
+    let kinds = Kinds::new();
+    // Assigned-first: every lease's recorded IP is taken back before anything
+    // new is allocated (the controllers start only after this).
+    let pools = list_all(
+        &Api::all_with(client.clone(), &kinds.pool),
+        "IPPools",
+        &stop,
+    )
+    .await?;
+    let leases = list_all(
+        &Api::all_with(client.clone(), &kinds.lease),
+        "VMLeases",
+        &stop,
+    )
+    .await?;
+    let routes = list_all(
+        &Api::all_with(client.clone(), &kinds.route),
+        "SshRoutes",
+        &stop,
+    )
+    .await?;
+    let index = Index::restore(settings, &pools, &leases, &routes);
+    info!(
+        pools = pools.len(),
+        leases = leases.len(),
+        routes = routes.len(),
+        epoch,
+        "restored allocations from status"
+    );
+    let publisher = Publisher::new(epoch);
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: Some(identity.to_string()),
+        },
+    );
+    let (events, events_rx) = tokio::sync::mpsc::channel(EVENT_QUEUE);
+    let events_task = tokio::spawn(event_loop(recorder, events_rx));
+    let ctx = Arc::new(Ctx {
+        client: client.clone(),
+        kinds: kinds.clone(),
+        index: Mutex::new(index),
+        publisher: publisher.clone(),
+        metrics: metrics.clone(),
+        events,
+        wake: Notify::new(),
+        failures: Mutex::new(HashMap::new()),
+    });
+    ctx.publish_if_changed();
+
+    let listener = tokio::net::TcpListener::bind(opts.grpc_listen)
+        .await
+        .with_context(|| format!("binding the snapshot server to {}", opts.grpc_listen))?;
+    let server = {
+        let publisher = publisher.clone();
+        let mut rx = stop.clone();
+        let mut options = ServeOptions::new(token);
+        options.tls = tls;
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            keyway_snapshot::server::serve_with(listener, publisher, options, shutdown).await
+        })
+    };
+    metrics.set_ready(true);
+
+    let wc = watcher::Config::default();
+    let stopped = {
+        let rx = stop.clone();
+        move || {
+            let mut rx = rx.clone();
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }
+        }
+    };
+    let pool_ctl = Controller::new_with(
+        Api::all_with(client.clone(), &kinds.pool),
+        wc.clone(),
+        kinds.pool.clone(),
+    )
+    .graceful_shutdown_on(stopped());
+    let lease_ctl = Controller::new_with(
+        Api::all_with(client.clone(), &kinds.lease),
+        wc.clone(),
+        kinds.lease.clone(),
+    )
+    .graceful_shutdown_on(stopped());
+    let route_ctl = Controller::new_with(
+        Api::all_with(client.clone(), &kinds.route),
+        wc,
+        kinds.route.clone(),
+    )
+    .graceful_shutdown_on(stopped());
+    let stores = [pool_ctl.store(), lease_ctl.store(), route_ctl.store()];
+    let drive = |name: &'static str| {
+        move |r: Result<_, kube::runtime::controller::Error<ReconcileError, watcher::Error>>| {
+            if let Err(e) = r {
+                debug!(controller = name, "{e}");
+            }
+            std::future::ready(())
+        }
+    };
+    let controllers = futures::future::join3(
+        pool_ctl
+            .run(reconcile_pool, error_policy, ctx.clone())
+            .for_each(drive("IPPool")),
+        lease_ctl
+            .run(reconcile_lease, error_policy, ctx.clone())
+            .for_each(drive("VMLease")),
+        route_ctl
+            .run(reconcile_route, error_policy, ctx.clone())
+            .for_each(drive("SshRoute")),
+    );
+    let rounds = status_loop(ctx.clone(), stores, stop.clone());
+    info!(grpc = %opts.grpc_listen, "leading: controllers started");
+    tokio::select! {
+        _ = controllers => {}
+        () = rounds => {}
+    }
+    events_task.abort();
+    match tokio::time::timeout(Duration::from_secs(5), server).await {
+        Ok(Ok(Err(e))) => warn!("snapshot server: {e:#}"),
+        Ok(Err(e)) => warn!("snapshot server task: {e}"),
+        _ => {}
+    }
+    Ok(())
+}
+
+fn obj_id(obj: &DynamicObject) -> (String, String) {
+    (
+        obj.metadata.namespace.clone().unwrap_or_default(),
+        obj.metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+fn reconciled(ctx: &Ctx, kind: &str, obj: &DynamicObject) {
+    let (ns, name) = obj_id(obj);
+    ctx.failures
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&(kind.to_string(), ns, name));
+    ctx.metrics
+        .reconciles
+        .with_label_values(&[kind, "ok"])
+        .inc();
+}
+
+/// Safety-net resync of each object.
+const RESYNC: Duration = Duration::from_secs(600);
+
+async fn reconcile_pool(obj: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, ReconcileError> {
+    match ObjKey::of("IPPool", &obj) {
+        Some(key) if is_deleting(&obj) => ctx.remove(&key),
+        Some(_) => ctx.admit("IPPool", &obj),
+        None => {}
+    }
+    reconciled(&ctx, "IPPool", &obj);
+    Ok(Action::requeue(RESYNC))
+}
+
+async fn reconcile_route(obj: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, ReconcileError> {
+    match ObjKey::of("SshRoute", &obj) {
+        Some(key) if is_deleting(&obj) => ctx.remove(&key),
+        Some(_) => ctx.admit("SshRoute", &obj),
+        None => {}
+    }
+    reconciled(&ctx, "SshRoute", &obj);
+    Ok(Action::requeue(RESYNC))
+}
+
+/// Leases carry the finalizer: an IP is allocated only once it is in place,
+/// and the object goes only after its IP is released and a snapshot without
+/// its routes is published.
+async fn reconcile_lease(obj: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, ReconcileError> {
+    let (ns, _) = obj_id(&obj);
+    let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &ns, &ctx.kinds.lease);
+    let c = ctx.clone();
+    let action = finalizer(&api, FINALIZER, obj.clone(), |ev| async move {
+        match ev {
+            FinalizerEvent::Apply(o) => {
+                c.admit("VMLease", &o);
+                Ok::<_, ReconcileError>(Action::requeue(RESYNC))
+            }
+            FinalizerEvent::Cleanup(o) => {
+                if let Some(key) = ObjKey::of("VMLease", &o) {
+                    c.remove(&key);
+                    c.publish_if_changed();
+                }
+                Ok(Action::await_change())
+            }
+        }
+    })
+    .await
+    .map_err(|e| ReconcileError(format!("{e}")))?;
+    reconciled(&ctx, "VMLease", &obj);
+    Ok(action)
+}
+
+/// Transient errors retry with per-object exponential backoff (0.5 s … 5 min);
+/// nothing here can stop the controller.
+fn error_policy(obj: Arc<DynamicObject>, err: &ReconcileError, ctx: Arc<Ctx>) -> Action {
+    let kind = obj
+        .types
+        .as_ref()
+        .map(|t| t.kind.clone())
+        .unwrap_or_else(|| "object".into());
+    let (ns, name) = obj_id(&obj);
+    let n = {
+        let mut f = ctx.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = f
+            .entry((kind.clone(), ns.clone(), name.clone()))
+            .or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    ctx.metrics
+        .reconciles
+        .with_label_values(&[&kind, "error"])
+        .inc();
+    let delay = Duration::from_millis(500)
+        .saturating_mul(1u32 << n.min(10).saturating_sub(1))
+        .min(Duration::from_secs(300));
+    warn!(%kind, namespace = %ns, %name, attempt = n, retry_in = ?delay, "reconcile failed: {err}");
+    Action::requeue(delay)
+}
+
+fn acks_of(publisher: &Publisher) -> Vec<Ack> {
+    publisher
+        .subscribers()
+        .into_iter()
+        .map(|s| Ack {
+            connected: s.connected,
+            acked: s.acked,
+        })
+        .collect()
+}
+
+fn observe(stores: &[Store<DynamicObject>; 3]) -> (Observed, HashSet<ObjKey>) {
+    let mut observed = Observed::new();
+    let mut present = HashSet::new();
+    for (kind, store) in ["IPPool", "VMLease", "SshRoute"].into_iter().zip(stores) {
+        for o in store.state() {
+            if let Some(k) = ObjKey::of(kind, &o) {
+                if !is_deleting(&o) {
+                    present.insert(k.clone());
+                }
+                observed.insert(k, o);
+            }
+        }
+    }
+    (observed, present)
+}
+
+/// The status round: runs when an object was admitted or removed, when a
+/// subscriber acknowledged a snapshot, and every 30 s as a safety net.
+async fn status_loop(
+    ctx: Arc<Ctx>,
+    stores: [Store<DynamicObject>; 3],
+    mut stop: watch::Receiver<bool>,
+) {
+    for s in &stores {
+        // Until each watch has listed once, an empty store would read as
+        // "everything was deleted".
+        if s.wait_until_ready().await.is_err() {
+            return;
+        }
+    }
+    let mut acks = ctx.publisher.acks_changed();
+    // Statuses written whose watch event has not come back yet: (resourceVersion
+    // seen when written, what was written). Keeps a slow watch from causing
+    // the same write twice.
+    let mut inflight: HashMap<ObjKey, (Option<String>, serde_json::Value)> = HashMap::new();
+    loop {
+        let failed = round(&ctx, &stores, &mut inflight).await;
+        let retry = async {
+            if failed {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            () = ctx.wake.notified() => {}
+            _ = acks.changed() => {}
+            () = retry => {}
+            () = tokio::time::sleep(Duration::from_secs(30)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        // Let a burst of changes land in one round.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One round; returns whether a write failed (retried soon).
+async fn round(
+    ctx: &Arc<Ctx>,
+    stores: &[Store<DynamicObject>; 3],
+    inflight: &mut HashMap<ObjKey, (Option<String>, serde_json::Value)>,
+) -> bool {
+    let started = std::time::Instant::now();
+    let (observed, present) = observe(stores);
+    let (writes, notices) = {
+        let mut idx = ctx.index();
+        let swept = idx.sweep(&present);
+        if swept > 0 {
+            debug!(swept, "objects gone without a finalizer");
+        }
+        if idx.take_dirty() {
+            publish(&mut idx, &ctx.publisher, &ctx.metrics);
+        }
+        let acks = acks_of(&ctx.publisher);
+        ctx.metrics
+            .subscribers
+            .set(i64::try_from(acks.iter().filter(|a| a.connected).count()).unwrap_or(0));
+        for (kind, n) in idx.counts() {
+            ctx.metrics
+                .objects
+                .with_label_values(&[kind])
+                .set(i64::try_from(n).unwrap_or(0));
+        }
+        (
+            idx.plan(&observed, &acks, Timestamp::now()),
+            idx.take_notices(),
+        )
+    };
+    ctx.metrics
+        .round_seconds
+        .observe(started.elapsed().as_secs_f64());
+    ctx.metrics.rounds.inc();
+    inflight.retain(|k, (rv, _)| observed.get(k).map(|o| &o.metadata.resource_version) == Some(rv));
+    let writes: Vec<(StatusWrite, Option<String>)> = writes
+        .into_iter()
+        .filter(|w| inflight.get(&w.key).is_none_or(|(_, v)| *v != w.status))
+        .map(|w| {
+            let rv = observed
+                .get(&w.key)
+                .and_then(|o| o.metadata.resource_version.clone());
+            (w, rv)
+        })
+        .collect();
+    let results: Vec<(StatusWrite, Option<String>, bool)> = futures::stream::iter(writes)
+        .map(|(w, rv)| {
+            let ctx = ctx.clone();
+            async move {
+                let ok = write_status(&ctx, &w).await;
+                (w, rv, ok)
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    let mut failed = false;
+    for (w, rv, ok) in results {
+        if ok {
+            inflight.insert(w.key, (rv, w.status));
+        } else {
+            failed = true;
+        }
+    }
+    for n in notices {
+        publish_event(ctx, &observed, n);
+    }
+    failed
+}
+
+async fn write_status(ctx: &Ctx, w: &StatusWrite) -> bool {
+    let (_, name) = w.key.namespace_name();
+    let ar = ctx.kinds.of(&w.key);
+    let api = ctx.kinds.api(&ctx.client, &w.key);
+    let body = serde_json::json!({
+        "apiVersion": ar.api_version,
+        "kind": ar.kind,
+        "status": w.status,
+    });
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let kind = w.key.kind();
+    match api.patch_status(name, &params, &Patch::Apply(&body)).await {
+        Ok(_) => {
+            ctx.metrics
+                .status_writes
+                .with_label_values(&[kind, "ok"])
+                .inc();
+            true
+        }
+        Err(kube::Error::Api(s)) if s.code == 404 => {
+            // Deleted between the watch and the write: nothing to do.
+            ctx.metrics
+                .status_writes
+                .with_label_values(&[kind, "gone"])
+                .inc();
+            true
+        }
+        Err(e) => {
+            ctx.metrics
+                .status_writes
+                .with_label_values(&[kind, "error"])
+                .inc();
+            warn!(object = ?w.key, "writing status: {e}");
+            false
+        }
+    }
+}
+
+fn publish_event(ctx: &Arc<Ctx>, observed: &Observed, n: Notice) {
+    let key = match n.kind {
+        "IPPool" => ObjKey::Pool(n.name.clone()),
+        "SshRoute" => ObjKey::Route(crate::allocator::LeaseKey {
+            namespace: n.namespace.clone(),
+            name: n.name.clone(),
+        }),
+        _ => ObjKey::Lease(crate::allocator::LeaseKey {
+            namespace: n.namespace.clone(),
+            name: n.name.clone(),
+        }),
+    };
+    let ar = ctx.kinds.of(&key);
+    let reference = ObjectReference {
+        api_version: Some(ar.api_version.clone()),
+        kind: Some(ar.kind.clone()),
+        name: Some(n.name.clone()),
+        namespace: (!n.namespace.is_empty()).then(|| n.namespace.clone()),
+        uid: observed.get(&key).and_then(|o| o.metadata.uid.clone()),
+        resource_version: None,
+        field_path: None,
+    };
+    let object = if n.namespace.is_empty() {
+        format!("{} {}", n.kind, n.name)
+    } else {
+        format!("{} {}/{}", n.kind, n.namespace, n.name)
+    };
+    match n.severity {
+        Severity::Normal => info!(reason = n.reason, %object, "{}", n.message),
+        Severity::Warning => warn!(reason = n.reason, %object, "{}", n.message),
+    }
+    let event = KubeEvent {
+        type_: match n.severity {
+            Severity::Normal => EventType::Normal,
+            Severity::Warning => EventType::Warning,
+        },
+        reason: n.reason.to_string(),
+        note: Some(n.message.chars().take(1000).collect()),
+        action: n.reason.to_string(),
+        secondary: None,
+    };
+    match ctx.events.try_send((event, reference, object)) {
+        Ok(()) => ctx.metrics.events.with_label_values(&[n.reason]).inc(),
+        Err(_) => ctx.metrics.events.with_label_values(&["Dropped"]).inc(),
+    }
+}
+
+/// Events waiting to be published at most.
+const EVENT_QUEUE: usize = 4096;
+/// Events published at once.
+const EVENT_CONCURRENCY: usize = 8;
+
+/// Publishes Events, a few at a time. Best effort: a failure is logged and
+/// the Event dropped, never retried in a loop.
+async fn event_loop(
+    recorder: Recorder,
+    mut rx: tokio::sync::mpsc::Receiver<(KubeEvent, ObjectReference, String)>,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(EVENT_CONCURRENCY));
+    while let Some((event, reference, object)) = rx.recv().await {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let recorder = recorder.clone();
+        tokio::spawn(async move {
+            if let Err(e) = recorder.publish(&event, &reference).await {
+                warn!(%object, "publishing an Event: {e}");
+            }
+            drop(permit);
+        });
+    }
+}

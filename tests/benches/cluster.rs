@@ -1,0 +1,154 @@
+//! Cluster mode through the API double: time from creating 10,000 leases to
+//! all Ready, and from a lease edit to a subscriber (the proxy's snapshot
+//! client) applying it. Run by `make bench`; figures go to BENCHMARKS.md.
+#![allow(clippy::unwrap_used)]
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use keyway_e2e::cluster::*;
+use keyway_e2e::wait_for;
+use keyway_snapshot::client::{SubscriberConfig, subscribe};
+use kube::api::{Patch, PatchParams};
+use serde_json::json;
+
+const LEASES: u32 = 10_000;
+const USERS: u32 = 1_000;
+const EDITS: usize = 200;
+
+fn fmt(d: Duration) -> String {
+    if d >= Duration::from_secs(1) {
+        format!("{:.2} s", d.as_secs_f64())
+    } else {
+        format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 4)]
+async fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let env = ClusterEnv::start().await.unwrap();
+    env.create("ippools", pool_obj("bench", &["127.0.60.0/24"]))
+        .await
+        .unwrap();
+    let op = env.operator("op-bench", &[]).unwrap();
+    wait_for(Duration::from_secs(60), "the operator to lead", || {
+        op.ready().then_some(())
+    })
+    .unwrap();
+
+    let start = Instant::now();
+    futures::stream::iter(0..LEASES)
+        .map(|i| {
+            let env = &env;
+            async move {
+                env.create(
+                    "vmleases",
+                    lease_obj(
+                        "bench",
+                        &format!("vm-{i:05}"),
+                        &format!("user-{}", i % USERS),
+                        "bench",
+                        &hex_key(i),
+                    ),
+                )
+                .await
+                .unwrap();
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<()>>()
+        .await;
+    let created = start.elapsed();
+    wait_for(Duration::from_secs(1800), "every lease Ready", || {
+        let ready = env
+            .leases()
+            .iter()
+            .filter(|l| l["status"]["phase"] == "Ready")
+            .count();
+        (ready == LEASES as usize).then_some(())
+    })
+    .unwrap();
+    let all_ready = start.elapsed();
+
+    let (sub, _task) = subscribe(
+        SubscriberConfig {
+            endpoint: op.endpoint(),
+            token: env.token.clone(),
+            node_id: "bench".into(),
+            role: "proxy".into(),
+            cache_path: None,
+            backoff_min: Duration::from_millis(50),
+            backoff_max: Duration::from_millis(500),
+            ca_pem: None,
+        },
+        |_| Ok(()),
+    );
+    let mut snaps = sub.snapshot.clone();
+    snaps
+        .wait_for(|s| {
+            s.as_ref()
+                .is_some_and(|s| s.leases.len() == LEASES as usize)
+        })
+        .await
+        .unwrap();
+    let api = env.dynamic("vmleases", Some("bench"));
+    let mut samples = Vec::with_capacity(EDITS);
+    for i in 0..EDITS {
+        let name = format!("vm-{:05}", i * 37 % LEASES as usize);
+        let user = format!("edit-{i}");
+        let t0 = Instant::now();
+        api.patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"upstreamUser": user}})),
+        )
+        .await
+        .unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            snaps.wait_for(|s| {
+                s.as_ref().is_some_and(|s| {
+                    s.leases
+                        .iter()
+                        .any(|l| l.name == name && l.upstream_user == user)
+                })
+            }),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        samples.push(t0.elapsed());
+    }
+    samples.sort();
+    let median = samples[samples.len() / 2];
+    let p99 = samples[samples.len() * 99 / 100];
+    let rounds = op
+        .metrics_text()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("keyway_operator_status_rounds_total "))
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("?").to_string())
+        })
+        .unwrap_or_default();
+    let table = format!(
+        "| what ({LEASES} leases of {USERS} users, one /24 pool, through the API double) | figure |\n|---|---|\n\
+         | create {LEASES} leases (32 concurrent POSTs) | {} |\n\
+         | from the first create to all {LEASES} Ready (status written) | {} |\n\
+         | lease edit → the subscriber applied it, median ({EDITS} edits) | {} |\n\
+         | lease edit → the subscriber applied it, p99 | {} |\n\
+         | operator status rounds in the run | {rounds} |\n",
+        fmt(created),
+        fmt(all_ready),
+        fmt(median),
+        fmt(p99),
+    );
+    print!("{table}");
+    if let Some(path) = std::env::var_os("KEYWAY_BENCH_OUT") {
+        let mut f = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+        f.write_all(table.as_bytes()).unwrap();
+    }
+}
