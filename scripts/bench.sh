@@ -35,7 +35,7 @@ echo "## Cluster mode (API double)" >>"$out"
 echo >>"$out"
 echo "\`KEYWAY_BIN_DIR=target/release cargo bench -p keyway-e2e --bench cluster\`" >>"$out"
 echo >>"$out"
-KEYWAY_BIN_DIR=target/release KEYWAY_BENCH_OUT="$out" cargo bench --locked -p keyway-e2e --bench cluster
+KEYWAY_BIN_DIR="$PWD/target/release" KEYWAY_BENCH_OUT="$out" cargo bench --locked -p keyway-e2e --bench cluster
 echo >>"$out"
 
 mv "$out" BENCHMARKS.md

@@ -362,6 +362,30 @@ async fn finalizer_releases_exhaustion_waits_and_shrink_moves_only_removed_ips()
     })
     .unwrap();
 
+    // Settling a lease releases its IP too (the object stays).
+    env.dynamic("vmleases", Some("t"))
+        .patch(
+            "l2",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"settled": true}})),
+        )
+        .await
+        .unwrap();
+    let settled = wait_for(WAIT, "l2 Settled", || {
+        env.lease("t", "l2")
+            .filter(|l| l["status"]["phase"] == "Settled")
+    })
+    .unwrap();
+    assert!(
+        settled["status"].get("ip").is_none(),
+        "{}",
+        settled["status"]
+    );
+    wait_for(WAIT, "a Released Event for the settled lease", || {
+        (!events_with(&env, "Released", "l2").is_empty()).then_some(())
+    })
+    .unwrap();
+
     // Shrinking a pool moves only the leases whose IP left it.
     env.create("ippools", pool_obj("wide", &["127.0.24.1-127.0.24.3"]))
         .await
@@ -504,20 +528,27 @@ fn proxy_leases(metrics: std::net::SocketAddr) -> Option<u64> {
         .ok()
 }
 
-async fn routed_after_the_proxy_acks(env: &ClusterEnv, endpoint: &str, proxy_extra: &[&str]) {
+/// Starts a proxy, waits until it holds the `already` leases that exist, adds
+/// one and checks the proxy gets it and `Routed` turns true after its ack.
+async fn routed_after_the_proxy_acks(
+    env: &ClusterEnv,
+    endpoint: &str,
+    proxy_extra: &[&str],
+    already: u64,
+) {
     env.create("ippools", pool_obj("public", &["127.0.26.1"]))
         .await
         .unwrap();
     let (_proxy, pm) = proxy(env, endpoint, proxy_extra);
     wait_for(WAIT, "the proxy's first snapshot", || {
-        proxy_leases(pm).filter(|n| *n == 0)
+        proxy_leases(pm).filter(|n| *n == already)
     })
     .unwrap();
     env.create("vmleases", lease_obj("t", "vm", "u", "public", &hex_key(5)))
         .await
         .unwrap();
     wait_for(WAIT, "the proxy to hold the new lease", || {
-        proxy_leases(pm).filter(|n| *n == 1)
+        proxy_leases(pm).filter(|n| *n == already + 1)
     })
     .unwrap();
     let l = wait_for(WAIT, "Routed=True", || {
@@ -535,7 +566,27 @@ async fn a_subscribed_proxy_gets_new_leases_and_routed_follows_its_ack() {
     let op = env.operator("op-a", &[]).unwrap();
     wait_for(WAIT, "the operator to lead", || op.ready().then_some(())).unwrap();
     // Before any proxy connects, Routed says so.
-    routed_after_the_proxy_acks(&env, &op.endpoint(), &[]).await;
+    env.create("ippools", pool_obj("early", &["127.0.27.1"]))
+        .await
+        .unwrap();
+    env.create(
+        "vmleases",
+        lease_obj("t", "early", "u", "early", &hex_key(9)),
+    )
+    .await
+    .unwrap();
+    let early = wait_for(WAIT, "Routed=False with no proxy", || {
+        env.lease("t", "early")
+            .filter(|l| cond_status(l, "Routed").as_deref() == Some("False"))
+    })
+    .unwrap();
+    assert_eq!(condition(&early, "Routed").unwrap()["reason"], "NoProxy");
+    routed_after_the_proxy_acks(&env, &op.endpoint(), &[], 1).await;
+    wait_for(WAIT, "the earlier lease Routed too", || {
+        env.lease("t", "early")
+            .filter(|l| cond_status(l, "Routed").as_deref() == Some("True"))
+    })
+    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -567,7 +618,7 @@ async fn the_snapshot_server_speaks_tls_when_certificates_are_configured() {
         .unwrap();
     wait_for(WAIT, "the operator to lead", || op.ready().then_some(())).unwrap();
     let endpoint = format!("https://localhost:{}", op.grpc.port());
-    routed_after_the_proxy_acks(&env, &endpoint, &["--ca-file", ca.to_str().unwrap()]).await;
+    routed_after_the_proxy_acks(&env, &endpoint, &["--ca-file", ca.to_str().unwrap()], 0).await;
 }
 
 /// Every request an operator replica made is allowed by manifests/rbac.yaml.

@@ -259,6 +259,13 @@ pub fn hex_key(n: u32) -> String {
 impl Drop for ClusterEnv {
     /// A failing test shows the tail of every process log it started.
     fn drop(&mut self) {
+        if std::env::var_os("KEYWAY_KEEP_TEST_DIR").is_some()
+            && let Ok(fresh) = tempfile::tempdir()
+        {
+            let kept = std::mem::replace(&mut self.dir, fresh).keep();
+            eprintln!("kept {}", kept.display());
+            return;
+        }
         if !std::thread::panicking() {
             return;
         }

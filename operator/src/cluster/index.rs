@@ -6,6 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 
 use k8s_openapi::jiff::Timestamp;
+use keyway_crds::{IPPoolStatus, SshRouteStatus, VMLeaseStatus};
 use kube::api::DynamicObject;
 use serde::Serialize;
 
@@ -87,6 +88,7 @@ pub struct Index {
     /// When each object's routing content was first published.
     pub tracker: RoutedTracker,
     applied: HashMap<ObjKey, u64>,
+    parsed: HashMap<ObjKey, (Option<String>, Parsed)>,
     dirty: bool,
 }
 
@@ -119,6 +121,7 @@ impl Index {
             world,
             tracker: RoutedTracker::default(),
             applied,
+            parsed: HashMap::new(),
             dirty: true,
         }
     }
@@ -198,30 +201,54 @@ impl Index {
         std::mem::take(&mut self.dirty)
     }
 
+    /// Whether the world changed since the last [`Index::take_dirty`].
+    pub fn is_dirty(&self) -> bool {
+        self.dirty
+    }
+
     /// World notices (for Events).
     pub fn take_notices(&mut self) -> Vec<Notice> {
         self.world.take_notices()
     }
 
     /// The statuses that differ from what `observed` shows. `acks` are the
-    /// connected subscribers' acknowledgements.
-    pub fn plan(&self, observed: &Observed, acks: &[Ack], now: Timestamp) -> Vec<StatusWrite> {
+    /// connected subscribers' acknowledgements. Objects the watch has not
+    /// shown yet are skipped (their status would 404).
+    pub fn plan(&mut self, observed: &Observed, acks: &[Ack], now: Timestamp) -> Vec<StatusWrite> {
         let derived = self.world.derive();
         let mut out = Vec::new();
         let mut keys: Vec<&ObjKey> = self.applied.keys().collect();
         keys.sort();
         for key in keys {
-            let obs = observed.get(key);
-            let write = match key {
-                ObjKey::Pool(name) => {
-                    let prev = obs.and_then(|o| convert::pool_status(o));
-                    self.world
-                        .pool_status(name, prev.as_ref(), now)
-                        .filter(|st| Some(st) != prev.as_ref())
-                        .and_then(|st| json(&st))
+            let Some(obs) = observed.get(key) else {
+                continue;
+            };
+            // Parsing 10,000 observed statuses every round would dominate it:
+            // reuse the parse while the object's resourceVersion is unchanged.
+            let rv = obs.metadata.resource_version.clone();
+            let prev = match self.parsed.get(key) {
+                Some((seen, p)) if rv.is_some() && *seen == rv => p,
+                _ => {
+                    let p = match key {
+                        ObjKey::Pool(_) => Parsed::Pool(convert::pool_status(obs)),
+                        ObjKey::Lease(_) => Parsed::Lease(convert::lease_status(obs)),
+                        ObjKey::Route(_) => Parsed::Route(convert::route_status(obs)),
+                    };
+                    &self
+                        .parsed
+                        .entry(key.clone())
+                        .insert_entry((rv, p))
+                        .into_mut()
+                        .1
                 }
-                ObjKey::Lease(k) => {
-                    let prev = obs.and_then(|o| convert::lease_status(o));
+            };
+            let write = match (key, prev) {
+                (ObjKey::Pool(name), Parsed::Pool(prev)) => self
+                    .world
+                    .pool_status(name, prev.as_ref(), now)
+                    .filter(|st| Some(st) != prev.as_ref())
+                    .and_then(|st| json(&st)),
+                (ObjKey::Lease(k), Parsed::Lease(prev)) => {
                     let routed = self
                         .tracker
                         .info(RoutedKind::Lease, &k.namespace, &k.name, acks);
@@ -230,8 +257,7 @@ impl Index {
                         .filter(|st| Some(st) != prev.as_ref())
                         .and_then(|st| json(&st))
                 }
-                ObjKey::Route(k) => {
-                    let prev = obs.and_then(|o| convert::route_status(o));
+                (ObjKey::Route(k), Parsed::Route(prev)) => {
                     let routed = self
                         .tracker
                         .info(RoutedKind::Route, &k.namespace, &k.name, acks);
@@ -240,18 +266,26 @@ impl Index {
                         .filter(|st| Some(st) != prev.as_ref())
                         .and_then(|st| json(&st))
                 }
+                _ => None,
             };
-            // Only objects the watch has shown can be patched (status of an
-            // object the API server does not have yet would 404).
-            if let (Some(status), Some(_)) = (write, obs) {
+            if let Some(status) = write {
                 out.push(StatusWrite {
                     key: key.clone(),
                     status,
                 });
             }
         }
+        let applied = &self.applied;
+        self.parsed.retain(|k, _| applied.contains_key(k));
         out
     }
+}
+
+/// An observed status, parsed once per resourceVersion.
+enum Parsed {
+    Pool(Option<IPPoolStatus>),
+    Lease(Option<VMLeaseStatus>),
+    Route(Option<SshRouteStatus>),
 }
 
 fn json<T: Serialize>(v: &T) -> Option<serde_json::Value> {
@@ -346,7 +380,7 @@ mod tests {
     fn plan_writes_only_what_differs_from_the_observed_status() {
         let p = pool(&["10.0.0.1"]);
         let a = lease("a", "u", 1, None);
-        let idx = Index::restore(
+        let mut idx = Index::restore(
             settings(),
             std::slice::from_ref(&p),
             std::slice::from_ref(&a),
@@ -366,6 +400,7 @@ mod tests {
         // Once the watch shows what was written, nothing is written again.
         let mut a2 = a.clone();
         a2.data["status"] = lease_status.clone();
+        a2.metadata.resource_version = Some("2".into());
         let mut p2 = p.clone();
         p2.data["status"] = writes
             .iter()

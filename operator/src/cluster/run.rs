@@ -133,6 +133,9 @@ struct Ctx {
     events: tokio::sync::mpsc::Sender<(KubeEvent, ObjectReference, String)>,
     /// Wakes the status round.
     wake: Notify,
+    /// Wakes the snapshot publisher (its own task, so a routing change does
+    /// not wait behind a status round).
+    publish_wake: Notify,
     /// Consecutive failures per object, for backoff.
     failures: Mutex<HashMap<(String, String, String), u32>>,
 }
@@ -146,12 +149,14 @@ impl Ctx {
 
     fn admit(&self, kind: &str, obj: &DynamicObject) {
         if self.index().apply(kind, obj) {
+            self.publish_wake.notify_one();
             self.wake.notify_one();
         }
     }
 
     fn remove(&self, key: &ObjKey) {
         if self.index().remove(key) {
+            self.publish_wake.notify_one();
             self.wake.notify_one();
         }
     }
@@ -388,7 +393,14 @@ pub async fn run(opts: ClusterOptions) -> Result<()> {
             let _ = tokio::time::timeout(Duration::from_secs(5), metrics_task).await;
             Ok(())
         }
-        Err(e) => Err(e.context("the operator stops so a fresh start re-reads every object")),
+        Err(e) => {
+            // Unless the Lease is already someone else's, hand it back so a
+            // healthy replica can lead while this one restarts.
+            if !*lost.borrow() {
+                leadership.release().await;
+            }
+            Err(e.context("the operator stops so a fresh start re-reads every object"))
+        }
     }
 }
 
@@ -404,7 +416,20 @@ async fn lead(
     metrics: Arc<Metrics>,
     stop: watch::Receiver<bool>,
 ) -> Result<()> {
-    let token = read_token(&client, namespace, &opts.token).await?;
+    // The Secret may be created after the operator (an install applying
+    // everything at once): wait for it, saying what is missing.
+    let mut delay = Duration::from_millis(500);
+    let token = loop {
+        match read_token(&client, namespace, &opts.token).await {
+            Ok(t) => break t,
+            Err(e) if !*stop.borrow() => {
+                error!("{e:#}; retrying in {delay:?}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+            Err(e) => return Err(e),
+        }
+    };
     let kinds = Kinds::new();
     // Assigned-first: every lease's recorded IP is taken back before anything
     // new is allocated (the controllers start only after this).
@@ -452,6 +477,7 @@ async fn lead(
         metrics: metrics.clone(),
         events,
         wake: Notify::new(),
+        publish_wake: Notify::new(),
         failures: Mutex::new(HashMap::new()),
     });
     ctx.publish_if_changed();
@@ -521,7 +547,12 @@ async fn lead(
             .run(reconcile_route, error_policy, ctx.clone())
             .for_each(drive("SshRoute")),
     );
-    let rounds = status_loop(ctx.clone(), stores, stop.clone());
+    let rounds = async {
+        tokio::join!(
+            status_loop(ctx.clone(), stores, stop.clone()),
+            publish_loop(ctx.clone(), stop.clone())
+        );
+    };
     info!(grpc = %opts.grpc_listen, "leading: controllers started");
     tokio::select! {
         _ = controllers => {}
@@ -697,7 +728,32 @@ async fn status_loop(
             _ = stop.wait_for(|s| *s) => return,
         }
         // Let a burst of changes land in one round.
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Publishes the snapshot soon after every admitted change (bursts coalesce:
+/// a change that lands while a snapshot is being built goes into the next).
+async fn publish_loop(ctx: Arc<Ctx>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            () = ctx.publish_wake.notified() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let started = std::time::Instant::now();
+        let c = ctx.clone();
+        // Building a large snapshot is CPU work: keep it off the reactor.
+        if let Err(e) = tokio::task::spawn_blocking(move || c.publish_if_changed()).await {
+            error!("publishing the snapshot: {e}");
+        }
+        // Under a burst (more changes arrived while this one was built) rest
+        // as long as the build took, so publishing takes at most half the
+        // time and allocation and status writes keep up. A lone edit is
+        // published at once.
+        if ctx.index().is_dirty() {
+            tokio::time::sleep(started.elapsed()).await;
+        }
     }
 }
 
@@ -715,9 +771,11 @@ async fn round(
         if swept > 0 {
             debug!(swept, "objects gone without a finalizer");
         }
+        let t0 = std::time::Instant::now();
         if idx.take_dirty() {
             publish(&mut idx, &ctx.publisher, &ctx.metrics);
         }
+        let published = t0.elapsed();
         let acks = acks_of(&ctx.publisher);
         ctx.metrics
             .subscribers
@@ -728,10 +786,15 @@ async fn round(
                 .with_label_values(&[kind])
                 .set(i64::try_from(n).unwrap_or(0));
         }
-        (
-            idx.plan(&observed, &acks, Timestamp::now()),
-            idx.take_notices(),
-        )
+        let plan = idx.plan(&observed, &acks, Timestamp::now());
+        debug!(
+            observe = ?(t0 - started),
+            publish = ?published,
+            plan = ?(t0.elapsed() - published),
+            writes = plan.len(),
+            "status round"
+        );
+        (plan, idx.take_notices())
     };
     ctx.metrics
         .round_seconds
