@@ -187,9 +187,10 @@ async fn two_replicas_one_writer_and_failover_keeps_every_ip() {
     let epoch_a = lease_epoch(&env);
 
     // The leader dies without handing the Lease back.
-    let mark = env.api.requests().len();
     a.proc.kill();
     let killed = Instant::now();
+    // Counted after the kill: every later request is op-b's or the test's.
+    let mark = env.api.requests().len();
     wait_for(WAIT, "op-b to take over", || {
         (env.leader().as_deref() == Some("op-b")).then_some(())
     })
