@@ -66,6 +66,12 @@ pub struct RunArgs {
     /// Messages buffered per channel before the connection pushes back.
     #[arg(long, default_value_t = 64)]
     channel_buffer: usize,
+    /// L4 edges (HAProxy `send-proxy-v2`, a load balancer) allowed to send a
+    /// PROXY protocol v1/v2 header, whose destination address then routes
+    /// the connection; comma-separated CIDRs or IPs. A header from any other
+    /// peer closes the connection.
+    #[arg(long, value_name = "CIDRS", value_delimiter = ',')]
+    trusted_proxy_cidrs: Vec<String>,
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
@@ -112,6 +118,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         connect_timeout: Duration::from_secs(args.connect_timeout_secs.max(1)),
         drain: Duration::from_secs(args.drain_secs),
         channel_buffer: args.channel_buffer.max(1),
+        trusted_proxies: gateway::proxy_header::Trusted::parse(&args.trusted_proxy_cidrs)
+            .map_err(anyhow::Error::msg)?,
         ..Limits::default()
     };
 

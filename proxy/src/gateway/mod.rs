@@ -9,6 +9,7 @@
 //! the socket for certain (see [`stream`]).
 
 pub mod direct;
+pub mod proxy_header;
 pub mod relay;
 pub mod ssh;
 pub mod stream;
@@ -49,6 +50,9 @@ pub struct Limits {
     pub channel_buffer: usize,
     /// Idle upstream SSH connections are kept this long for reuse.
     pub upstream_idle: Duration,
+    /// Peers whose PROXY protocol header (v1/v2) gives the destination; a
+    /// header from anyone else closes the connection.
+    pub trusted_proxies: proxy_header::Trusted,
 }
 
 impl Default for Limits {
@@ -61,6 +65,7 @@ impl Default for Limits {
             drain: Duration::from_secs(30),
             channel_buffer: 64,
             upstream_idle: Duration::from_secs(30),
+            trusted_proxies: proxy_header::Trusted::default(),
         }
     }
 }
@@ -217,7 +222,10 @@ impl Gateway {
         m.unauthenticated.inc();
         let _open = scopeguard(move || m.connections_open.dec());
         let started = Instant::now();
-        let local = match tcp.local_addr() {
+        let deadline = tokio::time::Instant::from_std(started + self.limits.auth_timeout);
+        let mut tcp = tcp;
+        let mut peer = peer;
+        let mut local = match tcp.local_addr() {
             Ok(a) => a,
             Err(e) => {
                 debug!(%peer, "no local address: {e}");
@@ -226,7 +234,31 @@ impl Gateway {
             }
         };
         let _ = tcp.set_nodelay(true);
-        let stream = stream::KillableStream::new(tcp, cancel.clone());
+        let trusted = self.limits.trusted_proxies.contains(peer.ip());
+        if trusted {
+            // The edge's header says which address the user dialed; routing
+            // uses it. The handshake deadline covers reading it.
+            match tokio::time::timeout_at(deadline, proxy_header::read(&mut tcp)).await {
+                Ok(Ok(Some((src, dst)))) => {
+                    debug!(edge = %peer, client = %src, dst = %dst, "PROXY header");
+                    peer = src;
+                    local = dst;
+                }
+                Ok(Ok(None)) => debug!(edge = %peer, "PROXY header without addresses (LOCAL)"),
+                Ok(Err(e)) => {
+                    warn!(edge = %peer, "closing: {e}");
+                    self.end_unauthenticated("proxy_header_refused", &cancel);
+                    return;
+                }
+                Err(_) => {
+                    debug!(edge = %peer, "no PROXY header before the deadline");
+                    self.end_unauthenticated("auth_timeout", &cancel);
+                    return;
+                }
+            }
+        }
+        // Anyone else sending a PROXY header is refused, not misrouted.
+        let stream = stream::KillableStream::new(tcp, cancel.clone()).refuse_proxy_header(!trusted);
         let (auth_tx, auth_rx) = tokio::sync::oneshot::channel();
         let handler = ssh::Conn::new(
             self.clone(),
@@ -235,7 +267,6 @@ impl Gateway {
             auth_tx,
             cancel.clone(),
         );
-        let deadline = tokio::time::Instant::from_std(started + self.limits.auth_timeout);
         let running = tokio::time::timeout_at(
             deadline,
             russh::server::run_stream(self.ssh_config.clone(), stream, handler),
@@ -244,8 +275,14 @@ impl Gateway {
         let running = match running {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
-                debug!(%peer, "handshake failed: {e:?}");
-                self.end_unauthenticated("closed_unauthenticated", &cancel);
+                let e = format!("{e:?}");
+                if e.contains(stream::UNTRUSTED_PROXY_HEADER) {
+                    warn!(%peer, "closing: a PROXY header from a peer not in --trusted-proxy-cidrs");
+                    self.end_unauthenticated("proxy_header_refused", &cancel);
+                } else {
+                    debug!(%peer, "handshake failed: {e}");
+                    self.end_unauthenticated("closed_unauthenticated", &cancel);
+                }
                 return;
             }
             Err(_) => {

@@ -17,14 +17,44 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 pub struct KillableStream {
     inner: TcpStream,
     cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// The first bytes the peer sent, while they could still be the start
+    /// of a PROXY header that must be refused.
+    sniff: Option<Vec<u8>>,
 }
+
+/// The error text a refused PROXY header surfaces as.
+pub const UNTRUSTED_PROXY_HEADER: &str = "PROXY protocol header from an untrusted peer";
 
 impl KillableStream {
     pub fn new(inner: TcpStream, token: CancellationToken) -> Self {
         KillableStream {
             inner,
             cancelled: Box::pin(token.cancelled_owned()),
+            sniff: None,
         }
+    }
+
+    /// Fails the first read when the peer opens with a PROXY header (it is
+    /// not trusted to send one, and its bytes must not reach the SSH parser).
+    pub fn refuse_proxy_header(mut self, on: bool) -> Self {
+        self.sniff = on.then(Vec::new);
+        self
+    }
+
+    fn sniff(&mut self, fresh: &[u8]) -> io::Result<()> {
+        let Some(seen) = self.sniff.as_mut() else {
+            return Ok(());
+        };
+        seen.extend(fresh.iter().take(6 - seen.len().min(6)));
+        if !super::proxy_header::looks_like_header(seen) {
+            self.sniff = None;
+        } else if seen.len() >= 6 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                UNTRUSTED_PROXY_HEADER,
+            ));
+        }
+        Ok(())
     }
 
     fn check(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
@@ -46,7 +76,12 @@ impl AsyncRead for KillableStream {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         this.check(cx)?;
-        Pin::new(&mut this.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if this.sniff.is_some() && matches!(r, Poll::Ready(Ok(()))) {
+            this.sniff(&buf.filled()[before..])?;
+        }
+        r
     }
 }
 

@@ -1,0 +1,214 @@
+//! PROXY protocol v1/v2 on the SSH listener: behind an L4 edge (HAProxy
+//! `send-proxy-v2`, a cloud load balancer) the destination the user dialed
+//! is only in the header, and routing needs it. Parsing is the `ppp` crate's;
+//! this module reads exactly one header off the socket (never a byte of the
+//! SSH stream after it) and decides what it means.
+
+use std::net::{IpAddr, SocketAddr};
+
+use ipnet::IpNet;
+use ppp::HeaderResult;
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// The v2 signature (12 bytes).
+const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
+/// A v1 header is at most 107 bytes, CRLF included.
+const V1_MAX: usize = 107;
+/// Addresses plus TLVs we accept in a v2 header (HAProxy sends a few TLVs;
+/// a peer claiming 64 KiB is refused rather than buffered).
+const V2_MAX_PAYLOAD: usize = 1024;
+
+/// Peers allowed to send PROXY headers.
+#[derive(Clone, Debug, Default)]
+pub struct Trusted(Vec<IpNet>);
+
+impl Trusted {
+    /// From CIDRs (a bare IP is a /32 or /128).
+    pub fn parse(list: &[String]) -> Result<Self, String> {
+        list.iter()
+            .map(|s| {
+                let s = s.trim();
+                s.parse::<IpNet>()
+                    .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+                    .map_err(|_| format!("--trusted-proxy-cidrs: {s:?} is not a CIDR or IP"))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Trusted)
+    }
+
+    /// Whether `ip` may send a header (IPv4-mapped IPv6 peers count as IPv4).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = crate::routes::canonical(ip);
+        self.0.iter().any(|n| n.contains(&ip))
+    }
+}
+
+/// Why a header was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum HeaderError {
+    /// Not a PROXY header at all.
+    #[error("a trusted peer sent no PROXY protocol header")]
+    Missing,
+    /// Too long.
+    #[error("PROXY header too long")]
+    TooLong,
+    /// Malformed.
+    #[error("malformed PROXY header: {0}")]
+    Malformed(String),
+    /// The socket failed.
+    #[error("reading the PROXY header: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What a header says: the client's address and the address it dialed, or
+/// nothing (a LOCAL/UNKNOWN header: the edge's own health check; the
+/// socket's addresses stand).
+pub type Addresses = Option<(SocketAddr, SocketAddr)>;
+
+/// True when `prefix` (the first bytes a peer sent) starts like a PROXY
+/// header; used to refuse headers from untrusted peers explicitly.
+pub fn looks_like_header(prefix: &[u8]) -> bool {
+    let n = prefix.len().min(6);
+    n > 0 && (prefix[..n] == b"PROXY "[..n] || prefix[..n] == V2_SIGNATURE[..n])
+}
+
+/// Reads exactly one PROXY header (v1 or v2) from `r`.
+pub async fn read<R: AsyncRead + Unpin>(r: &mut R) -> Result<Addresses, HeaderError> {
+    // 8 bytes tell v1 ("PROXY ") from v2 and are below either's minimum
+    // length (15 and 16), so nothing after the header is consumed.
+    let mut buf = vec![0u8; 8];
+    r.read_exact(&mut buf).await?;
+    if buf[..8] == V2_SIGNATURE[..8] {
+        buf.resize(16, 0);
+        r.read_exact(&mut buf[8..]).await?;
+        let len = usize::from(u16::from_be_bytes([buf[14], buf[15]]));
+        if len > V2_MAX_PAYLOAD {
+            return Err(HeaderError::TooLong);
+        }
+        buf.resize(16 + len, 0);
+        r.read_exact(&mut buf[16..]).await?;
+    } else if buf.starts_with(b"PROXY ") {
+        let mut b = [0u8; 1];
+        while !buf.ends_with(b"\r\n") {
+            if buf.len() >= V1_MAX {
+                return Err(HeaderError::TooLong);
+            }
+            r.read_exact(&mut b).await?;
+            buf.push(b[0]);
+        }
+    } else {
+        return Err(HeaderError::Missing);
+    }
+    parse(&buf)
+}
+
+/// Interprets one complete header.
+pub fn parse(bytes: &[u8]) -> Result<Addresses, HeaderError> {
+    use ppp::v1::Addresses as V1;
+    use ppp::v2::{Addresses as V2, Command};
+    let v4 = |a: &ppp::v1::IPv4| {
+        Some((
+            SocketAddr::from((a.source_address, a.source_port)),
+            SocketAddr::from((a.destination_address, a.destination_port)),
+        ))
+    };
+    let v6 = |a: &ppp::v1::IPv6| {
+        Some((
+            SocketAddr::from((a.source_address, a.source_port)),
+            SocketAddr::from((a.destination_address, a.destination_port)),
+        ))
+    };
+    match HeaderResult::parse(bytes) {
+        HeaderResult::V1(Ok(h)) => Ok(match &h.addresses {
+            V1::Tcp4(a) => v4(a),
+            V1::Tcp6(a) => v6(a),
+            V1::Unknown => None,
+        }),
+        HeaderResult::V2(Ok(h)) => match (h.command, &h.addresses) {
+            (Command::Local, _) => Ok(None),
+            (Command::Proxy, V2::IPv4(a)) => Ok(v4(a)),
+            (Command::Proxy, V2::IPv6(a)) => Ok(v6(a)),
+            (Command::Proxy, V2::Unspecified) => Ok(None),
+            (Command::Proxy, V2::Unix(_)) => Err(HeaderError::Malformed(
+                "a UNIX-socket address cannot be routed".into(),
+            )),
+        },
+        HeaderResult::V1(Err(e)) => Err(HeaderError::Malformed(e.to_string())),
+        HeaderResult::V2(Err(e)) => Err(HeaderError::Malformed(e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use ppp::v2::{Builder, Command, Protocol, Version};
+
+    fn v2(src: &str, dst: &str, command: Command) -> Vec<u8> {
+        let addrs: ppp::v2::Addresses = (
+            src.parse::<SocketAddr>().unwrap(),
+            dst.parse::<SocketAddr>().unwrap(),
+        )
+            .into();
+        Builder::with_addresses(Version::Two | command, Protocol::Stream, addrs)
+            .write_tlv(ppp::v2::Type::NoOp, &[0; 3])
+            .unwrap()
+            .build()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn v1_and_v2_give_the_dialed_address_and_leave_the_ssh_bytes() {
+        let mut input = b"PROXY TCP4 198.51.100.7 203.0.113.9 50000 22\r\nSSH-2.0-x\r\n".to_vec();
+        let mut r = &input[..];
+        let got = read(&mut r).await.unwrap().unwrap();
+        assert_eq!(got.1, "203.0.113.9:22".parse().unwrap());
+        assert_eq!(r, b"SSH-2.0-x\r\n");
+
+        input = v2("[2001:db8::1]:4000", "[2001:db8::2]:22", Command::Proxy);
+        input.extend_from_slice(b"SSH-2.0-y\r\n");
+        let mut r = &input[..];
+        let got = read(&mut r).await.unwrap().unwrap();
+        assert_eq!(got.0, "[2001:db8::1]:4000".parse().unwrap());
+        assert_eq!(got.1, "[2001:db8::2]:22".parse().unwrap());
+        assert_eq!(r, b"SSH-2.0-y\r\n");
+
+        let local = v2("127.0.0.1:1", "127.0.0.1:2", Command::Local);
+        assert_eq!(read(&mut &local[..]).await.unwrap(), None);
+        let unknown = b"PROXY UNKNOWN\r\nSSH-2.0-z\r\n";
+        let mut r = &unknown[..];
+        assert_eq!(read(&mut r).await.unwrap(), None);
+        assert_eq!(r, b"SSH-2.0-z\r\n");
+    }
+
+    #[tokio::test]
+    async fn bad_headers_are_refused() {
+        let cases: Vec<Vec<u8>> = vec![
+            b"SSH-2.0-OpenSSH_9.2\r\n".to_vec(),
+            b"PROXY TCP4 1.2.3.4 nonsense 1 2\r\n".to_vec(),
+            [b"PROXY TCP4 ".as_slice(), &[b'1'; 120], b"\r\n"].concat(),
+            [&V2_SIGNATURE[..], &[0x21, 0x11, 0xff, 0xff]].concat(),
+            [&V2_SIGNATURE[..], &[0x21, 0x11, 0x00, 0x02, 1, 2]].concat(),
+            b"PROXY".to_vec(),
+        ];
+        for c in cases {
+            assert!(
+                read(&mut &c[..]).await.is_err(),
+                "{:?}",
+                String::from_utf8_lossy(&c)
+            );
+        }
+    }
+
+    #[test]
+    fn sniffing_and_trust() {
+        assert!(looks_like_header(b"PROXY TCP4"));
+        assert!(looks_like_header(&V2_SIGNATURE[..]));
+        assert!(!looks_like_header(b"SSH-2.0-"));
+        let t = Trusted::parse(&["10.0.0.0/8".into(), "192.0.2.1".into()]).unwrap();
+        assert!(t.contains("10.1.2.3".parse().unwrap()));
+        assert!(t.contains("::ffff:192.0.2.1".parse().unwrap()));
+        assert!(!t.contains("192.0.2.2".parse().unwrap()));
+        assert!(Trusted::parse(&["nope".into()]).is_err());
+    }
+}
