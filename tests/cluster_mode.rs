@@ -594,25 +594,7 @@ async fn a_subscribed_proxy_gets_new_leases_and_routed_follows_its_ack() {
 async fn the_snapshot_server_speaks_tls_when_certificates_are_configured() {
     let env = ClusterEnv::start().await.unwrap();
     let dir = env.dir.path();
-    // A CA and a server certificate it signs (webpki refuses a CA
-    // certificate used as the server's own), made by the real openssl.
-    let script = "set -e
-        ec='-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes'
-        openssl req -x509 $ec -days 1 -subj /CN=keyway-test-ca -keyout ca.key -out ca.crt
-        openssl req $ec -subj /CN=keyway-operator -keyout tls.key -out tls.csr
-        printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\\nbasicConstraints=CA:FALSE\\nextendedKeyUsage=serverAuth\\n' >leaf.ext
-        openssl x509 -req -days 1 -in tls.csr -CA ca.crt -CAkey ca.key -CAcreateserial -extfile leaf.ext -out tls.crt";
-    let out = std::process::Command::new("bash")
-        .args(["-c", script])
-        .current_dir(dir)
-        .output()
-        .expect("bash and openssl (Debian openssl; `make deps` installs it)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let (cert, key, ca) = (dir.join("tls.crt"), dir.join("tls.key"), dir.join("ca.crt"));
+    let keyway_e2e::TlsFiles { cert, key, ca } = keyway_e2e::make_tls(dir);
     let (c, k) = (cert.to_str().unwrap(), key.to_str().unwrap());
     let op = env
         .operator("op-a", &["--tls-cert", c, "--tls-key", k])

@@ -35,6 +35,8 @@ pub struct Metrics {
     pub upstream_connect_seconds: HistogramVec,
     /// Connections closed because their lease or route was withdrawn.
     pub settled_closed: prometheus::IntCounter,
+    /// CONNECT requests on the HTTPS listener by result.
+    pub connect_requests: IntCounterVec,
     pub snapshot_epoch: IntGauge,
     pub snapshot_version: IntGauge,
     pub snapshot_leases: IntGauge,
@@ -105,6 +107,13 @@ impl Metrics {
                 .buckets(buckets),
                 &["kind", "result"],
             )?,
+            connect_requests: IntCounterVec::new(
+                Opts::new(
+                    "keyway_connect_requests_total",
+                    "CONNECT requests on the HTTPS listener by result",
+                ),
+                &["result"],
+            )?,
             settled_closed: prometheus::IntCounter::new(
                 "keyway_ssh_settled_closed_total",
                 "Connections closed because their lease or route was withdrawn",
@@ -140,6 +149,7 @@ impl Metrics {
         reg.register(Box::new(m.handshake_seconds.clone()))?;
         reg.register(Box::new(m.upstream_connect_seconds.clone()))?;
         reg.register(Box::new(m.settled_closed.clone()))?;
+        reg.register(Box::new(m.connect_requests.clone()))?;
         reg.register(Box::new(m.snapshot_epoch.clone()))?;
         reg.register(Box::new(m.snapshot_version.clone()))?;
         reg.register(Box::new(m.snapshot_leases.clone()))?;

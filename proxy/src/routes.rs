@@ -97,6 +97,25 @@ pub struct RouteTable {
     by_ip_key: HashMap<(IpAddr, String), usize>,
     routes: Vec<RouteEntry>,
     by_user_host: HashMap<(String, IpAddr), Vec<usize>>,
+    /// `tcp+https://host:port` routes by (lower-case host, port).
+    by_connect: HashMap<(String, u16), usize>,
+    /// Leases by (namespace, name), for `<name>.<namespace>.<lease domain>`.
+    by_name: HashMap<(String, String), usize>,
+}
+
+/// Where a CONNECT goes and who may open it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectDecision {
+    /// What the tunnel is bound to (for settlement).
+    pub key: DestKey,
+    /// `namespace/name`, for logs.
+    pub label: String,
+    /// The backend.
+    pub target: Target,
+    /// Fingerprints allowed (empty with `allow_unauthenticated`).
+    pub allow: HashSet<String>,
+    /// No proof needed.
+    pub allow_unauthenticated: bool,
 }
 
 /// User name for relayed logins by lease hash when the lease names none: a
@@ -133,6 +152,7 @@ impl RouteTable {
                     .collect(),
             });
             t.by_hash.insert(hash, idx);
+            t.by_name.insert((l.namespace.clone(), l.name.clone()), idx);
             if let Ok(ip) = l.ip.parse::<IpAddr>() {
                 let disabled: HashSet<&str> = l
                     .ip_route_disabled_fingerprints
@@ -150,6 +170,33 @@ impl RouteTable {
             }
         }
         for r in &snap.routes {
+            if let Some(pb::route::Match::Connect(m)) = &r.r#match {
+                let to = match &r.to {
+                    Some(pb::route::To::Address(a)) => RouteTo::Address(a.clone()),
+                    Some(pb::route::To::LeaseHash(h)) => match <[u8; 32]>::try_from(h.as_slice())
+                        .ok()
+                        .and_then(|h| t.by_hash.get(&h))
+                    {
+                        Some(&i) => RouteTo::Lease(i),
+                        None => continue,
+                    },
+                    None => continue,
+                };
+                let (Ok(port), idx) = (u16::try_from(m.port), t.routes.len()) else {
+                    continue;
+                };
+                t.routes.push(RouteEntry {
+                    namespace: r.namespace.clone(),
+                    name: r.name.clone(),
+                    to,
+                    allow: r.allow_keys.iter().map(|k| k.fingerprint.clone()).collect(),
+                    allow_unauthenticated: r.allow_unauthenticated,
+                });
+                t.by_connect
+                    .entry((m.host.to_ascii_lowercase(), port))
+                    .or_insert(idx);
+                continue;
+            }
             let Some(pb::route::Match::Ssh(m)) = &r.r#match else {
                 continue;
             };
@@ -252,6 +299,49 @@ impl RouteTable {
                 .iter()
                 .any(|r| &r.namespace == namespace && &r.name == name),
         }
+    }
+
+    /// Where a CONNECT to `host:port` goes: a `tcp+https://host:port` route,
+    /// or, under `lease_domain`, `<lease>.<namespace>.<lease_domain>` (any
+    /// port) to that lease's target for the lease's own keys.
+    pub fn connect(
+        &self,
+        host: &str,
+        port: u16,
+        lease_domain: Option<&str>,
+    ) -> Option<ConnectDecision> {
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        if let Some(&i) = self.by_connect.get(&(host.clone(), port)) {
+            let r = &self.routes[i];
+            let target = match &r.to {
+                RouteTo::Address(a) => Target::Address(a.clone()),
+                RouteTo::Lease(l) => self.leases[*l].target.clone()?,
+            };
+            return Some(ConnectDecision {
+                key: DestKey::Route {
+                    namespace: r.namespace.clone(),
+                    name: r.name.clone(),
+                },
+                label: format!("{}/{}", r.namespace, r.name),
+                target,
+                allow: r.allow.clone(),
+                allow_unauthenticated: r.allow_unauthenticated,
+            });
+        }
+        let domain = lease_domain?.trim_end_matches('.').to_ascii_lowercase();
+        let prefix = host.strip_suffix(&domain)?.strip_suffix('.')?;
+        let (name, namespace) = prefix.split_once('.')?;
+        let &i = self
+            .by_name
+            .get(&(namespace.to_string(), name.to_string()))?;
+        let l = &self.leases[i];
+        Some(ConnectDecision {
+            key: DestKey::Lease(l.hash),
+            label: l.label.clone(),
+            target: l.target.clone()?,
+            allow: l.fingerprints.clone(),
+            allow_unauthenticated: false,
+        })
     }
 
     /// `default_user` is the upstream user when the lease names none.

@@ -72,6 +72,20 @@ pub struct RunArgs {
     /// peer closes the connection.
     #[arg(long, value_name = "CIDRS", value_delimiter = ',')]
     trusted_proxy_cidrs: Vec<String>,
+    /// HTTPS (CONNECT) listen address; repeat for several. Served only with
+    /// --tls-cert and --tls-key (default then: 0.0.0.0:8443).
+    #[arg(long = "https-listen", value_name = "ADDR")]
+    https_listen: Vec<SocketAddr>,
+    /// TLS certificate chain (PEM) of the CONNECT listener.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) of the CONNECT listener.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CONNECT to `<lease>.<namespace>.<DOMAIN>:<port>` reaches that lease's
+    /// VM for the lease's own keys.
+    #[arg(long, value_name = "DOMAIN")]
+    lease_domain: Option<String>,
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
@@ -126,6 +140,21 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let metrics = Metrics::new()?;
     let metrics_listener = metrics::bind(args.metrics_listen).await?;
     let listeners = gateway::bind(&args.ssh_listen).await?;
+    let connect = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let tls = gateway::connect::tls_config(cert, key)?;
+            let addrs = if args.https_listen.is_empty() {
+                vec![SocketAddr::from(([0, 0, 0, 0], 8443))]
+            } else {
+                args.https_listen.clone()
+            };
+            Some((gateway::bind(&addrs).await?, tls))
+        }
+        _ if !args.https_listen.is_empty() => {
+            anyhow::bail!("--https-listen needs --tls-cert and --tls-key")
+        }
+        _ => None,
+    };
 
     let (table_tx, table_rx) = watch::channel(Arc::new(RouteTable::default()));
     let gw = Gateway::new(host_key, limits, metrics.clone(), relay.clone(), table_rx);
@@ -241,7 +270,19 @@ pub async fn run(args: RunArgs) -> Result<()> {
             stop.cancel();
         })
     };
+    let connect_task = connect.map(|(listeners, tls)| {
+        let gw = gw.clone();
+        let stop = stop.clone();
+        let lease_domain = args.lease_domain.clone();
+        tokio::spawn(async move {
+            let config = gateway::connect::ConnectConfig { tls, lease_domain };
+            gw.serve_connect(listeners, config, stop).await;
+        })
+    });
     gw.serve(listeners, stop.clone()).await;
+    if let Some(t) = connect_task {
+        t.abort();
+    }
     stop.cancel();
     signals.abort();
     apply.abort();

@@ -285,3 +285,39 @@ pub fn lease_yaml(
         "apiVersion: keyway.dev/v1alpha1\nkind: VMLease\nmetadata:\n  name: {name}\nspec:\n  user: {user}\n  poolRef: {pool}\n  accessPublicKeys:\n    - \"{key}\"\n  target:\n    address: \"{target}\"\n  settled: {settled}\n"
     )
 }
+
+/// PEM files of a test CA and a server certificate it signs.
+pub struct TlsFiles {
+    /// The server certificate (SANs: localhost, 127.0.0.1).
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+    /// The CA certificate clients trust.
+    pub ca: PathBuf,
+}
+
+/// Makes a CA and a server certificate in `dir` with the real openssl
+/// (webpki refuses a CA certificate used as the server's own, so two steps).
+pub fn make_tls(dir: &Path) -> TlsFiles {
+    let script = "set -e
+        ec='-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes'
+        openssl req -x509 $ec -days 1 -subj /CN=keyway-test-ca -keyout ca.key -out ca.crt
+        openssl req $ec -subj /CN=keyway-test-server -keyout tls.key -out tls.csr
+        printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\\nbasicConstraints=CA:FALSE\\nextendedKeyUsage=serverAuth\\n' >leaf.ext
+        openssl x509 -req -days 1 -in tls.csr -CA ca.crt -CAkey ca.key -CAcreateserial -extfile leaf.ext -out tls.crt";
+    let out = Command::new("bash")
+        .args(["-c", script])
+        .current_dir(dir)
+        .output()
+        .expect("bash and openssl (Debian openssl; `make deps` installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    TlsFiles {
+        cert: dir.join("tls.crt"),
+        key: dir.join("tls.key"),
+        ca: dir.join("ca.crt"),
+    }
+}

@@ -8,6 +8,7 @@
 //! connection, and cancelling it (auth deadline, settlement, drain) closes
 //! the socket for certain (see [`stream`]).
 
+pub mod connect;
 pub mod direct;
 pub mod proxy_header;
 pub mod relay;

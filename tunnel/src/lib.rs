@@ -1,0 +1,3 @@
+//! Protocols between the `keyway` CLI and the gateway's tunnel endpoints.
+
+pub mod proof;
