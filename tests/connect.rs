@@ -156,3 +156,32 @@ fn ssh_through_connect_over_tls_with_a_key_proof() {
     assert!(c.st.metric("keyway_connect_requests_total", &["forbidden"]) >= 3.0);
     assert!(c.st.metric("keyway_connect_requests_total", &["not_found"]) >= 1.0);
 }
+
+#[test]
+fn withdrawing_a_route_closes_its_open_tunnels() {
+    use std::io::{BufRead, BufReader};
+    let c = start();
+    let mut child = Command::new(bin("keyway"))
+        .args(["tcp", "open.example:22", "--listen", "-", "--url", &c.url])
+        .arg("--ca")
+        .arg(&c.tls.ca)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut banner = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut banner)
+        .unwrap();
+    assert!(banner.starts_with("SSH-2.0"), "{banner:?}");
+    // Keep only alice's route: the open one is withdrawn.
+    let text = std::fs::read_to_string(c.st.dir.join("routes.yaml")).unwrap();
+    let kept = text.split("---").next().unwrap().to_string();
+    write_file(&c.st.dir.join("routes.yaml"), &kept);
+    let closed = wait_for(Duration::from_secs(30), "the tunnel to close", || {
+        child.try_wait().unwrap().map(|_| ())
+    });
+    assert!(closed.is_ok(), "{closed:?}\n{}", c.st.proxy_log());
+    assert!(c.st.proxy_log().contains("closing the CONNECT tunnel"));
+}

@@ -48,7 +48,7 @@ enum Command {
 }
 
 #[tokio::main]
-async fn main() -> std::process::ExitCode {
+async fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Tcp {
@@ -68,11 +68,15 @@ async fn main() -> std::process::ExitCode {
             .await
         }
     };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+    let code = match result {
+        Ok(()) => 0,
         Err(e) => {
             eprintln!("keyway: {e:#}");
-            std::process::ExitCode::FAILURE
+            1
         }
-    }
+    };
+    // Exit now: a blocking read of stdin (tokio runs it on a blocking
+    // thread) would otherwise hold the runtime's shutdown until ssh closes
+    // our stdin, and a ProxyCommand must end when its tunnel does.
+    std::process::exit(code)
 }

@@ -65,13 +65,30 @@ pub async fn run(opts: Options) -> Result<()> {
     }
 }
 
-async fn pipe<A, B>(mut a: A, b: &mut B)
+/// Pipes `tunnel` and `local` both ways. Ends when the gateway side ends (the
+/// backend closed, or the route was withdrawn): a ProxyCommand must exit then,
+/// not wait for ssh to close stdin.
+async fn pipe<A, B>(tunnel: A, local: &mut B)
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    // Ends when either side closes; errors mean the peer went away.
-    let _ = tokio::io::copy_bidirectional(&mut a, b).await;
+    let (mut tr, mut tw) = tokio::io::split(tunnel);
+    let (mut lr, mut lw) = tokio::io::split(local);
+    let up = async {
+        let _ = tokio::io::copy(&mut lr, &mut tw).await;
+        let _ = tw.shutdown().await;
+        // Local EOF: keep reading what the backend still sends.
+        std::future::pending::<()>().await;
+    };
+    let down = async {
+        let _ = tokio::io::copy(&mut tr, &mut lw).await;
+        let _ = lw.flush().await;
+    };
+    tokio::select! {
+        () = up => {}
+        () = down => {}
+    }
 }
 
 fn tls_config(ca: Option<&std::path::Path>) -> Result<Arc<rustls::ClientConfig>> {

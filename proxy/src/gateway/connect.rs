@@ -276,22 +276,42 @@ async fn handle(
     count("ok");
     info!(%peer, %authority, to = %d.label, "CONNECT tunnel");
     let metrics = shared.gw.metrics.clone();
+    let mut table = shared.gw.table.clone();
+    let key = d.key.clone();
+    let label = d.label.clone();
     tokio::spawn(async move {
-        match hyper::upgrade::on(&mut req).await {
-            Ok(up) => {
-                let mut client = TokioIo::new(up);
-                let mut upstream = upstream;
-                if let Ok((to, from)) =
-                    tokio::io::copy_bidirectional(&mut client, &mut upstream).await
-                {
-                    metrics.bytes.with_label_values(&["upstream"]).inc_by(to);
-                    metrics
-                        .bytes
-                        .with_label_values(&["downstream"])
-                        .inc_by(from);
+        let up = match hyper::upgrade::on(&mut req).await {
+            Ok(up) => up,
+            Err(e) => {
+                debug!("CONNECT upgrade: {e}");
+                return;
+            }
+        };
+        let mut client = TokioIo::new(up);
+        let mut upstream = upstream;
+        // Settlement: the tunnel ends when a snapshot withdraws its route
+        // or lease, like SSH sessions do.
+        let withdrawn = async {
+            loop {
+                if table.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+                if !table.borrow().contains(&key) {
+                    return;
                 }
             }
-            Err(e) => debug!("CONNECT upgrade: {e}"),
+        };
+        tokio::select! {
+            r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
+                if let Ok((to, from)) = r {
+                    metrics.bytes.with_label_values(&["upstream"]).inc_by(to);
+                    metrics.bytes.with_label_values(&["downstream"]).inc_by(from);
+                }
+            }
+            () = withdrawn => {
+                info!(to = %label, "route withdrawn; closing the CONNECT tunnel");
+                metrics.settled_closed.inc();
+            }
         }
     });
     Response::new(Full::new(Bytes::new()))
