@@ -185,3 +185,91 @@ fn withdrawing_a_route_closes_its_open_tunnels() {
     assert!(closed.is_ok(), "{closed:?}\n{}", c.st.proxy_log());
     assert!(c.st.proxy_log().contains("closing the CONNECT tunnel"));
 }
+
+/// Sends `POST /tunnel/{hash}/tcp` over TLS with `headers`; returns the
+/// status line and, after a 101, the first line the VM sends.
+fn upgrade(c: &Connect, hash: &str, headers: &[(&str, String)]) -> (String, String) {
+    use rustls::pki_types::pem::PemObject;
+    use std::io::{BufRead, BufReader, Write};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(&c.tls.ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let addr = c.url.trim_start_matches("https://");
+    let tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let conn =
+        rustls::ClientConnection::new(std::sync::Arc::new(cfg), "127.0.0.1".try_into().unwrap())
+            .unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let mut req = format!(
+        "POST /tunnel/{hash}/tcp HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: tcp\r\nContent-Length: 0\r\n"
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    tls.write_all(req.as_bytes()).unwrap();
+    let mut r = BufReader::new(tls);
+    let mut status = String::new();
+    r.read_line(&mut status).unwrap();
+    loop {
+        let mut l = String::new();
+        if r.read_line(&mut l).unwrap() == 0 || l == "\r\n" {
+            break;
+        }
+    }
+    let mut first = String::new();
+    if status.contains(" 101 ") {
+        r.read_line(&mut first).unwrap();
+    }
+    (status.trim().to_string(), first.trim().to_string())
+}
+
+#[test]
+fn the_upgrade_endpoint_takes_good_signatures_and_refuses_bad_and_replayed_ones() {
+    let c = start();
+    let lease = &c.st.leases["alice-1"];
+    let mut hash = [0u8; 32];
+    for (i, b) in hash.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&lease.hash[2 * i..2 * i + 2], 16).unwrap();
+    }
+    let alice = ssh_key::PrivateKey::read_openssh_file(c.st.key_path("alice")).unwrap();
+    let bob = ssh_key::PrivateKey::read_openssh_file(c.st.key_path("bob")).unwrap();
+    let plain = keyway_tunnel::upgrade::sign_plain(&alice, &hash).unwrap();
+
+    // The plain X-Signature of existing clients: accepted (and replayable).
+    let (status, banner) = upgrade(&c, &lease.hash, &[("X-Signature", plain.clone())]);
+    assert!(status.contains("101"), "{status}\n{}", c.st.proxy_log());
+    assert!(banner.starts_with("SSH-2.0"), "{banner}");
+    // A signature by a key the lease does not carry: 403.
+    let bad = keyway_tunnel::upgrade::sign_plain(&bob, &hash).unwrap();
+    let (status, _) = upgrade(&c, &lease.hash, &[("X-Signature", bad)]);
+    assert!(status.contains("403"), "{status}");
+    // The fresh proof: accepted once, refused when replayed.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let fresh =
+        keyway_tunnel::proof::sign(&alice, &keyway_tunnel::upgrade::authority(&lease.hash), now)
+            .unwrap();
+    let (status, banner) = upgrade(&c, &lease.hash, &[("Proxy-Authorization", fresh.clone())]);
+    assert!(
+        status.contains("101") && banner.starts_with("SSH-2.0"),
+        "{status} {banner}"
+    );
+    let (status, _) = upgrade(&c, &lease.hash, &[("Proxy-Authorization", fresh)]);
+    assert!(status.contains("403"), "a replayed proof: {status}");
+    assert!(c.st.proxy_log().contains("proof replayed"));
+    // No lease by that hash: 404.
+    let (status, _) = upgrade(&c, &"ab".repeat(32), &[("X-Signature", plain)]);
+    assert!(status.contains("404"), "{status}");
+}

@@ -72,6 +72,8 @@ struct LeaseEntry {
     upstream_user: String,
     relay_principal: String,
     fingerprints: HashSet<String>,
+    /// OpenSSH lines (the upgrade endpoint verifies raw signatures with them).
+    access_keys: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -150,6 +152,7 @@ impl RouteTable {
                     .iter()
                     .map(|k| k.fingerprint.clone())
                     .collect(),
+                access_keys: l.access_keys.iter().map(|k| k.openssh.clone()).collect(),
             });
             t.by_hash.insert(hash, idx);
             t.by_name.insert((l.namespace.clone(), l.name.clone()), idx);
@@ -342,6 +345,22 @@ impl RouteTable {
             allow: l.fingerprints.clone(),
             allow_unauthenticated: false,
         })
+    }
+
+    /// The lease behind `POST /tunnel/{hash}/tcp`, with its keys (OpenSSH
+    /// lines) for the plain signature.
+    pub fn upgrade(&self, hash: &[u8; 32]) -> Option<(ConnectDecision, Vec<String>)> {
+        let l = &self.leases[*self.by_hash.get(hash)?];
+        Some((
+            ConnectDecision {
+                key: DestKey::Lease(l.hash),
+                label: l.label.clone(),
+                target: l.target.clone()?,
+                allow: l.fingerprints.clone(),
+                allow_unauthenticated: false,
+            },
+            l.access_keys.clone(),
+        ))
     }
 
     /// `default_user` is the upstream user when the lease names none.

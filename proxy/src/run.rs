@@ -86,6 +86,10 @@ pub struct RunArgs {
     /// VM for the lease's own keys.
     #[arg(long, value_name = "DOMAIN")]
     lease_domain: Option<String>,
+    /// Refuse the plain (replayable) `X-Signature` on `POST /tunnel/{hash}/tcp`;
+    /// accept only fresh `Proxy-Authorization: Keyway-SSHSIG` proofs.
+    #[arg(long)]
+    require_fresh_upgrade_proofs: bool,
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
@@ -274,8 +278,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
         let gw = gw.clone();
         let stop = stop.clone();
         let lease_domain = args.lease_domain.clone();
+        let require_fresh_upgrade_proofs = args.require_fresh_upgrade_proofs;
         tokio::spawn(async move {
-            let config = gateway::connect::ConnectConfig { tls, lease_domain };
+            let config = gateway::connect::ConnectConfig {
+                tls,
+                lease_domain,
+                require_fresh_upgrade_proofs,
+            };
             gw.serve_connect(listeners, config, stop).await;
         })
     });

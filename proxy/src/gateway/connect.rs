@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{Gateway, proxy_header};
-use crate::routes::Target;
+use crate::routes::{ConnectDecision, Target};
 
 /// Loads the listener's certificate chain and key (PEM).
 pub fn tls_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>> {
@@ -51,12 +51,15 @@ pub struct ConnectConfig {
     pub tls: Arc<rustls::ServerConfig>,
     /// Domain under which `<lease>.<namespace>.<domain>` names a lease.
     pub lease_domain: Option<String>,
+    /// Refuse the replayable plain `X-Signature` on the upgrade endpoint.
+    pub require_fresh_upgrade_proofs: bool,
 }
 
 struct Shared {
     gw: Arc<Gateway>,
     tls: tokio_rustls::TlsAcceptor,
     lease_domain: Option<String>,
+    require_fresh: bool,
     replay: Mutex<ReplayCache>,
 }
 
@@ -72,6 +75,7 @@ impl Gateway {
             gw: self.clone(),
             tls: tokio_rustls::TlsAcceptor::from(config.tls),
             lease_domain: config.lease_domain,
+            require_fresh: config.require_fresh_upgrade_proofs,
             replay: Mutex::new(ReplayCache::new(100_000)),
         });
         let mut accepts = tokio::task::JoinSet::new();
@@ -186,7 +190,7 @@ fn reply(status: StatusCode, reason: String) -> Response<Full<Bytes>> {
 async fn handle(
     shared: Arc<Shared>,
     peer: SocketAddr,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     let count = |r: &str| {
         shared
@@ -196,6 +200,9 @@ async fn handle(
             .with_label_values(&[r])
             .inc()
     };
+    if req.method() == Method::POST && req.uri().path().starts_with("/tunnel/") {
+        return handle_upgrade(&shared, peer, req).await;
+    }
     if req.method() != Method::CONNECT {
         count("bad_request");
         return reply(
@@ -243,6 +250,27 @@ async fn handle(
             }
         }
     }
+    open_tunnel(&shared, peer, &authority, &d, req, false).await
+}
+
+/// Dials the backend, answers (200 for CONNECT, 101 for the upgrade) and
+/// pipes both ways until either side ends or the route is withdrawn.
+async fn open_tunnel(
+    shared: &Arc<Shared>,
+    peer: SocketAddr,
+    authority: &str,
+    d: &ConnectDecision,
+    mut req: Request<Incoming>,
+    upgrade: bool,
+) -> Response<Full<Bytes>> {
+    let count = |r: &str| {
+        shared
+            .gw
+            .metrics
+            .connect_requests
+            .with_label_values(&[r])
+            .inc()
+    };
     let Target::Address(addr) = &d.target else {
         count("bad_gateway");
         return reply(
@@ -314,5 +342,79 @@ async fn handle(
             }
         }
     });
+    if upgrade {
+        let mut r = Response::new(Full::new(Bytes::new()));
+        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        r.headers_mut().insert(
+            hyper::header::CONNECTION,
+            hyper::header::HeaderValue::from_static("upgrade"),
+        );
+        r.headers_mut().insert(
+            hyper::header::UPGRADE,
+            hyper::header::HeaderValue::from_static("tcp"),
+        );
+        return r;
+    }
     Response::new(Full::new(Bytes::new()))
+}
+
+/// `POST /tunnel/{leaseHash}/tcp`: a fresh proof (`Proxy-Authorization`) or,
+/// unless `--require-fresh-upgrade-proofs`, the plain `X-Signature`.
+async fn handle_upgrade(
+    shared: &Arc<Shared>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    use keyway_tunnel::upgrade;
+    let count = |r: &str| {
+        shared
+            .gw
+            .metrics
+            .connect_requests
+            .with_label_values(&[r])
+            .inc()
+    };
+    let Some(hash) = upgrade::parse_path(req.uri().path()) else {
+        count("bad_request");
+        return reply(
+            StatusCode::NOT_FOUND,
+            "expected /tunnel/<64 hex lease hash>/tcp".into(),
+        );
+    };
+    let hash_hex = hex::encode(hash);
+    let Some((d, keys)) = shared.gw.table().upgrade(&hash) else {
+        count("not_found");
+        return reply(StatusCode::NOT_FOUND, format!("no lease {hash_hex}"));
+    };
+    let authority = upgrade::authority(&hash_hex);
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let checked = match (header("proxy-authorization"), header("x-signature")) {
+        (Some(p), _) => proof::parse(&p).and_then(|p| {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let mut replay = shared.replay.lock().unwrap_or_else(|e| e.into_inner());
+            proof::verify(&p, &authority, now, &d.allow, &mut replay)
+        }),
+        (None, Some(_)) if shared.require_fresh => Err(proof::ProofError::Malformed(
+            "this gateway requires a fresh proof (Proxy-Authorization), not X-Signature".into(),
+        )),
+        (None, Some(sig)) => upgrade::verify_plain(&hash, &sig, &keys),
+        (None, None) => Err(proof::ProofError::Missing),
+    };
+    match checked {
+        Ok(fp) => debug!(%peer, lease = %d.label, key = %fp, "upgrade proof accepted"),
+        Err(e) => {
+            count("forbidden");
+            info!(%peer, lease = %d.label, "upgrade refused: {e}");
+            return reply(StatusCode::FORBIDDEN, format!("not allowed: {e}"));
+        }
+    }
+    open_tunnel(shared, peer, &authority, &d, req, true).await
 }
