@@ -29,8 +29,15 @@ run() { # run TITLE CARGO-ARGS...
 run "Allocator" -p keyway-operator --bench allocator
 run "Routing snapshot" -p keyway-operator --bench snapshot
 KEYWAY_BENCH_OUT="$out" bash scripts/bench-gateway.sh
+# CONNECT over TLS vs HAProxy terminating the same TLS.
+cargo build --release --locked -q -p keyway-operator -p keyway-proxy --bins
+echo "## CONNECT over TLS vs HAProxy" >>"$out"
+echo >>"$out"
+echo "\`KEYWAY_BIN_DIR=target/release cargo bench -p keyway-e2e --bench connect\`" >>"$out"
+echo >>"$out"
+KEYWAY_BIN_DIR="$PWD/target/release" KEYWAY_BENCH_OUT="$out" cargo bench --locked -p keyway-e2e --bench connect
+echo >>"$out"
 # Cluster mode through the API double, with the release operator binary.
-cargo build --release --locked -q -p keyway-operator --bins
 echo "## Cluster mode (API double)" >>"$out"
 echo >>"$out"
 echo "\`KEYWAY_BIN_DIR=target/release cargo bench -p keyway-e2e --bench cluster\`" >>"$out"
