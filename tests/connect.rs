@@ -273,3 +273,51 @@ fn the_upgrade_endpoint_takes_good_signatures_and_refuses_bad_and_replayed_ones(
     let (status, _) = upgrade(&c, &"ab".repeat(32), &[("X-Signature", plain)]);
     assert!(status.contains("404"), "{status}");
 }
+
+#[test]
+fn keyway_tcp_signs_with_an_ssh_agent() {
+    let c = start();
+    let sock = c.st.tmp.path().join("agent.sock");
+    let mut agent = Command::new("ssh-agent");
+    agent.arg("-D").arg("-a").arg(&sock);
+    let _agent = Proc::spawn(agent, &c.st.tmp.path().join("agent.log")).unwrap();
+    wait_for(Duration::from_secs(10), "ssh-agent", || {
+        sock.exists().then_some(())
+    })
+    .unwrap();
+    let st = Command::new("ssh-add")
+        .arg(c.st.key_path("alice"))
+        .env("SSH_AUTH_SOCK", &sock)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let run = |identity: Option<std::path::PathBuf>| {
+        let mut cmd = Command::new(bin("keyway"));
+        cmd.args(["tcp", "vm.example:22", "--listen", "-", "--url", &c.url])
+            .arg("--ca")
+            .arg(&c.tls.ca)
+            .env("SSH_AUTH_SOCK", &sock)
+            .stdin(Stdio::null());
+        if let Some(i) = identity {
+            cmd.arg("-i").arg(i);
+        }
+        run_with_timeout(cmd, Duration::from_secs(30))
+    };
+    // The agent's key chosen by its public half, and the agent's first key.
+    for id in [Some(c.st.key_path("alice").with_extension("pub")), None] {
+        let o = run(id.clone());
+        assert!(
+            String::from_utf8_lossy(&o.stdout).starts_with("SSH-2.0"),
+            "{id:?}: {o:?}\n{}",
+            c.st.proxy_log()
+        );
+    }
+    // A key the agent does not hold: a clear error.
+    let o = run(Some(c.st.key_path("bob").with_extension("pub")));
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("ssh-agent refused to sign"),
+        "{o:?}"
+    );
+}

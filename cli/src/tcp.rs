@@ -29,15 +29,7 @@ pub async fn run(opts: Options) -> Result<()> {
     if !opts.target.contains(':') {
         bail!("the target must be HOST:PORT (got {:?})", opts.target);
     }
-    let key = match &opts.identity {
-        Some(p) => Some(ssh_key::PrivateKey::read_openssh_file(p).with_context(|| {
-            format!(
-                "reading the key {} (encrypted keys are not supported yet)",
-                p.display()
-            )
-        })?),
-        None => None,
-    };
+    let key = signer(opts.identity.as_deref())?;
     let tls = tls_config(opts.ca.as_deref())?;
     let ctx = Arc::new((opts, key, tls));
     if ctx.0.listen == "-" {
@@ -113,9 +105,86 @@ fn tls_config(ca: Option<&std::path::Path>) -> Result<Arc<rustls::ClientConfig>>
 }
 
 /// Connects, sends CONNECT, and returns the tunnel once the gateway said 200.
+/// How proofs are signed.
+enum Signer {
+    /// An unencrypted private key file.
+    File(Box<ssh_key::PrivateKey>),
+    /// The ssh-agent at `$SSH_AUTH_SOCK`, with this public key (or its first
+    /// identity when `None`).
+    Agent(Option<ssh_key::PublicKey>),
+}
+
+/// `-i FILE`: a private key signs locally; a public key (`.pub`), or a
+/// private key that is encrypted, signs through the ssh-agent. No `-i`: the
+/// agent's first identity when `$SSH_AUTH_SOCK` is set, else no proof.
+fn signer(identity: Option<&std::path::Path>) -> Result<Option<Signer>> {
+    let agent = std::env::var_os("SSH_AUTH_SOCK").is_some();
+    let Some(path) = identity else {
+        return Ok(agent.then_some(Signer::Agent(None)));
+    };
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    if let Ok(public) = ssh_key::PublicKey::from_openssh(text.trim()) {
+        anyhow::ensure!(
+            agent,
+            "{} is a public key: its private half must be in an ssh-agent ($SSH_AUTH_SOCK is not set)",
+            path.display()
+        );
+        return Ok(Some(Signer::Agent(Some(public))));
+    }
+    let key = ssh_key::PrivateKey::from_openssh(text.as_bytes())
+        .with_context(|| format!("{} is not an OpenSSH key", path.display()))?;
+    if key.is_encrypted() {
+        anyhow::ensure!(
+            agent,
+            "{} is encrypted: add it to an ssh-agent (ssh-add) and set $SSH_AUTH_SOCK",
+            path.display()
+        );
+        return Ok(Some(Signer::Agent(Some(key.public_key().clone()))));
+    }
+    Ok(Some(Signer::File(Box::new(key))))
+}
+
+/// The `Proxy-Authorization` value for `authority` now.
+async fn proof(signer: &Signer, authority: &str) -> Result<String> {
+    use keyway_tunnel::proof as p;
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    match signer {
+        Signer::File(key) => p::sign(key, authority, ts).context("signing the proof"),
+        Signer::Agent(want) => {
+            let mut agent = russh::keys::agent::client::AgentClient::connect_env()
+                .await
+                .context("connecting to the ssh-agent at $SSH_AUTH_SOCK")?;
+            let public = match want {
+                Some(k) => k.clone(),
+                None => agent
+                    .request_identities()
+                    .await
+                    .context("listing the ssh-agent's keys")?
+                    .into_iter()
+                    .find_map(|id| match id {
+                        russh::keys::agent::AgentIdentity::PublicKey { key, .. } => Some(key),
+                        _ => None,
+                    })
+                    .ok_or_else(|| anyhow!("the ssh-agent holds no key; ssh-add one or pass -i"))?,
+            };
+            let nonce = p::nonce();
+            let data = p::agent_data(authority, ts, &nonce).context("building the proof")?;
+            let sig = agent
+                .sign_request_signature(&public, Some(p::HASH), &data)
+                .await
+                .context("the ssh-agent refused to sign (is that key in it?)")?;
+            p::from_agent(&public, ts, &nonce, sig).context("building the proof")
+        }
+    }
+}
+
 async fn open(
     opts: &Options,
-    key: Option<&ssh_key::PrivateKey>,
+    key: Option<&Signer>,
     tls: Arc<rustls::ClientConfig>,
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
     let host = opts
@@ -135,13 +204,8 @@ async fn open(
         .await
         .with_context(|| format!("TLS with {host}:{port}"))?;
     let mut req = format!("CONNECT {t} HTTP/1.1\r\nHost: {t}\r\n", t = opts.target);
-    if let Some(key) = key {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let proof =
-            keyway_tunnel::proof::sign(key, &opts.target, now).context("signing the proof")?;
+    if let Some(signer) = key {
+        let proof = proof(signer, &opts.target).await?;
         req.push_str(&format!("Proxy-Authorization: {proof}\r\n"));
     }
     req.push_str("\r\n");

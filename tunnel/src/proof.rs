@@ -67,11 +67,39 @@ pub struct Proof {
     pub sig: SshSig,
 }
 
+/// The hash algorithm proofs are made with.
+pub const HASH: HashAlg = HashAlg::Sha512;
+
+/// A fresh random nonce.
+pub fn nonce() -> String {
+    hex::encode(rand::random::<[u8; 16]>())
+}
+
 /// Builds the header value: signs `authority` with `key` at `ts`.
 pub fn sign(key: &PrivateKey, authority: &str, ts: u64) -> Result<String, ssh_key::Error> {
-    let nonce = hex::encode(rand::random::<[u8; 16]>());
-    let sig = key.sign(NAMESPACE, HashAlg::Sha512, &message(authority, ts, &nonce))?;
-    let bytes = ssh_key::encoding::Encode::encode_vec(&sig)?;
+    let nonce = nonce();
+    let sig = key.sign(NAMESPACE, HASH, &message(authority, ts, &nonce))?;
+    header(ts, &nonce, &sig)
+}
+
+/// The bytes an ssh-agent must sign for a proof (then [`from_agent`]).
+pub fn agent_data(authority: &str, ts: u64, nonce: &str) -> Result<Vec<u8>, ssh_key::Error> {
+    SshSig::signed_data(NAMESPACE, HASH, &message(authority, ts, nonce))
+}
+
+/// The header value from a signature an ssh-agent made over [`agent_data`].
+pub fn from_agent(
+    public: &PublicKey,
+    ts: u64,
+    nonce: &str,
+    signature: ssh_key::Signature,
+) -> Result<String, ssh_key::Error> {
+    let sig = SshSig::new(public.key_data().clone(), NAMESPACE, HASH, signature)?;
+    header(ts, nonce, &sig)
+}
+
+fn header(ts: u64, nonce: &str, sig: &SshSig) -> Result<String, ssh_key::Error> {
+    let bytes = ssh_key::encoding::Encode::encode_vec(sig)?;
     Ok(format!(
         "{SCHEME} ts={ts},nonce={nonce},sig={}",
         hex::encode(bytes)
