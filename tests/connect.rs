@@ -17,6 +17,10 @@ struct Connect {
 }
 
 fn start() -> Connect {
+    start_with(&[])
+}
+
+fn start_with(extra: &[&str]) -> Connect {
     let certs = tempfile::tempdir().unwrap();
     let tls = make_tls(certs.path());
     let https = free_port();
@@ -36,7 +40,10 @@ fn start() -> Connect {
             tls.key.to_str().unwrap(),
             "--lease-domain",
             "vm.test",
-        ],
+        ]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect::<Vec<_>>(),
     )
     .unwrap();
     // Two CONNECT routes to alice's VM: one for alice's key, one open.
@@ -238,9 +245,7 @@ fn the_upgrade_endpoint_takes_good_signatures_and_refuses_bad_and_replayed_ones(
     let c = start();
     let lease = &c.st.leases["alice-1"];
     let mut hash = [0u8; 32];
-    for (i, b) in hash.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&lease.hash[2 * i..2 * i + 2], 16).unwrap();
-    }
+    hex_decode(&lease.hash, &mut hash);
     let alice = ssh_key::PrivateKey::read_openssh_file(c.st.key_path("alice")).unwrap();
     let bob = ssh_key::PrivateKey::read_openssh_file(c.st.key_path("bob")).unwrap();
     let plain = keyway_tunnel::upgrade::sign_plain(&alice, &hash).unwrap();
@@ -320,4 +325,35 @@ fn keyway_tcp_signs_with_an_ssh_agent() {
         String::from_utf8_lossy(&o.stderr).contains("ssh-agent refused to sign"),
         "{o:?}"
     );
+}
+
+#[test]
+fn fresh_proofs_can_be_required_on_the_upgrade_endpoint() {
+    let c = start_with(&["--require-fresh-upgrade-proofs"]);
+    let lease = &c.st.leases["alice-1"];
+    let mut hash = [0u8; 32];
+    hex_decode(&lease.hash, &mut hash);
+    let alice = ssh_key::PrivateKey::read_openssh_file(c.st.key_path("alice")).unwrap();
+    let plain = keyway_tunnel::upgrade::sign_plain(&alice, &hash).unwrap();
+    let (status, _) = upgrade(&c, &lease.hash, &[("X-Signature", plain)]);
+    assert!(status.contains("403"), "{status}");
+    assert!(c.st.proxy_log().contains("requires a fresh proof"));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let fresh =
+        keyway_tunnel::proof::sign(&alice, &keyway_tunnel::upgrade::authority(&lease.hash), now)
+            .unwrap();
+    let (status, banner) = upgrade(&c, &lease.hash, &[("Proxy-Authorization", fresh)]);
+    assert!(
+        status.contains("101") && banner.starts_with("SSH-2.0"),
+        "{status} {banner}"
+    );
+}
+
+fn hex_decode(hex: &str, out: &mut [u8; 32]) {
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap();
+    }
 }
