@@ -1,0 +1,163 @@
+//! The metrics reference (docs/metrics.md) against real scrapes: every
+//! `keyway_` family a running gateway and a running cluster-mode operator
+//! expose is documented, every documented one is exposed (after traffic that
+//! touches each), and Prometheus' own `promtool check metrics` accepts both.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use keyway_e2e::cluster::*;
+use keyway_e2e::stack::*;
+use keyway_e2e::*;
+
+/// Documented names in the table that follows `heading` in docs/metrics.md.
+fn documented(heading: &str) -> BTreeSet<String> {
+    let text = std::fs::read_to_string(repo_root().join("docs/metrics.md")).unwrap();
+    let start = text
+        .find(heading)
+        .unwrap_or_else(|| panic!("no {heading:?} in docs/metrics.md"));
+    let section = &text[start..];
+    let end = section[heading.len()..]
+        .find("\n## ")
+        .map_or(section.len(), |i| i + heading.len());
+    section[..end]
+        .lines()
+        .filter(|l| l.starts_with("| `keyway_"))
+        .flat_map(|l| {
+            let first = l.split('|').nth(1).unwrap_or_default();
+            first
+                .split('`')
+                .filter(|w| w.starts_with("keyway_"))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Metric families in a scrape (from `# TYPE` lines).
+fn exposed(scrape: &str) -> BTreeSet<String> {
+    scrape
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with("keyway_"))
+        .map(str::to_string)
+        .collect()
+}
+
+fn promtool_check(scrape: &str, what: &str) {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian prometheus) is needed; `make deps` installs it");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(scrape.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics on the {what} scrape:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn the_gateway_scrape_matches_the_reference_and_passes_promtool() {
+    let certs = tempfile::tempdir().unwrap();
+    let tls = make_tls(certs.path());
+    let https = free_port();
+    let st = Stack::start(
+        &["127.0.56.1"],
+        &[LeaseSpec::new("alice-1", "alice")],
+        &[
+            "--https-listen",
+            &format!("127.0.0.1:{https}"),
+            "--tls-cert",
+            tls.cert.to_str().unwrap(),
+            "--tls-key",
+            tls.key.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    // Traffic that touches every labelled family: a relayed session, a
+    // refused key, and a CONNECT nobody routes.
+    let o = st.ssh_output(&["alice"], &["127.0.56.1", "echo ok"]);
+    assert!(o.status.success(), "{o:?}");
+    let o = st.ssh_output(&["stranger"], &["127.0.56.1", "true"]);
+    assert!(!o.status.success());
+    let mut c = Command::new(bin("keyway"));
+    c.args([
+        "tcp",
+        "nowhere.example:22",
+        "--listen",
+        "-",
+        "--url",
+        &format!("https://127.0.0.1:{https}"),
+    ])
+    .arg("--ca")
+    .arg(&tls.ca)
+    .stdin(Stdio::null());
+    assert!(
+        !run_with_timeout(c, Duration::from_secs(30))
+            .status
+            .success()
+    );
+    let scrape = wait_for(
+        Duration::from_secs(10),
+        "every family in the scrape",
+        || {
+            let s = st.metrics_text();
+            (exposed(&s) == documented("# Metrics")).then_some(s)
+        },
+    );
+    let scrape = scrape.unwrap_or_else(|_| {
+        let s = st.metrics_text();
+        panic!(
+            "gateway: exposed but not documented {:?}; documented but not exposed {:?}",
+            exposed(&s)
+                .difference(&documented("# Metrics"))
+                .collect::<Vec<_>>(),
+            documented("# Metrics")
+                .difference(&exposed(&s))
+                .collect::<Vec<_>>()
+        )
+    });
+    promtool_check(&scrape, "gateway");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_operator_scrape_matches_the_reference_and_passes_promtool() {
+    let env = ClusterEnv::start().await.unwrap();
+    env.create("ippools", pool_obj("public", &["127.0.57.1"]))
+        .await
+        .unwrap();
+    env.create("vmleases", lease_obj("t", "vm", "u", "public", &hex_key(1)))
+        .await
+        .unwrap();
+    let op = env.operator("op-a", &[]).unwrap();
+    let want = documented("## Operator (cluster mode)");
+    let scrape = wait_for(
+        Duration::from_secs(60),
+        "every operator family in the scrape",
+        || op.metrics_text().filter(|s| exposed(s) == want),
+    );
+    let scrape = scrape.unwrap_or_else(|_| {
+        let s = op.metrics_text().unwrap_or_default();
+        panic!(
+            "operator: exposed but not documented {:?}; documented but not exposed {:?}",
+            exposed(&s).difference(&want).collect::<Vec<_>>(),
+            want.difference(&exposed(&s)).collect::<Vec<_>>()
+        )
+    });
+    promtool_check(&scrape, "operator");
+}
