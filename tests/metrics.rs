@@ -161,3 +161,36 @@ async fn the_operator_scrape_matches_the_reference_and_passes_promtool() {
     });
     promtool_check(&scrape, "operator");
 }
+
+#[test]
+fn the_alert_rules_pass_promtool_and_fire_only_where_they_should() {
+    let dir = repo_root().join("deploy/prometheus");
+    for args in [
+        vec!["check", "rules", "alerts.yaml"],
+        vec!["test", "rules", "alerts_test.yaml"],
+    ] {
+        let out = Command::new("promtool")
+            .args(&args)
+            .current_dir(&dir)
+            .output()
+            .expect("promtool (Debian prometheus) is needed; `make deps` installs it");
+        assert!(
+            out.status.success(),
+            "promtool {args:?}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Every metric an alert reads is one the reference documents.
+    let rules = std::fs::read_to_string(dir.join("alerts.yaml")).unwrap();
+    let mut known = documented("# Metrics");
+    known.extend(documented("## Operator (cluster mode)"));
+    for word in rules.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+        if word.starts_with("keyway_") {
+            assert!(
+                known.contains(word),
+                "alerts.yaml reads {word}, which docs/metrics.md does not list"
+            );
+        }
+    }
+}

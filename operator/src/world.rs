@@ -239,6 +239,11 @@ impl World {
         world
     }
 
+    /// Occupancy of a pool (for metrics).
+    pub fn pool_stats(&self, name: &str) -> Option<crate::allocator::PoolStats> {
+        self.allocator.pool_stats(name)
+    }
+
     /// The settings in force.
     pub fn settings(&self) -> &Settings {
         &self.settings

@@ -201,6 +201,20 @@ impl Index {
         std::mem::take(&mut self.dirty)
     }
 
+    /// Occupancy of every admitted pool.
+    pub fn pool_stats(&self) -> Vec<(String, crate::allocator::PoolStats)> {
+        let mut out: Vec<_> = self
+            .applied
+            .keys()
+            .filter_map(|k| match k {
+                ObjKey::Pool(n) => Some((n.clone(), self.world.pool_stats(n)?)),
+                _ => None,
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
     /// Whether the world changed since the last [`Index::take_dirty`].
     pub fn is_dirty(&self) -> bool {
         self.dirty

@@ -34,6 +34,9 @@ pub struct Metrics {
     pub round_seconds: Histogram,
     /// Rounds run.
     pub rounds: IntCounter,
+    /// Per pool: addresses, leases holding one, users, the busiest user's
+    /// leases, and leases waiting for an address.
+    pub pool: PoolGauges,
     ready: AtomicBool,
 }
 
@@ -96,6 +99,40 @@ impl Metrics {
                 ]),
             )?,
             rounds: IntCounter::new("keyway_operator_status_rounds_total", "Status rounds run")?,
+            pool: PoolGauges {
+                addresses: prometheus::GaugeVec::new(
+                    Opts::new("keyway_operator_pool_addresses", "Addresses in the pool"),
+                    &["pool"],
+                )?,
+                leases: IntGaugeVec::new(
+                    Opts::new(
+                        "keyway_operator_pool_leases",
+                        "Leases holding an address of the pool",
+                    ),
+                    &["pool"],
+                )?,
+                users: IntGaugeVec::new(
+                    Opts::new(
+                        "keyway_operator_pool_users",
+                        "Users holding an address of the pool",
+                    ),
+                    &["pool"],
+                )?,
+                max_leases_per_user: IntGaugeVec::new(
+                    Opts::new(
+                        "keyway_operator_pool_max_leases_per_user",
+                        "Live leases of the pool's busiest user (the pool serves users with up to its address count)",
+                    ),
+                    &["pool"],
+                )?,
+                pending: IntGaugeVec::new(
+                    Opts::new(
+                        "keyway_operator_pool_pending_leases",
+                        "Leases waiting because their user holds every address of the pool",
+                    ),
+                    &["pool"],
+                )?,
+            },
             registry,
             ready: AtomicBool::new(false),
         };
@@ -109,6 +146,12 @@ impl Metrics {
         m.registry.register(Box::new(m.subscribers.clone()))?;
         m.registry.register(Box::new(m.round_seconds.clone()))?;
         m.registry.register(Box::new(m.rounds.clone()))?;
+        m.registry.register(Box::new(m.pool.addresses.clone()))?;
+        m.registry.register(Box::new(m.pool.leases.clone()))?;
+        m.registry.register(Box::new(m.pool.users.clone()))?;
+        m.registry
+            .register(Box::new(m.pool.max_leases_per_user.clone()))?;
+        m.registry.register(Box::new(m.pool.pending.clone()))?;
         Ok(Arc::new(m))
     }
 
@@ -123,6 +166,48 @@ impl Metrics {
             tracing::warn!("encoding metrics: {e}");
         }
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// Per-pool gauges.
+pub struct PoolGauges {
+    /// `keyway_operator_pool_addresses`.
+    pub addresses: prometheus::GaugeVec,
+    /// `keyway_operator_pool_leases`.
+    pub leases: IntGaugeVec,
+    /// `keyway_operator_pool_users`.
+    pub users: IntGaugeVec,
+    /// `keyway_operator_pool_max_leases_per_user`.
+    pub max_leases_per_user: IntGaugeVec,
+    /// `keyway_operator_pool_pending_leases`.
+    pub pending: IntGaugeVec,
+}
+
+impl PoolGauges {
+    /// Replaces every pool's figures (pools that are gone disappear).
+    pub fn set_all(&self, pools: &[(String, crate::allocator::PoolStats)]) {
+        for v in [
+            &self.leases,
+            &self.users,
+            &self.max_leases_per_user,
+            &self.pending,
+        ] {
+            v.reset();
+        }
+        self.addresses.reset();
+        let i = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        for (name, st) in pools {
+            let l = &[name.as_str()];
+            // f64: an IPv6 pool's size does not fit an integer gauge.
+            #[allow(clippy::cast_precision_loss)]
+            self.addresses.with_label_values(l).set(st.capacity as f64);
+            self.leases.with_label_values(l).set(i(st.allocated));
+            self.users.with_label_values(l).set(i(st.users));
+            self.max_leases_per_user
+                .with_label_values(l)
+                .set(i(st.max_leases_per_user));
+            self.pending.with_label_values(l).set(i(st.pending));
+        }
     }
 }
 

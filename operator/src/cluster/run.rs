@@ -780,6 +780,7 @@ async fn round(
         ctx.metrics
             .subscribers
             .set(i64::try_from(acks.iter().filter(|a| a.connected).count()).unwrap_or(0));
+        ctx.metrics.pool.set_all(&idx.pool_stats());
         for (kind, n) in idx.counts() {
             ctx.metrics
                 .objects
