@@ -196,7 +196,7 @@ async fn two_replicas_one_writer_and_failover_keeps_every_ip() {
     })
     .unwrap();
     let takeover = killed.elapsed();
-    println!("takeover after {takeover:?} (lease duration 3 s, retry 0.5 s)");
+    println!("takeover after {takeover:?} (lease duration 4 s, retry 0.5 s)");
     assert!(
         lease_epoch(&env) > epoch_a,
         "the new leader writes a higher epoch"

@@ -104,7 +104,7 @@ impl ClusterEnv {
     }
 
     /// Starts an operator replica named `identity` with short leader-election
-    /// timings (lease 3 s) so failover tests run quickly.
+    /// timings (lease 4 s) so failover tests run quickly.
     pub fn operator(&self, identity: &str, extra: &[&str]) -> Result<OperatorProc> {
         let kubeconfig = self.dir.path().join(format!("kubeconfig-{identity}"));
         self.api.write_kubeconfig(&kubeconfig, identity)?;
@@ -125,9 +125,9 @@ impl ClusterEnv {
             .args(["--public-ssh-port", "2222"])
             .args([
                 "--lease-duration-secs",
-                "3",
+                "4",
                 "--renew-deadline-secs",
-                "2",
+                "3",
                 "--retry-period-secs",
                 "0.5",
             ])
