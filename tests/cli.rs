@@ -73,3 +73,33 @@ fn keyway_ssh_and_keyway_config_land_in_the_right_vm() {
     assert!(o.status.success(), "{o:?}");
     assert_eq!(stdout(&o), "alice-2");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keyway_config_reads_lease_status_from_the_cluster() {
+    use keyway_e2e::cluster::*;
+    let env = ClusterEnv::start().await.unwrap();
+    env.create("ippools", pool_obj("public", &["127.0.59.1"]))
+        .await
+        .unwrap();
+    env.create(
+        "vmleases",
+        lease_obj("team-a", "web", "alice", "public", &hex_key(1)),
+    )
+    .await
+    .unwrap();
+    let _op = env.operator("op-a", &[]).unwrap();
+    wait_for(Duration::from_secs(60), "the lease Ready", || {
+        env.ready_ips().contains_key("team-a/web").then_some(())
+    })
+    .unwrap();
+    let mut c = Command::new(bin("keyway"));
+    c.args(["config", "--user", "alice"])
+        .env("KUBECONFIG", env.dir.path().join("kubeconfig-test"));
+    let o = run_with_timeout(c, Duration::from_secs(30));
+    assert!(o.status.success(), "{o:?}");
+    let cfg = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        cfg.contains("Host web.team-a.keyway\n  HostName 127.0.59.1\n  Port 22\n"),
+        "{cfg}"
+    );
+}
