@@ -25,25 +25,17 @@ fn start_with(extra: &[&str]) -> Connect {
     let tls = make_tls(certs.path());
     let https = free_port();
     let url = format!("https://127.0.0.1:{https}");
+    let mut args = tls.proxy_args(https);
+    args.extend(["--lease-domain", "vm.test"].map(String::from));
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let st = Stack::start(
         &["127.0.55.1"],
         &[
             LeaseSpec::new("alice-1", "alice"),
             LeaseSpec::new("bob-1", "bob"),
         ],
-        &[
-            "--https-listen",
-            &format!("127.0.0.1:{https}"),
-            "--tls-cert",
-            tls.cert.to_str().unwrap(),
-            "--tls-key",
-            tls.key.to_str().unwrap(),
-            "--lease-domain",
-            "vm.test",
-        ]
-        .into_iter()
-        .chain(extra.iter().copied())
-        .collect::<Vec<_>>(),
+        &args,
     )
     .unwrap();
     // Two CONNECT routes to alice's VM: one for alice's key, one open.
@@ -245,7 +237,7 @@ fn the_upgrade_endpoint_takes_good_signatures_and_refuses_bad_and_replayed_ones(
     let c = start();
     let lease = &c.st.leases["alice-1"];
     let mut hash = [0u8; 32];
-    hex_decode(&lease.hash, &mut hash);
+    hex::decode_to_slice(&lease.hash, &mut hash).unwrap();
     let alice = ssh_key::PrivateKey::read_openssh_file(c.st.key_path("alice")).unwrap();
     let bob = ssh_key::PrivateKey::read_openssh_file(c.st.key_path("bob")).unwrap();
     let plain = keyway_tunnel::upgrade::sign_plain(&alice, &hash).unwrap();
@@ -259,10 +251,7 @@ fn the_upgrade_endpoint_takes_good_signatures_and_refuses_bad_and_replayed_ones(
     let (status, _) = upgrade(&c, &lease.hash, &[("X-Signature", bad)]);
     assert!(status.contains("403"), "{status}");
     // The fresh proof: accepted once, refused when replayed.
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
+    let now = keyway_tunnel::proof::unix_now();
     let fresh =
         keyway_tunnel::proof::sign(&alice, &keyway_tunnel::upgrade::authority(&lease.hash), now)
             .unwrap();
@@ -332,16 +321,13 @@ fn fresh_proofs_can_be_required_on_the_upgrade_endpoint() {
     let c = start_with(&["--require-fresh-upgrade-proofs"]);
     let lease = &c.st.leases["alice-1"];
     let mut hash = [0u8; 32];
-    hex_decode(&lease.hash, &mut hash);
+    hex::decode_to_slice(&lease.hash, &mut hash).unwrap();
     let alice = ssh_key::PrivateKey::read_openssh_file(c.st.key_path("alice")).unwrap();
     let plain = keyway_tunnel::upgrade::sign_plain(&alice, &hash).unwrap();
     let (status, _) = upgrade(&c, &lease.hash, &[("X-Signature", plain)]);
     assert!(status.contains("403"), "{status}");
     assert!(c.st.proxy_log().contains("requires a fresh proof"));
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
+    let now = keyway_tunnel::proof::unix_now();
     let fresh =
         keyway_tunnel::proof::sign(&alice, &keyway_tunnel::upgrade::authority(&lease.hash), now)
             .unwrap();
@@ -350,10 +336,4 @@ fn fresh_proofs_can_be_required_on_the_upgrade_endpoint() {
         status.contains("101") && banner.starts_with("SSH-2.0"),
         "{status} {banner}"
     );
-}
-
-fn hex_decode(hex: &str, out: &mut [u8; 32]) {
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap();
-    }
 }

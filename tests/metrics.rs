@@ -76,17 +76,12 @@ fn the_gateway_scrape_matches_the_reference_and_passes_promtool() {
     let certs = tempfile::tempdir().unwrap();
     let tls = make_tls(certs.path());
     let https = free_port();
+    let args = tls.proxy_args(https);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let st = Stack::start(
         &["127.0.56.1"],
         &[LeaseSpec::new("alice-1", "alice")],
-        &[
-            "--https-listen",
-            &format!("127.0.0.1:{https}"),
-            "--tls-cert",
-            tls.cert.to_str().unwrap(),
-            "--tls-key",
-            tls.key.to_str().unwrap(),
-        ],
+        &args,
     )
     .unwrap();
     // Traffic that touches every labelled family: a relayed session, a

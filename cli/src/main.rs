@@ -39,6 +39,12 @@ impl Source {
             None => leases::cluster(self.namespace.as_deref()).await,
         }
     }
+
+    /// The gateway's SSH port: `port`, else 2222 for a local directory and
+    /// 22 behind a cluster Service.
+    fn port(&self, port: Option<u16>) -> u16 {
+        port.unwrap_or(if self.local.is_some() { 2222 } else { 22 })
+    }
 }
 
 #[derive(Subcommand)]
@@ -108,7 +114,7 @@ enum Command {
     },
 }
 
-/// Runs ssh to the lease's pooled IP; its exit status becomes ours.
+/// Runs ssh to the lease's pooled IP; returns its exit code.
 async fn ssh(
     lease: &str,
     source: &Source,
@@ -116,7 +122,7 @@ async fn ssh(
     identity: Option<PathBuf>,
     command: Option<String>,
     ssh_args: &[String],
-) -> anyhow::Result<()> {
+) -> anyhow::Result<i32> {
     let all = source.leases().await?;
     let l = leases::find(&all, lease)?;
     let Some(ip) = &l.ip else {
@@ -127,7 +133,7 @@ async fn ssh(
             l.phase
         );
     };
-    let port = port.unwrap_or(if source.local.is_some() { 2222 } else { 22 });
+    let port = source.port(port);
     let mut cmd = std::process::Command::new("ssh");
     cmd.args(["-p", &port.to_string()]);
     if let Some(i) = identity {
@@ -142,7 +148,7 @@ async fn ssh(
     let status = cmd
         .status()
         .map_err(|e| anyhow::anyhow!("running ssh: {e}"))?;
-    std::process::exit(status.code().unwrap_or(255));
+    Ok(status.code().unwrap_or(255))
 }
 
 #[tokio::main]
@@ -163,11 +169,12 @@ async fn main() {
             port,
             identity,
         } => source.leases().await.map(|ls| {
-            let port = port.unwrap_or(if source.local.is_some() { 2222 } else { 22 });
+            let port = source.port(port);
             print!(
                 "{}",
                 leases::config(&ls, user.as_deref(), port, identity.as_deref())
             );
+            0
         }),
         Command::Tcp {
             target,
@@ -175,19 +182,18 @@ async fn main() {
             url,
             ca,
             identity,
-        } => {
-            tcp::run(tcp::Options {
-                target,
-                listen,
-                url,
-                ca,
-                identity,
-            })
-            .await
-        }
+        } => tcp::run(tcp::Options {
+            target,
+            listen,
+            url,
+            ca,
+            identity,
+        })
+        .await
+        .map(|()| 0),
     };
     let code = match result {
-        Ok(()) => 0,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("keyway: {e:#}");
             1

@@ -148,10 +148,7 @@ fn signer(identity: Option<&std::path::Path>) -> Result<Option<Signer>> {
 /// The `Proxy-Authorization` value for `authority` now.
 async fn proof(signer: &Signer, authority: &str) -> Result<String> {
     use keyway_tunnel::proof as p;
-    let ts = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let ts = p::unix_now();
     match signer {
         Signer::File(key) => p::sign(key, authority, ts).context("signing the proof"),
         Signer::Agent(want) => {

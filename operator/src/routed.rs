@@ -30,6 +30,16 @@ pub struct Ack {
     pub acked: Option<pb::Version>,
 }
 
+/// The subscribers as the tracker needs them.
+pub fn acks(subs: &[keyway_snapshot::server::SubscriberStatus]) -> Vec<Ack> {
+    subs.iter()
+        .map(|s| Ack {
+            connected: s.connected,
+            acked: s.acked,
+        })
+        .collect()
+}
+
 /// See the module docs.
 #[derive(Debug, Default)]
 pub struct RoutedTracker {

@@ -104,6 +104,26 @@ pub struct Notice {
     pub message: String,
 }
 
+impl Notice {
+    /// `Kind name` or `Kind namespace/name`, for logs and the state file.
+    pub fn object(&self) -> String {
+        if self.namespace.is_empty() {
+            format!("{} {}", self.kind, self.name)
+        } else {
+            format!("{} {}/{}", self.kind, self.namespace, self.name)
+        }
+    }
+
+    /// Logs the notice at its severity.
+    pub fn log(&self) {
+        let object = self.object();
+        match self.severity {
+            Severity::Normal => tracing::info!(reason = self.reason, %object, "{}", self.message),
+            Severity::Warning => tracing::warn!(reason = self.reason, %object, "{}", self.message),
+        }
+    }
+}
+
 /// Notice severity.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Severity {

@@ -173,50 +173,35 @@ impl RouteTable {
             }
         }
         for r in &snap.routes {
-            if let Some(pb::route::Match::Connect(m)) = &r.r#match {
-                let to = match &r.to {
-                    Some(pb::route::To::Address(a)) => RouteTo::Address(a.clone()),
-                    Some(pb::route::To::LeaseHash(h)) => match <[u8; 32]>::try_from(h.as_slice())
-                        .ok()
-                        .and_then(|h| t.by_hash.get(&h))
-                    {
-                        Some(&i) => RouteTo::Lease(i),
-                        None => continue,
-                    },
-                    None => continue,
-                };
-                let (Ok(port), idx) = (u16::try_from(m.port), t.routes.len()) else {
-                    continue;
-                };
-                t.routes.push(RouteEntry {
-                    namespace: r.namespace.clone(),
-                    name: r.name.clone(),
-                    to,
-                    allow: r.allow_keys.iter().map(|k| k.fingerprint.clone()).collect(),
-                    allow_unauthenticated: r.allow_unauthenticated,
-                });
-                t.by_connect
-                    .entry((m.host.to_ascii_lowercase(), port))
-                    .or_insert(idx);
-                continue;
+            // What the route matches on; routes the listeners cannot see
+            // (an SSH host that is not an IP: only the dialed IP is visible)
+            // are skipped.
+            enum On {
+                Connect(String, u16),
+                Ssh(String, IpAddr),
             }
-            let Some(pb::route::Match::Ssh(m)) = &r.r#match else {
-                continue;
-            };
-            let Ok(host) = m.host.trim_matches(['[', ']']).parse::<IpAddr>() else {
-                continue; // only the dialed IP is visible to the listener
+            let on = match &r.r#match {
+                Some(pb::route::Match::Connect(m)) => match u16::try_from(m.port) {
+                    Ok(port) => On::Connect(m.host.to_ascii_lowercase(), port),
+                    Err(_) => continue,
+                },
+                Some(pb::route::Match::Ssh(m)) => {
+                    match m.host.trim_matches(['[', ']']).parse::<IpAddr>() {
+                        Ok(host) => On::Ssh(m.user.clone(), host),
+                        Err(_) => continue,
+                    }
+                }
+                None => continue,
             };
             let to = match &r.to {
                 Some(pb::route::To::Address(a)) => RouteTo::Address(a.clone()),
-                Some(pb::route::To::LeaseHash(h)) => {
-                    match <[u8; 32]>::try_from(h.as_slice())
-                        .ok()
-                        .and_then(|h| t.by_hash.get(&h))
-                    {
-                        Some(&i) => RouteTo::Lease(i),
-                        None => continue,
-                    }
-                }
+                Some(pb::route::To::LeaseHash(h)) => match <[u8; 32]>::try_from(h.as_slice())
+                    .ok()
+                    .and_then(|h| t.by_hash.get(&h))
+                {
+                    Some(&i) => RouteTo::Lease(i),
+                    None => continue,
+                },
                 None => continue,
             };
             let idx = t.routes.len();
@@ -227,10 +212,12 @@ impl RouteTable {
                 allow: r.allow_keys.iter().map(|k| k.fingerprint.clone()).collect(),
                 allow_unauthenticated: r.allow_unauthenticated,
             });
-            t.by_user_host
-                .entry((m.user.clone(), host))
-                .or_default()
-                .push(idx);
+            match on {
+                On::Connect(host, port) => {
+                    t.by_connect.entry((host, port)).or_insert(idx);
+                }
+                On::Ssh(user, host) => t.by_user_host.entry((user, host)).or_default().push(idx),
+            }
         }
         t
     }

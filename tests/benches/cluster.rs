@@ -3,7 +3,6 @@
 //! client) applying it. Run by `make bench`; figures go to BENCHMARKS.md.
 #![allow(clippy::unwrap_used)]
 
-use std::io::Write;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -146,9 +145,5 @@ async fn main() {
         fmt(median),
         fmt(p99),
     );
-    print!("{table}");
-    if let Some(path) = std::env::var_os("KEYWAY_BENCH_OUT") {
-        let mut f = std::fs::OpenOptions::new().append(true).open(path).unwrap();
-        f.write_all(table.as_bytes()).unwrap();
-    }
+    keyway_e2e::bench_report(&table);
 }

@@ -198,9 +198,5 @@ fn main() {
         best_h.as_secs_f64(),
         mib_s(best_h),
     );
-    print!("{table}");
-    if let Some(path) = std::env::var_os("KEYWAY_BENCH_OUT") {
-        let mut f = std::fs::OpenOptions::new().append(true).open(path).unwrap();
-        f.write_all(table.as_bytes()).unwrap();
-    }
+    keyway_e2e::bench_report(&table);
 }

@@ -191,10 +191,10 @@ impl ClusterEnv {
 
     /// Dynamic API for a keyway kind (`ippools`, `vmleases`, `sshroutes`).
     pub fn dynamic(&self, plural: &str, ns: Option<&str>) -> Api<DynamicObject> {
-        let (kind, _) = match plural {
-            "ippools" => ("IPPool", ()),
-            "vmleases" => ("VMLease", ()),
-            _ => ("SshRoute", ()),
+        let kind = match plural {
+            "ippools" => "IPPool",
+            "vmleases" => "VMLease",
+            _ => "SshRoute",
         };
         let ar = kube::api::ApiResource {
             group: "keyway.dev".into(),

@@ -296,6 +296,21 @@ pub struct TlsFiles {
     pub ca: PathBuf,
 }
 
+impl TlsFiles {
+    /// `keyway-proxy run` flags serving CONNECT with this certificate on
+    /// 127.0.0.1:`port`.
+    pub fn proxy_args(&self, port: u16) -> Vec<String> {
+        vec![
+            "--https-listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--tls-cert".into(),
+            self.cert.display().to_string(),
+            "--tls-key".into(),
+            self.key.display().to_string(),
+        ]
+    }
+}
+
 /// Makes a CA and a server certificate in `dir` with the real openssl
 /// (webpki refuses a CA certificate used as the server's own, so two steps).
 pub fn make_tls(dir: &Path) -> TlsFiles {
@@ -319,5 +334,19 @@ pub fn make_tls(dir: &Path) -> TlsFiles {
         cert: dir.join("tls.crt"),
         key: dir.join("tls.key"),
         ca: dir.join("ca.crt"),
+    }
+}
+
+/// Prints a benchmark's Markdown table and appends it to `$KEYWAY_BENCH_OUT`
+/// (BENCHMARKS.md in the making) when `make bench` set it.
+pub fn bench_report(table: &str) {
+    use std::io::Write;
+    print!("{table}");
+    if let Some(path) = std::env::var_os("KEYWAY_BENCH_OUT") {
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("opening {}: {e}", Path::new(&path).display()));
+        f.write_all(table.as_bytes()).unwrap();
     }
 }

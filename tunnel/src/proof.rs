@@ -28,6 +28,15 @@ pub const SCHEME: &str = "Keyway-SSHSIG";
 /// How far a proof's timestamp may be from the gateway's clock.
 pub const FRESHNESS_SECS: u64 = 120;
 
+/// Seconds since the Unix epoch (0 if the clock is before it), the clock
+/// proofs are made and checked with.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 /// What is signed.
 pub fn message(authority: &str, ts: u64, nonce: &str) -> Vec<u8> {
     format!("keyway-connect-v1\n{authority}\n{ts}\n{nonce}\n").into_bytes()

@@ -13,7 +13,33 @@ use serde::Serialize;
 use super::convert;
 use crate::allocator::LeaseKey;
 use crate::routed::{Ack, RoutedKind, RoutedTracker};
-use crate::world::{Notice, Settings, World};
+use crate::world::{Derived, Notice, Settings, World};
+use keyway_snapshot::pb;
+
+/// The three kinds the operator watches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    /// IPPool (cluster-scoped).
+    Pool,
+    /// VMLease.
+    Lease,
+    /// SshRoute.
+    Route,
+}
+
+impl Kind {
+    /// Every kind, in the order the allocator needs them admitted.
+    pub const ALL: [Kind; 3] = [Kind::Pool, Kind::Lease, Kind::Route];
+
+    /// The Kubernetes kind name (logs, metrics, Events).
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Pool => "IPPool",
+            Kind::Lease => "VMLease",
+            Kind::Route => "SshRoute",
+        }
+    }
+}
 
 /// Identity of an object in the index.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -27,12 +53,25 @@ pub enum ObjKey {
 }
 
 impl ObjKey {
-    /// Kind name for logs, metrics and Events.
-    pub fn kind(&self) -> &'static str {
+    /// Its kind.
+    pub fn kind(&self) -> Kind {
         match self {
-            ObjKey::Pool(_) => "IPPool",
-            ObjKey::Lease(_) => "VMLease",
-            ObjKey::Route(_) => "SshRoute",
+            ObjKey::Pool(_) => Kind::Pool,
+            ObjKey::Lease(_) => Kind::Lease,
+            ObjKey::Route(_) => Kind::Route,
+        }
+    }
+
+    /// The object a world notice is about.
+    pub fn of_notice(n: &Notice) -> ObjKey {
+        let key = || LeaseKey {
+            namespace: n.namespace.clone(),
+            name: n.name.clone(),
+        };
+        match n.kind {
+            "IPPool" => ObjKey::Pool(n.name.clone()),
+            "SshRoute" => ObjKey::Route(key()),
+            _ => ObjKey::Lease(key()),
         }
     }
 
@@ -45,12 +84,12 @@ impl ObjKey {
     }
 
     /// The key of a watched object of `kind`.
-    pub fn of(kind: &str, obj: &DynamicObject) -> Option<ObjKey> {
+    pub fn of(kind: Kind, obj: &DynamicObject) -> Option<ObjKey> {
         let name = obj.metadata.name.clone()?;
         Some(match kind {
-            "IPPool" => ObjKey::Pool(name),
-            "VMLease" => ObjKey::Lease(convert::key_of(obj)),
-            _ => ObjKey::Route(convert::key_of(obj)),
+            Kind::Pool => ObjKey::Pool(name),
+            Kind::Lease => ObjKey::Lease(convert::key_of(obj)),
+            Kind::Route => ObjKey::Route(convert::key_of(obj)),
         })
     }
 }
@@ -83,10 +122,14 @@ pub type Observed = HashMap<ObjKey, std::sync::Arc<DynamicObject>>;
 
 /// See the module docs.
 pub struct Index {
-    /// The pure core.
-    pub world: World,
+    /// The pure core; changed only through [`Index::apply`] and
+    /// [`Index::remove`], which keep `derived` and `dirty` in step.
+    world: World,
+    /// What follows from the whole world, computed once per change and
+    /// shared by the snapshot and the status plan (ack-only rounds reuse it).
+    derived: Option<Derived>,
     /// When each object's routing content was first published.
-    pub tracker: RoutedTracker,
+    tracker: RoutedTracker,
     applied: HashMap<ObjKey, u64>,
     parsed: HashMap<ObjKey, (Option<String>, Parsed)>,
     dirty: bool,
@@ -104,7 +147,7 @@ impl Index {
     ) -> Self {
         let live = |o: &&DynamicObject| !is_deleting(o) && o.metadata.name.is_some();
         let mut applied = HashMap::new();
-        for (kind, list) in [("IPPool", pools), ("VMLease", leases), ("SshRoute", routes)] {
+        for (kind, list) in Kind::ALL.into_iter().zip([pools, leases, routes]) {
             for o in list.iter().filter(live) {
                 if let Some(k) = ObjKey::of(kind, o) {
                     applied.insert(k, fingerprint(o));
@@ -119,6 +162,7 @@ impl Index {
         );
         Index {
             world,
+            derived: None,
             tracker: RoutedTracker::default(),
             applied,
             parsed: HashMap::new(),
@@ -128,7 +172,7 @@ impl Index {
 
     /// Admits an object of `kind` unless this exact version was admitted
     /// already. Returns whether the world changed.
-    pub fn apply(&mut self, kind: &str, obj: &DynamicObject) -> bool {
+    pub fn apply(&mut self, kind: Kind, obj: &DynamicObject) -> bool {
         let Some(key) = ObjKey::of(kind, obj) else {
             return false;
         };
@@ -153,8 +197,29 @@ impl Index {
             ObjKey::Route(_) => self.world.apply_route(convert::route(obj)),
         }
         self.applied.insert(key, fp);
-        self.dirty = true;
+        self.changed();
         true
+    }
+
+    fn changed(&mut self) {
+        self.derived = None;
+        self.dirty = true;
+    }
+
+    /// The world (read-only: changes go through `apply` and `remove`).
+    pub fn world(&self) -> &World {
+        &self.world
+    }
+
+    /// The routing snapshot of the world now (unversioned).
+    pub fn snapshot(&mut self, now_ms: i64) -> pb::Snapshot {
+        let derived = self.derived.get_or_insert_with(|| self.world.derive());
+        self.world.snapshot(derived, now_ms)
+    }
+
+    /// Records a published snapshot, for `Routed`.
+    pub fn published(&mut self, snap: &pb::Snapshot) {
+        self.tracker.observe(snap);
     }
 
     /// Removes an object (lease cleanup, or an object seen gone).
@@ -167,7 +232,7 @@ impl Index {
             ObjKey::Lease(k) => self.world.delete_lease(k),
             ObjKey::Route(k) => self.world.delete_route(k),
         }
-        self.dirty = true;
+        self.changed();
         true
     }
 
@@ -187,8 +252,8 @@ impl Index {
         gone.len()
     }
 
-    /// Objects admitted, by kind name.
-    pub fn counts(&self) -> HashMap<&'static str, usize> {
+    /// Objects admitted, by kind.
+    pub fn counts(&self) -> HashMap<Kind, usize> {
         let mut m = HashMap::new();
         for k in self.applied.keys() {
             *m.entry(k.kind()).or_default() += 1;
@@ -229,7 +294,7 @@ impl Index {
     /// connected subscribers' acknowledgements. Objects the watch has not
     /// shown yet are skipped (their status would 404).
     pub fn plan(&mut self, observed: &Observed, acks: &[Ack], now: Timestamp) -> Vec<StatusWrite> {
-        let derived = self.world.derive();
+        let derived = &*self.derived.get_or_insert_with(|| self.world.derive());
         let mut out = Vec::new();
         let mut keys: Vec<&ObjKey> = self.applied.keys().collect();
         keys.sort();
@@ -267,7 +332,7 @@ impl Index {
                         .tracker
                         .info(RoutedKind::Lease, &k.namespace, &k.name, acks);
                     self.world
-                        .lease_status(&derived, k, prev.as_ref(), &routed, now)
+                        .lease_status(derived, k, prev.as_ref(), &routed, now)
                         .filter(|st| Some(st) != prev.as_ref())
                         .and_then(|st| json(&st))
                 }
@@ -276,7 +341,7 @@ impl Index {
                         .tracker
                         .info(RoutedKind::Route, &k.namespace, &k.name, acks);
                     self.world
-                        .route_status(&derived, k, prev.as_ref(), &routed, now)
+                        .route_status(derived, k, prev.as_ref(), &routed, now)
                         .filter(|st| Some(st) != prev.as_ref())
                         .and_then(|st| json(&st))
                 }
@@ -345,9 +410,14 @@ mod tests {
         serde_json::from_value(v).unwrap()
     }
 
-    fn observed(objs: &[(&str, &DynamicObject)]) -> Observed {
+    fn observed(objs: &[(Kind, &DynamicObject)]) -> Observed {
         objs.iter()
-            .map(|(k, o)| (ObjKey::of(k, o).unwrap(), std::sync::Arc::new((*o).clone())))
+            .map(|(k, o)| {
+                (
+                    ObjKey::of(*k, o).unwrap(),
+                    std::sync::Arc::new((*o).clone()),
+                )
+            })
             .collect()
     }
 
@@ -362,11 +432,11 @@ mod tests {
             name: n.into(),
         };
         assert_eq!(
-            idx.world.lease_ip(&key("a")),
+            idx.world().lease_ip(&key("a")),
             Some("10.0.0.2".parse().unwrap())
         );
         assert_eq!(
-            idx.world.lease_ip(&key("b")),
+            idx.world().lease_ip(&key("b")),
             Some("10.0.0.1".parse().unwrap())
         );
     }
@@ -377,17 +447,17 @@ mod tests {
         let a = lease("a", "u", 1, None);
         let mut idx = Index::restore(settings(), std::slice::from_ref(&p), &[], &[]);
         assert!(idx.take_dirty());
-        assert!(idx.apply("VMLease", &a));
+        assert!(idx.apply(Kind::Lease, &a));
         assert!(
-            !idx.apply("VMLease", &a),
+            !idx.apply(Kind::Lease, &a),
             "an unchanged object is not re-admitted"
         );
         let mut edited = a.clone();
         edited.data["spec"]["settled"] = json!(true);
-        assert!(idx.apply("VMLease", &edited));
-        let present: HashSet<ObjKey> = [ObjKey::of("IPPool", &p).unwrap()].into();
+        assert!(idx.apply(Kind::Lease, &edited));
+        let present: HashSet<ObjKey> = [ObjKey::of(Kind::Pool, &p).unwrap()].into();
         assert_eq!(idx.sweep(&present), 1);
-        assert_eq!(idx.counts().get("VMLease"), None);
+        assert_eq!(idx.counts().get(&Kind::Lease), None);
     }
 
     #[test]
@@ -401,12 +471,12 @@ mod tests {
             &[],
         );
         let now = Timestamp::now();
-        let obs = observed(&[("IPPool", &p), ("VMLease", &a)]);
+        let obs = observed(&[(Kind::Pool, &p), (Kind::Lease, &a)]);
         let writes = idx.plan(&obs, &[], now);
         assert_eq!(writes.len(), 2, "{writes:?}");
         let lease_status = &writes
             .iter()
-            .find(|w| w.key.kind() == "VMLease")
+            .find(|w| w.key.kind() == Kind::Lease)
             .unwrap()
             .status;
         assert_eq!(lease_status["ip"], "10.0.0.1");
@@ -418,11 +488,11 @@ mod tests {
         let mut p2 = p.clone();
         p2.data["status"] = writes
             .iter()
-            .find(|w| w.key.kind() == "IPPool")
+            .find(|w| w.key.kind() == Kind::Pool)
             .unwrap()
             .status
             .clone();
-        let obs = observed(&[("IPPool", &p2), ("VMLease", &a2)]);
+        let obs = observed(&[(Kind::Pool, &p2), (Kind::Lease, &a2)]);
         assert_eq!(idx.plan(&obs, &[], now), vec![]);
         // Objects the watch has not shown are not written.
         assert_eq!(idx.plan(&Observed::new(), &[], now), vec![]);

@@ -24,11 +24,10 @@ use kube::{Api, Client};
 use tokio::sync::{Notify, watch};
 use tracing::{debug, error, info, warn};
 
-use super::index::{Index, ObjKey, Observed, StatusWrite, is_deleting};
+use super::index::{Index, Kind, ObjKey, Observed, StatusWrite, is_deleting};
 use super::leader::{self, LeaderConfig};
 use super::metrics::Metrics;
 use super::{FIELD_MANAGER, FINALIZER};
-use crate::routed::Ack;
 use crate::world::{Notice, Settings, Severity};
 
 /// Where the snapshot token comes from.
@@ -147,7 +146,7 @@ impl Ctx {
         self.index.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn admit(&self, kind: &str, obj: &DynamicObject) {
+    fn admit(&self, kind: Kind, obj: &DynamicObject) {
         if self.index().apply(kind, obj) {
             self.publish_wake.notify_one();
             self.wake.notify_one();
@@ -163,22 +162,21 @@ impl Ctx {
 
     /// Publishes the snapshot now if the world changed.
     fn publish_if_changed(&self) {
-        let mut idx = self.index();
-        if idx.take_dirty() {
-            publish(&mut idx, &self.publisher, &self.metrics);
-        }
+        publish_if_dirty(&mut self.index(), &self.publisher, &self.metrics);
     }
 }
 
-fn publish(idx: &mut Index, publisher: &Publisher, metrics: &Metrics) {
-    let derived = idx.world.derive();
-    let snap = idx
-        .world
-        .snapshot(&derived, Timestamp::now().as_millisecond());
+/// The one place snapshots are published from (the publish task, a lease's
+/// cleanup, and the status round before it plans).
+fn publish_if_dirty(idx: &mut Index, publisher: &Publisher, metrics: &Metrics) {
+    if !idx.take_dirty() {
+        return;
+    }
+    let snap = idx.snapshot(Timestamp::now().as_millisecond());
     match publisher.publish(snap) {
         Ok(v) => {
             if let Some(cur) = publisher.current() {
-                idx.tracker.observe(&cur);
+                idx.published(&cur);
             }
             metrics
                 .snapshot_version
@@ -209,7 +207,7 @@ fn identity_default() -> String {
 fn relay_ca_public(path: &std::path::Path) -> Result<String> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading the relay CA {}", path.display()))?;
-    let mut public = match ssh_key::PublicKey::from_openssh(text.trim()) {
+    let public = match ssh_key::PublicKey::from_openssh(text.trim()) {
         Ok(p) => p,
         Err(_) => ssh_key::PrivateKey::from_openssh(text.as_bytes())
             .with_context(|| {
@@ -221,12 +219,7 @@ fn relay_ca_public(path: &std::path::Path) -> Result<String> {
             .public_key()
             .clone(),
     };
-    public.set_comment("");
-    Ok(public
-        .to_openssh()
-        .context("encoding the relay CA")?
-        .trim()
-        .to_string())
+    crate::local::state::trust_line(&public)
 }
 
 async fn read_token(client: &Client, namespace: &str, source: &TokenSource) -> Result<String> {
@@ -261,6 +254,11 @@ async fn read_token(client: &Client, namespace: &str, source: &TokenSource) -> R
         bail!("the snapshot token is empty");
     }
     Ok(token)
+}
+
+/// Resolves once the stop flag is set (or its sender is gone).
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
 }
 
 /// Lists every object of a kind, retrying transient errors with backoff.
@@ -343,11 +341,8 @@ pub async fn run(opts: ClusterOptions) -> Result<()> {
         .with_context(|| format!("binding the metrics listener to {}", opts.metrics_listen))?;
     let metrics_task = {
         let metrics = metrics.clone();
-        let mut rx = stop_rx.clone();
+        let stop = stopped(stop_rx.clone());
         tokio::spawn(async move {
-            let stop = async move {
-                let _ = rx.wait_for(|s| *s).await;
-            };
             if let Err(e) = super::metrics::serve(metrics_listener, metrics, stop).await {
                 warn!("{e:#}");
             }
@@ -487,46 +482,25 @@ async fn lead(
         .with_context(|| format!("binding the snapshot server to {}", opts.grpc_listen))?;
     let server = {
         let publisher = publisher.clone();
-        let mut rx = stop.clone();
+        let shutdown = stopped(stop.clone());
         let mut options = ServeOptions::new(token);
         options.tls = tls;
         tokio::spawn(async move {
-            let shutdown = async move {
-                let _ = rx.wait_for(|s| *s).await;
-            };
             keyway_snapshot::server::serve_with(listener, publisher, options, shutdown).await
         })
     };
     metrics.set_ready(true);
 
     let wc = watcher::Config::default();
-    let stopped = {
-        let rx = stop.clone();
-        move || {
-            let mut rx = rx.clone();
-            async move {
-                let _ = rx.wait_for(|s| *s).await;
-            }
-        }
+    let controller = |ar: &ApiResource| {
+        Controller::new_with(Api::all_with(client.clone(), ar), wc.clone(), ar.clone())
+            .graceful_shutdown_on(stopped(stop.clone()))
     };
-    let pool_ctl = Controller::new_with(
-        Api::all_with(client.clone(), &kinds.pool),
-        wc.clone(),
-        kinds.pool.clone(),
-    )
-    .graceful_shutdown_on(stopped());
-    let lease_ctl = Controller::new_with(
-        Api::all_with(client.clone(), &kinds.lease),
-        wc.clone(),
-        kinds.lease.clone(),
-    )
-    .graceful_shutdown_on(stopped());
-    let route_ctl = Controller::new_with(
-        Api::all_with(client.clone(), &kinds.route),
-        wc,
-        kinds.route.clone(),
-    )
-    .graceful_shutdown_on(stopped());
+    let (pool_ctl, lease_ctl, route_ctl) = (
+        controller(&kinds.pool),
+        controller(&kinds.lease),
+        controller(&kinds.route),
+    );
     let stores = [pool_ctl.store(), lease_ctl.store(), route_ctl.store()];
     let drive = |name: &'static str| {
         move |r: Result<_, kube::runtime::controller::Error<ReconcileError, watcher::Error>>| {
@@ -574,15 +548,15 @@ fn obj_id(obj: &DynamicObject) -> (String, String) {
     )
 }
 
-fn reconciled(ctx: &Ctx, kind: &str, obj: &DynamicObject) {
+fn reconciled(ctx: &Ctx, kind: Kind, obj: &DynamicObject) {
     let (ns, name) = obj_id(obj);
     ctx.failures
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .remove(&(kind.to_string(), ns, name));
+        .remove(&(kind.name().to_string(), ns, name));
     ctx.metrics
         .reconciles
-        .with_label_values(&[kind, "ok"])
+        .with_label_values(&[kind.name(), "ok"])
         .inc();
 }
 
@@ -590,23 +564,23 @@ fn reconciled(ctx: &Ctx, kind: &str, obj: &DynamicObject) {
 const RESYNC: Duration = Duration::from_secs(600);
 
 async fn reconcile_pool(obj: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, ReconcileError> {
-    match ObjKey::of("IPPool", &obj) {
-        Some(key) if is_deleting(&obj) => ctx.remove(&key),
-        Some(_) => ctx.admit("IPPool", &obj),
-        None => {}
-    }
-    reconciled(&ctx, "IPPool", &obj);
-    Ok(Action::requeue(RESYNC))
+    Ok(reconcile_plain(Kind::Pool, &obj, &ctx))
 }
 
 async fn reconcile_route(obj: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, ReconcileError> {
-    match ObjKey::of("SshRoute", &obj) {
-        Some(key) if is_deleting(&obj) => ctx.remove(&key),
-        Some(_) => ctx.admit("SshRoute", &obj),
+    Ok(reconcile_plain(Kind::Route, &obj, &ctx))
+}
+
+/// Pools and routes carry no finalizer: admitted while they live, removed
+/// when marked for deletion (or swept once gone).
+fn reconcile_plain(kind: Kind, obj: &DynamicObject, ctx: &Ctx) -> Action {
+    match ObjKey::of(kind, obj) {
+        Some(key) if is_deleting(obj) => ctx.remove(&key),
+        Some(_) => ctx.admit(kind, obj),
         None => {}
     }
-    reconciled(&ctx, "SshRoute", &obj);
-    Ok(Action::requeue(RESYNC))
+    reconciled(ctx, kind, obj);
+    Action::requeue(RESYNC)
 }
 
 /// Leases carry the finalizer: an IP is allocated only once it is in place,
@@ -619,11 +593,11 @@ async fn reconcile_lease(obj: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Actio
     let action = finalizer(&api, FINALIZER, obj.clone(), |ev| async move {
         match ev {
             FinalizerEvent::Apply(o) => {
-                c.admit("VMLease", &o);
+                c.admit(Kind::Lease, &o);
                 Ok::<_, ReconcileError>(Action::requeue(RESYNC))
             }
             FinalizerEvent::Cleanup(o) => {
-                if let Some(key) = ObjKey::of("VMLease", &o) {
+                if let Some(key) = ObjKey::of(Kind::Lease, &o) {
                     c.remove(&key);
                     c.publish_if_changed();
                 }
@@ -633,7 +607,7 @@ async fn reconcile_lease(obj: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Actio
     })
     .await
     .map_err(|e| ReconcileError(format!("{e}")))?;
-    reconciled(&ctx, "VMLease", &obj);
+    reconciled(&ctx, Kind::Lease, &obj);
     Ok(action)
 }
 
@@ -665,21 +639,10 @@ fn error_policy(obj: Arc<DynamicObject>, err: &ReconcileError, ctx: Arc<Ctx>) ->
     Action::requeue(delay)
 }
 
-fn acks_of(publisher: &Publisher) -> Vec<Ack> {
-    publisher
-        .subscribers()
-        .into_iter()
-        .map(|s| Ack {
-            connected: s.connected,
-            acked: s.acked,
-        })
-        .collect()
-}
-
 fn observe(stores: &[Store<DynamicObject>; 3]) -> (Observed, HashSet<ObjKey>) {
     let mut observed = Observed::new();
     let mut present = HashSet::new();
-    for (kind, store) in ["IPPool", "VMLease", "SshRoute"].into_iter().zip(stores) {
+    for (kind, store) in Kind::ALL.into_iter().zip(stores) {
         for o in store.state() {
             if let Some(k) = ObjKey::of(kind, &o) {
                 if !is_deleting(&o) {
@@ -772,11 +735,9 @@ async fn round(
             debug!(swept, "objects gone without a finalizer");
         }
         let t0 = std::time::Instant::now();
-        if idx.take_dirty() {
-            publish(&mut idx, &ctx.publisher, &ctx.metrics);
-        }
+        publish_if_dirty(&mut idx, &ctx.publisher, &ctx.metrics);
         let published = t0.elapsed();
-        let acks = acks_of(&ctx.publisher);
+        let acks = crate::routed::acks(&ctx.publisher.subscribers());
         ctx.metrics
             .subscribers
             .set(i64::try_from(acks.iter().filter(|a| a.connected).count()).unwrap_or(0));
@@ -784,7 +745,7 @@ async fn round(
         for (kind, n) in idx.counts() {
             ctx.metrics
                 .objects
-                .with_label_values(&[kind])
+                .with_label_values(&[kind.name()])
                 .set(i64::try_from(n).unwrap_or(0));
         }
         let plan = idx.plan(&observed, &acks, Timestamp::now());
@@ -847,7 +808,7 @@ async fn write_status(ctx: &Ctx, w: &StatusWrite) -> bool {
         "status": w.status,
     });
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    let kind = w.key.kind();
+    let kind = w.key.kind().name();
     match api.patch_status(name, &params, &Patch::Apply(&body)).await {
         Ok(_) => {
             ctx.metrics
@@ -876,17 +837,7 @@ async fn write_status(ctx: &Ctx, w: &StatusWrite) -> bool {
 }
 
 fn publish_event(ctx: &Arc<Ctx>, observed: &Observed, n: Notice) {
-    let key = match n.kind {
-        "IPPool" => ObjKey::Pool(n.name.clone()),
-        "SshRoute" => ObjKey::Route(crate::allocator::LeaseKey {
-            namespace: n.namespace.clone(),
-            name: n.name.clone(),
-        }),
-        _ => ObjKey::Lease(crate::allocator::LeaseKey {
-            namespace: n.namespace.clone(),
-            name: n.name.clone(),
-        }),
-    };
+    let key = ObjKey::of_notice(&n);
     let ar = ctx.kinds.of(&key);
     let reference = ObjectReference {
         api_version: Some(ar.api_version.clone()),
@@ -897,15 +848,8 @@ fn publish_event(ctx: &Arc<Ctx>, observed: &Observed, n: Notice) {
         resource_version: None,
         field_path: None,
     };
-    let object = if n.namespace.is_empty() {
-        format!("{} {}", n.kind, n.name)
-    } else {
-        format!("{} {}/{}", n.kind, n.namespace, n.name)
-    };
-    match n.severity {
-        Severity::Normal => info!(reason = n.reason, %object, "{}", n.message),
-        Severity::Warning => warn!(reason = n.reason, %object, "{}", n.message),
-    }
+    n.log();
+    let object = n.object();
     let event = KubeEvent {
         type_: match n.severity {
             Severity::Normal => EventType::Normal,

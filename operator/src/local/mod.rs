@@ -469,15 +469,8 @@ impl Local {
     /// Moves the world's notices into the event log and the process log.
     pub fn record_notices(&mut self, now: Timestamp) {
         for n in self.world.take_notices() {
-            let object = if n.namespace.is_empty() {
-                format!("{} {}", n.kind, n.name)
-            } else {
-                format!("{} {}/{}", n.kind, n.namespace, n.name)
-            };
-            match n.severity {
-                Severity::Normal => info!(reason = n.reason, %object, "{}", n.message),
-                Severity::Warning => warn!(reason = n.reason, %object, "{}", n.message),
-            }
+            n.log();
+            let object = n.object();
             self.state.events.push(EventRecord {
                 time: now.to_string(),
                 severity: match n.severity {
@@ -496,13 +489,7 @@ impl Local {
 
 fn acks_of(publisher: &Publisher) -> (Vec<Ack>, Vec<SubscriberRecord>) {
     let subs = publisher.subscribers();
-    let acks = subs
-        .iter()
-        .map(|s| Ack {
-            connected: s.connected,
-            acked: s.acked,
-        })
-        .collect();
+    let acks = crate::routed::acks(&subs);
     let records = subs
         .into_iter()
         .map(|s| SubscriberRecord {

@@ -324,7 +324,13 @@ pub fn load_or_create_relay_ca(path: &Path) -> Result<String> {
         }
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
-    let mut public = key.public_key().clone();
+    trust_line(key.public_key())
+}
+
+/// The relay CA's public key as the bare OpenSSH line (no comment) that
+/// goes into `status.relayTrust`.
+pub fn trust_line(public: &ssh_key::PublicKey) -> Result<String> {
+    let mut public = public.clone();
     public.set_comment("");
     Ok(public
         .to_openssh()

@@ -9,7 +9,6 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use http_body_util::Full;
@@ -63,6 +62,39 @@ struct Shared {
     replay: Mutex<ReplayCache>,
 }
 
+type Reply = Response<Full<Bytes>>;
+
+impl Shared {
+    /// Counts a request outcome.
+    fn count(&self, result: &str) {
+        self.gw
+            .metrics
+            .connect_requests
+            .with_label_values(&[result])
+            .inc();
+    }
+
+    /// Counts `result` and answers `status` with a one-line reason.
+    fn refuse(&self, result: &str, status: StatusCode, reason: impl Into<String>) -> Reply {
+        self.count(result);
+        let mut r = Response::new(Full::new(Bytes::from(format!("{}\n", reason.into()))));
+        *r.status_mut() = status;
+        r
+    }
+
+    /// Checks a fresh `Keyway-SSHSIG` proof for `authority`.
+    fn check_fresh(
+        &self,
+        header: &str,
+        authority: &str,
+        allow: &std::collections::HashSet<String>,
+    ) -> Result<String, proof::ProofError> {
+        let p = proof::parse(header)?;
+        let mut replay = self.replay.lock().unwrap_or_else(|e| e.into_inner());
+        proof::verify(&p, authority, proof::unix_now(), allow, &mut replay)
+    }
+}
+
 impl Gateway {
     /// Serves CONNECT on `listeners` until `stop`.
     pub async fn serve_connect(
@@ -90,25 +122,9 @@ impl Gateway {
 }
 
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, stop: CancellationToken) {
-    loop {
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!("accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = stop.cancelled() => return,
-        };
+    while let Some((tcp, peer)) = super::accept(&listener, &stop).await {
         let Ok(permit) = shared.gw.total.clone().try_acquire_owned() else {
-            shared
-                .gw
-                .metrics
-                .connect_requests
-                .with_label_values(&["refused_limit"])
-                .inc();
+            shared.count("refused_limit");
             continue;
         };
         let shared = shared.clone();
@@ -132,12 +148,7 @@ async fn serve_conn(shared: Arc<Shared>, mut tcp: TcpStream, mut peer: SocketAdd
             Ok(Ok(None)) => {}
             Ok(Err(e)) => {
                 warn!(edge = %peer, "closing: {e}");
-                shared
-                    .gw
-                    .metrics
-                    .connect_requests
-                    .with_label_values(&["proxy_header_refused"])
-                    .inc();
+                shared.count("proxy_header_refused");
                 return;
             }
             Err(_) => return,
@@ -147,21 +158,11 @@ async fn serve_conn(shared: Arc<Shared>, mut tcp: TcpStream, mut peer: SocketAdd
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             debug!(%peer, "TLS handshake failed: {e}");
-            shared
-                .gw
-                .metrics
-                .connect_requests
-                .with_label_values(&["tls_failed"])
-                .inc();
+            shared.count("tls_failed");
             return;
         }
         Err(_) => {
-            shared
-                .gw
-                .metrics
-                .connect_requests
-                .with_label_values(&["timeout"])
-                .inc();
+            shared.count("timeout");
             return;
         }
     };
@@ -181,33 +182,15 @@ async fn serve_conn(shared: Arc<Shared>, mut tcp: TcpStream, mut peer: SocketAdd
     }
 }
 
-fn reply(status: StatusCode, reason: String) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(format!("{reason}\n"))));
-    *r.status_mut() = status;
-    r
-}
-
-async fn handle(
-    shared: Arc<Shared>,
-    peer: SocketAddr,
-    req: Request<Incoming>,
-) -> Response<Full<Bytes>> {
-    let count = |r: &str| {
-        shared
-            .gw
-            .metrics
-            .connect_requests
-            .with_label_values(&[r])
-            .inc()
-    };
+async fn handle(shared: Arc<Shared>, peer: SocketAddr, req: Request<Incoming>) -> Reply {
     if req.method() == Method::POST && req.uri().path().starts_with("/tunnel/") {
         return handle_upgrade(&shared, peer, req).await;
     }
     if req.method() != Method::CONNECT {
-        count("bad_request");
-        return reply(
+        return shared.refuse(
+            "bad_request",
             StatusCode::METHOD_NOT_ALLOWED,
-            "only CONNECT is served here".into(),
+            "only CONNECT is served here",
         );
     }
     let Some((host, port)) = req
@@ -215,8 +198,11 @@ async fn handle(
         .authority()
         .and_then(|a| Some((a.host().to_string(), a.port_u16()?)))
     else {
-        count("bad_request");
-        return reply(StatusCode::BAD_REQUEST, "CONNECT needs host:port".into());
+        return shared.refuse(
+            "bad_request",
+            StatusCode::BAD_REQUEST,
+            "CONNECT needs host:port",
+        );
     };
     let authority = format!("{host}:{port}");
     let Some(d) = shared
@@ -224,8 +210,11 @@ async fn handle(
         .table()
         .connect(&host, port, shared.lease_domain.as_deref())
     else {
-        count("not_found");
-        return reply(StatusCode::NOT_FOUND, format!("no route for {authority}"));
+        return shared.refuse(
+            "not_found",
+            StatusCode::NOT_FOUND,
+            format!("no route for {authority}"),
+        );
     };
     if !d.allow_unauthenticated {
         let header = req
@@ -233,28 +222,67 @@ async fn handle(
             .get(hyper::header::PROXY_AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let checked = proof::parse(header).and_then(|p| {
-            let mut replay = shared.replay.lock().unwrap_or_else(|e| e.into_inner());
-            proof::verify(&p, &authority, now, &d.allow, &mut replay)
-        });
-        match checked {
+        match shared.check_fresh(header, &authority, &d.allow) {
             Ok(fp) => debug!(%peer, %authority, key = %fp, "CONNECT proof accepted"),
             Err(e) => {
-                count("forbidden");
                 info!(%peer, %authority, "CONNECT refused: {e}");
-                return reply(StatusCode::FORBIDDEN, format!("not allowed: {e}"));
+                return shared.refuse(
+                    "forbidden",
+                    StatusCode::FORBIDDEN,
+                    format!("not allowed: {e}"),
+                );
             }
         }
     }
     open_tunnel(&shared, peer, &authority, &d, req, false).await
 }
 
+/// `POST /tunnel/{leaseHash}/tcp`: a fresh proof (`Proxy-Authorization`) or,
+/// unless `--require-fresh-upgrade-proofs`, the plain `X-Signature`.
+async fn handle_upgrade(shared: &Arc<Shared>, peer: SocketAddr, req: Request<Incoming>) -> Reply {
+    use keyway_tunnel::upgrade;
+    let Some(hash) = upgrade::parse_path(req.uri().path()) else {
+        return shared.refuse(
+            "bad_request",
+            StatusCode::NOT_FOUND,
+            "expected /tunnel/<64 hex lease hash>/tcp",
+        );
+    };
+    let hash_hex = hex::encode(hash);
+    let Some((d, keys)) = shared.gw.table().upgrade(&hash) else {
+        return shared.refuse(
+            "not_found",
+            StatusCode::NOT_FOUND,
+            format!("no lease {hash_hex}"),
+        );
+    };
+    let authority = upgrade::authority(&hash_hex);
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+    let checked = match (header("proxy-authorization"), header("x-signature")) {
+        (Some(p), _) => shared.check_fresh(p, &authority, &d.allow),
+        (None, Some(_)) if shared.require_fresh => Err(proof::ProofError::Malformed(
+            "this gateway requires a fresh proof (Proxy-Authorization), not X-Signature".into(),
+        )),
+        (None, Some(sig)) => upgrade::verify_plain(&hash, sig, &keys),
+        (None, None) => Err(proof::ProofError::Missing),
+    };
+    match checked {
+        Ok(fp) => debug!(%peer, lease = %d.label, key = %fp, "upgrade proof accepted"),
+        Err(e) => {
+            info!(%peer, lease = %d.label, "upgrade refused: {e}");
+            return shared.refuse(
+                "forbidden",
+                StatusCode::FORBIDDEN,
+                format!("not allowed: {e}"),
+            );
+        }
+    }
+    open_tunnel(shared, peer, &authority, &d, req, true).await
+}
+
 /// Dials the backend, answers (200 for CONNECT, 101 for the upgrade) and
-/// pipes both ways until either side ends or the route is withdrawn.
+/// pipes both ways until either side ends or the gateway settles the tunnel
+/// (its route or lease withdrawn, see `Gateway::enforce`).
 async fn open_tunnel(
     shared: &Arc<Shared>,
     peer: SocketAddr,
@@ -262,159 +290,69 @@ async fn open_tunnel(
     d: &ConnectDecision,
     mut req: Request<Incoming>,
     upgrade: bool,
-) -> Response<Full<Bytes>> {
-    let count = |r: &str| {
-        shared
-            .gw
-            .metrics
-            .connect_requests
-            .with_label_values(&[r])
-            .inc()
-    };
+) -> Reply {
     let Target::Address(addr) = &d.target else {
-        count("bad_gateway");
-        return reply(
+        return shared.refuse(
+            "bad_gateway",
             StatusCode::BAD_GATEWAY,
-            "provider tunnels are not served by this gateway yet".into(),
+            "provider tunnels are not served by this gateway yet",
         );
     };
-    let upstream = match tokio::time::timeout(
+    let dial = tokio::time::timeout(
         shared.gw.limits.connect_timeout,
         TcpStream::connect(addr.as_str()),
-    )
-    .await
-    {
+    );
+    let upstream = match dial.await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            count("bad_gateway");
-            return reply(
-                StatusCode::BAD_GATEWAY,
-                format!("{}: backend unreachable: {e}", d.label),
-            );
+            let why = format!("{}: backend unreachable: {e}", d.label);
+            return shared.refuse("bad_gateway", StatusCode::BAD_GATEWAY, why);
         }
         Err(_) => {
-            count("bad_gateway");
-            return reply(
-                StatusCode::BAD_GATEWAY,
-                format!("{}: backend timed out", d.label),
-            );
+            let why = format!("{}: backend timed out", d.label);
+            return shared.refuse("bad_gateway", StatusCode::BAD_GATEWAY, why);
         }
     };
     let _ = upstream.set_nodelay(true);
-    count("ok");
+    shared.count("ok");
     info!(%peer, %authority, to = %d.label, "CONNECT tunnel");
-    let metrics = shared.gw.metrics.clone();
-    let mut table = shared.gw.table.clone();
-    let key = d.key.clone();
-    let label = d.label.clone();
+    let gw = shared.gw.clone();
+    let (id, cancel) = gw.register_tunnel(d.key.clone(), d.label.clone());
     tokio::spawn(async move {
         let up = match hyper::upgrade::on(&mut req).await {
             Ok(up) => up,
             Err(e) => {
                 debug!("CONNECT upgrade: {e}");
+                gw.end_tunnel(id);
                 return;
             }
         };
         let mut client = TokioIo::new(up);
         let mut upstream = upstream;
-        // Settlement: the tunnel ends when a snapshot withdraws its route
-        // or lease, like SSH sessions do.
-        let withdrawn = async {
-            loop {
-                if table.changed().await.is_err() {
-                    std::future::pending::<()>().await;
-                }
-                if !table.borrow().contains(&key) {
-                    return;
-                }
-            }
-        };
         tokio::select! {
             r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
                 if let Ok((to, from)) = r {
-                    metrics.bytes.with_label_values(&["upstream"]).inc_by(to);
-                    metrics.bytes.with_label_values(&["downstream"]).inc_by(from);
+                    gw.metrics.bytes.with_label_values(&["upstream"]).inc_by(to);
+                    gw.metrics.bytes.with_label_values(&["downstream"]).inc_by(from);
                 }
             }
-            () = withdrawn => {
-                info!(to = %label, "route withdrawn; closing the CONNECT tunnel");
-                metrics.settled_closed.inc();
-            }
+            () = cancel.cancelled() => {}
         }
+        gw.end_tunnel(id);
     });
-    if upgrade {
-        let mut r = Response::new(Full::new(Bytes::new()));
-        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-        r.headers_mut().insert(
-            hyper::header::CONNECTION,
-            hyper::header::HeaderValue::from_static("upgrade"),
-        );
-        r.headers_mut().insert(
-            hyper::header::UPGRADE,
-            hyper::header::HeaderValue::from_static("tcp"),
-        );
-        return r;
+    if !upgrade {
+        return Response::new(Full::new(Bytes::new()));
     }
-    Response::new(Full::new(Bytes::new()))
-}
-
-/// `POST /tunnel/{leaseHash}/tcp`: a fresh proof (`Proxy-Authorization`) or,
-/// unless `--require-fresh-upgrade-proofs`, the plain `X-Signature`.
-async fn handle_upgrade(
-    shared: &Arc<Shared>,
-    peer: SocketAddr,
-    req: Request<Incoming>,
-) -> Response<Full<Bytes>> {
-    use keyway_tunnel::upgrade;
-    let count = |r: &str| {
-        shared
-            .gw
-            .metrics
-            .connect_requests
-            .with_label_values(&[r])
-            .inc()
-    };
-    let Some(hash) = upgrade::parse_path(req.uri().path()) else {
-        count("bad_request");
-        return reply(
-            StatusCode::NOT_FOUND,
-            "expected /tunnel/<64 hex lease hash>/tcp".into(),
-        );
-    };
-    let hash_hex = hex::encode(hash);
-    let Some((d, keys)) = shared.gw.table().upgrade(&hash) else {
-        count("not_found");
-        return reply(StatusCode::NOT_FOUND, format!("no lease {hash_hex}"));
-    };
-    let authority = upgrade::authority(&hash_hex);
-    let header = |name: &str| {
-        req.headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-    };
-    let checked = match (header("proxy-authorization"), header("x-signature")) {
-        (Some(p), _) => proof::parse(&p).and_then(|p| {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
-            let mut replay = shared.replay.lock().unwrap_or_else(|e| e.into_inner());
-            proof::verify(&p, &authority, now, &d.allow, &mut replay)
-        }),
-        (None, Some(_)) if shared.require_fresh => Err(proof::ProofError::Malformed(
-            "this gateway requires a fresh proof (Proxy-Authorization), not X-Signature".into(),
-        )),
-        (None, Some(sig)) => upgrade::verify_plain(&hash, &sig, &keys),
-        (None, None) => Err(proof::ProofError::Missing),
-    };
-    match checked {
-        Ok(fp) => debug!(%peer, lease = %d.label, key = %fp, "upgrade proof accepted"),
-        Err(e) => {
-            count("forbidden");
-            info!(%peer, lease = %d.label, "upgrade refused: {e}");
-            return reply(StatusCode::FORBIDDEN, format!("not allowed: {e}"));
-        }
-    }
-    open_tunnel(shared, peer, &authority, &d, req, true).await
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(
+        hyper::header::CONNECTION,
+        hyper::header::HeaderValue::from_static("upgrade"),
+    );
+    h.insert(
+        hyper::header::UPGRADE,
+        hyper::header::HeaderValue::from_static("tcp"),
+    );
+    r
 }

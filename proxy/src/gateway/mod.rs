@@ -93,6 +93,13 @@ struct Live {
     cancel: CancellationToken,
 }
 
+/// An open CONNECT/upgrade tunnel, settled like SSH connections.
+struct Tunnel {
+    key: crate::routes::DestKey,
+    label: String,
+    cancel: CancellationToken,
+}
+
 /// State shared by every connection.
 pub struct Gateway {
     pub metrics: Arc<Metrics>,
@@ -104,6 +111,7 @@ pub struct Gateway {
     pub upstreams: relay::Upstreams,
     ssh_config: Arc<russh::server::Config>,
     live: std::sync::Mutex<HashMap<u64, Live>>,
+    tunnels: std::sync::Mutex<HashMap<u64, Tunnel>>,
     next_id: AtomicU64,
     pending: std::sync::Mutex<VecDeque<Pending>>,
     total: Arc<Semaphore>,
@@ -131,6 +139,7 @@ impl Gateway {
             cert_validity_secs: AtomicU64::new(300),
             ssh_config: Arc::new(ssh_config),
             live: Default::default(),
+            tunnels: Default::default(),
             next_id: AtomicU64::new(1),
             kill: CancellationToken::new(),
         })
@@ -173,19 +182,7 @@ impl Gateway {
     }
 
     async fn accept_loop(self: Arc<Self>, listener: TcpListener, stop: CancellationToken) {
-        loop {
-            let (tcp, peer) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        warn!("accept: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                () = stop.cancelled() => return,
-            };
+        while let Some((tcp, peer)) = accept(&listener, &stop).await {
             let Ok(total) = self.total.clone().try_acquire_owned() else {
                 self.metrics
                     .connections
@@ -386,8 +383,60 @@ impl Gateway {
         self.live.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Applies a new table: connections it no longer routes are closed.
+    /// Registers an open tunnel; its token is cancelled when a table no
+    /// longer routes `key` (or at the end of the drain).
+    pub(crate) fn register_tunnel(
+        &self,
+        key: crate::routes::DestKey,
+        label: String,
+    ) -> (u64, CancellationToken) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let cancel = self.kill.child_token();
+        let routed = self.table().contains(&key);
+        self.lock_tunnels().insert(
+            id,
+            Tunnel {
+                key,
+                label,
+                cancel: cancel.clone(),
+            },
+        );
+        // A snapshot may have withdrawn it between the decision and now.
+        if !routed {
+            self.settle_tunnel(id);
+        }
+        (id, cancel)
+    }
+
+    /// Forgets a tunnel that ended.
+    pub(crate) fn end_tunnel(&self, id: u64) {
+        self.lock_tunnels().remove(&id);
+    }
+
+    fn lock_tunnels(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Tunnel>> {
+        self.tunnels.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn settle_tunnel(&self, id: u64) {
+        if let Some(t) = self.lock_tunnels().remove(&id) {
+            info!(to = %t.label, "route withdrawn; closing the CONNECT tunnel");
+            self.metrics.settled_closed.inc();
+            t.cancel.cancel();
+        }
+    }
+
+    /// Applies a new table: connections and tunnels it no longer routes are
+    /// closed.
     pub fn enforce(&self, table: &RouteTable) {
+        let stale_tunnels: Vec<u64> = self
+            .lock_tunnels()
+            .iter()
+            .filter(|(_, t)| !table.contains(&t.key))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in stale_tunnels {
+            self.settle_tunnel(id);
+        }
         let stale: Vec<u64> = self
             .lock_live()
             .iter()
@@ -449,6 +498,26 @@ pub fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
         }
     }
     Guard(Some(f))
+}
+
+/// The next accepted connection, or `None` once `stop` fires. Accept errors
+/// (EMFILE and friends) back off instead of spinning.
+pub(crate) async fn accept(
+    listener: &TcpListener,
+    stop: &CancellationToken,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => return Some(x),
+                Err(e) => {
+                    warn!("accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            () = stop.cancelled() => return None,
+        }
+    }
 }
 
 /// Binds the SSH listeners.
