@@ -4,7 +4,7 @@
 CARGO ?= cargo
 SHELL := /bin/bash
 
-.PHONY: demo test bench crds lint fmt deps build clean-demo
+.PHONY: demo test bench crds lint fmt deps build clean-demo chart-test manifests
 
 ## demo: build, start the operator on a copy of examples/local, show allocations and a live snapshot subscriber
 demo: deps build
@@ -14,7 +14,17 @@ demo: deps build
 test: deps
 	$(CARGO) build --workspace --bins --locked
 	$(CARGO) test --workspace --locked --no-fail-fast
+	$(MAKE) chart-test
 	$(MAKE) lint
+
+## chart-test: the Helm chart, manifests/ and the examples with the real Helm library
+## (helm-sdkpy), kubernetes-validate, HAProxy and openssl (Python venv under target/)
+chart-test: deps
+	@bash scripts/chart-test.sh
+
+## manifests: re-render manifests/install.yaml (and the chart's copies of crds/ and alerts)
+manifests:
+	@bash scripts/render-manifests.sh
 
 ## bench: the benchmarks, written to BENCHMARKS.md
 bench: deps

@@ -5,6 +5,7 @@ pub mod allocator;
 pub mod cluster;
 pub mod crdgen;
 pub mod local;
+pub mod relay_ca;
 pub mod report;
 pub mod routed;
 pub mod world;

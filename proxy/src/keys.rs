@@ -71,6 +71,14 @@ fn tempfile_in(dir: &Path) -> Result<(std::path::PathBuf, std::fs::File)> {
 }
 
 fn parse_private(path: &Path, pem: &str) -> Result<PrivateKey> {
+    if pem.trim_start().starts_with(PKCS8_BEGIN) {
+        return from_pkcs8_pem(pem).with_context(|| {
+            format!(
+                "{} is not an ed25519 private key in PKCS#8 PEM",
+                path.display()
+            )
+        });
+    }
     let key = PrivateKey::from_openssh(pem.as_bytes())
         .with_context(|| format!("{} is not an OpenSSH private key", path.display()))?;
     if key.is_encrypted() {
@@ -82,7 +90,79 @@ fn parse_private(path: &Path, pem: &str) -> Result<PrivateKey> {
     Ok(key)
 }
 
-/// Loads an OpenSSH private key (the relay CA).
+const PKCS8_BEGIN: &str = "-----BEGIN PRIVATE KEY-----";
+const PKCS8_END: &str = "-----END PRIVATE KEY-----";
+
+/// An ed25519 key in PKCS#8 PEM (RFC 8410), as `openssl genpkey -algorithm
+/// ed25519` and Helm's `genPrivateKey "ed25519"` write it: the chart
+/// generates the host key and the relay CA that way. Only ed25519 is
+/// accepted; the optional public key (PKCS#8 v2) is ignored.
+pub fn from_pkcs8_pem(pem: &str) -> Result<PrivateKey> {
+    use ssh_key::encoding::base64::{Base64, Encoding};
+    let body = pem
+        .trim()
+        .strip_prefix(PKCS8_BEGIN)
+        .and_then(|b| b.strip_suffix(PKCS8_END))
+        .context("no PRIVATE KEY PEM block")?;
+    let b64: String = body.split_whitespace().collect();
+    let der = Base64::decode_vec(&b64).map_err(|e| anyhow::anyhow!("bad base64: {e}"))?;
+    let seed = pkcs8_ed25519_seed(&der)?;
+    Ok(PrivateKey::from(
+        ssh_key::private::Ed25519Keypair::from_seed(&seed),
+    ))
+}
+
+/// The 32-byte seed of a DER OneAsymmetricKey whose algorithm is Ed25519
+/// (OID 1.3.101.112).
+fn pkcs8_ed25519_seed(der: &[u8]) -> Result<[u8; 32]> {
+    /// One DER element (short or long form length): (tag, contents, rest).
+    fn element(b: &[u8]) -> Result<(u8, &[u8], &[u8])> {
+        let (&tag, b) = b.split_first().context("truncated DER")?;
+        let (&len, mut b) = b.split_first().context("truncated DER")?;
+        let len = if len < 0x80 {
+            usize::from(len)
+        } else {
+            let n = usize::from(len & 0x7f);
+            if n == 0 || n > 2 || b.len() < n {
+                bail!("unsupported DER length");
+            }
+            let (l, rest) = b.split_at(n);
+            b = rest;
+            l.iter().fold(0, |acc, &x| (acc << 8) | usize::from(x))
+        };
+        if b.len() < len {
+            bail!("truncated DER");
+        }
+        let (contents, rest) = b.split_at(len);
+        Ok((tag, contents, rest))
+    }
+    const ED25519_OID: [u8; 3] = [0x2b, 0x65, 0x70];
+    let (tag, key_info, _) = element(der)?;
+    if tag != 0x30 {
+        bail!("not a PKCS#8 structure");
+    }
+    let (tag, version, rest) = element(key_info)?;
+    if tag != 0x02 || !(version == [0] || version == [1]) {
+        bail!("unknown PKCS#8 version");
+    }
+    let (tag, algorithm, rest) = element(rest)?;
+    let (oid_tag, oid, params) = element(algorithm)?;
+    if tag != 0x30 || oid_tag != 0x06 || oid != ED25519_OID || !params.is_empty() {
+        bail!("not an ed25519 key (only ed25519 is supported)");
+    }
+    let (tag, private, _) = element(rest)?;
+    if tag != 0x04 {
+        bail!("no private key in the PKCS#8 structure");
+    }
+    let (tag, seed, trailing) = element(private)?;
+    if tag != 0x04 || !trailing.is_empty() {
+        bail!("malformed ed25519 private key");
+    }
+    seed.try_into()
+        .map_err(|_| anyhow::anyhow!("an ed25519 seed has 32 bytes, not {}", seed.len()))
+}
+
+/// Loads the relay CA's private key: OpenSSH format, or ed25519 in PKCS#8 PEM.
 pub fn load_private(path: &Path) -> Result<PrivateKey> {
     let pem = std::fs::read_to_string(path)
         .with_context(|| format!("reading the relay CA key {}", path.display()))?;
@@ -176,6 +256,66 @@ mod tests {
         std::fs::write(&p, "garbage").unwrap();
         let e = load_or_create_host_key(&p).unwrap_err();
         assert!(format!("{e:#}").contains("not an OpenSSH private key"));
+    }
+
+    /// `openssl genpkey -algorithm ed25519` output and the public key
+    /// `ssh-keygen -y` derives from it (the same format Helm's
+    /// `genPrivateKey "ed25519"` writes).
+    const PKCS8: &str = "-----BEGIN PRIVATE KEY-----
+MC4CAQAwBQYDK2VwBCIEIM81vAM71wwuOhxKlEIY8pzLcMiTltAtCvSt//qA3XeD
+-----END PRIVATE KEY-----
+";
+    const PKCS8_PUBLIC: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPZyyumpsxK6z71L+ni2NLX5QCKZE4X4A2dS6ho7hgVq";
+
+    #[test]
+    fn pkcs8_ed25519_keys_are_read_as_host_key_and_relay_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("host_key");
+        std::fs::write(&p, PKCS8).unwrap();
+        let host = load_or_create_host_key(&p).unwrap();
+        let mut public = host.public_key().clone();
+        public.set_comment("");
+        assert_eq!(public.to_openssh().unwrap(), PKCS8_PUBLIC);
+        // The file is used as it is, not replaced.
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), PKCS8);
+        let ca = load_private(&p).unwrap();
+        assert_eq!(ca.public_key().key_data(), host.public_key().key_data());
+        // It signs relay certificates like an OpenSSH CA key.
+        let issuer = RelayIssuer::new(ca).unwrap();
+        assert_eq!(issuer.ca_public(), PKCS8_PUBLIC);
+        let cert = issuer.issue("keyway-lease-abc", "test", 300).unwrap();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        cert.validate_at(now, [&host.public_key().fingerprint(HashAlg::Sha256)])
+            .unwrap();
+    }
+
+    #[test]
+    fn other_pkcs8_keys_are_refused_with_the_reason() {
+        // An EC P-256 key in PKCS#8 (openssl genpkey -algorithm ec).
+        let p256 = "-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg4uXOb80ZSTsV/mU7
+kvl1x0luCccNDTW76Ii889PTG+ShRANCAASC4osH3NARFEebV+ZWTRYNx5a3rjII
+tZgKTiljhI2yq0uMqJnw8z+wuhyeh5Wox+FE6hfciW8YtDd7Y7kaF9oE
+-----END PRIVATE KEY-----
+";
+        let e = from_pkcs8_pem(p256).unwrap_err();
+        assert!(format!("{e:#}").contains("only ed25519"), "{e:#}");
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k");
+        std::fs::write(&p, p256).unwrap();
+        let e = load_private(&p).unwrap_err();
+        assert!(format!("{e:#}").contains("PKCS#8"), "{e:#}");
+        for garbage in [
+            "-----BEGIN PRIVATE KEY-----\n!!!\n-----END PRIVATE KEY-----\n",
+            "-----BEGIN PRIVATE KEY-----\nMAA=\n-----END PRIVATE KEY-----\n",
+            "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIEFTA7ZRDvsXtdds\n-----END PRIVATE KEY-----\n",
+        ] {
+            assert!(from_pkcs8_pem(garbage).is_err(), "{garbage}");
+        }
     }
 
     #[test]

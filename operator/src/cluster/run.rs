@@ -203,22 +203,13 @@ fn identity_default() -> String {
     format!("{host}-{}", std::process::id())
 }
 
-/// Reads the relay CA's public key from a private key file or a `.pub` line.
+/// Reads the relay CA's public key from its private key file (OpenSSH, or
+/// ed25519 in PKCS#8 PEM as the Helm chart generates it) or a `.pub` line.
 fn relay_ca_public(path: &std::path::Path) -> Result<String> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading the relay CA {}", path.display()))?;
-    let public = match ssh_key::PublicKey::from_openssh(text.trim()) {
-        Ok(p) => p,
-        Err(_) => ssh_key::PrivateKey::from_openssh(text.as_bytes())
-            .with_context(|| {
-                format!(
-                    "{} is neither an OpenSSH public nor private key",
-                    path.display()
-                )
-            })?
-            .public_key()
-            .clone(),
-    };
+    let public = crate::relay_ca::public_key(&text)
+        .with_context(|| format!("the relay CA {}", path.display()))?;
     crate::local::state::trust_line(&public)
 }
 
