@@ -3,7 +3,7 @@
 # Idempotent: installs only what is missing; safe to run on every `make`.
 set -euo pipefail
 
-packages=(openssh-client openssh-server tmux python3 python3-venv util-linux openssl haproxy prometheus)
+packages=(openssh-client openssh-server tmux python3 python3-venv util-linux openssl haproxy prometheus iproute2)
 
 missing=()
 for p in "${packages[@]}"; do

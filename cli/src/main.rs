@@ -153,6 +153,9 @@ async fn ssh(
 
 #[tokio::main]
 async fn main() {
+    // libp2p's QUIC brings rustls' aws-lc-rs provider beside our ring one;
+    // with two compiled in rustls picks neither by itself, so say which.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Ssh {

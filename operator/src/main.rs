@@ -179,6 +179,9 @@ fn init_tracing() {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    // libp2p's QUIC brings rustls' aws-lc-rs provider beside our ring one;
+    // with two compiled in rustls picks neither by itself, so say which.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     let result: Result<()> = match cli.command {
         Command::Run {

@@ -1,7 +1,9 @@
 //! `keyway-proxy`: Keyway's data plane. `run` is the SSH gateway; `snapshot`
 //! subscribes to the operator exactly as the gateway does and prints what it
-//! receives. The provider agent (`agent`) builds on the same subscription.
+//! receives; `agent` is the provider side of `/xe/tunnel/2.0.0`, on the same
+//! subscription.
 
+mod agent;
 mod gateway;
 mod keys;
 mod metrics;
@@ -31,6 +33,12 @@ enum Command {
         after_help = "Examples:\n  keyway-proxy run --local examples/local\n  keyway-proxy run --endpoint http://keyway-operator:7070 --token-file /etc/keyway/token \\\n      --relay-ca-key /etc/keyway/relay-ca --host-key /var/lib/keyway/host_key"
     )]
     Run(Box<run::RunArgs>),
+    /// Run the provider agent: serve /xe/tunnel/2.0.0 over libp2p to the VMs
+    /// on this host, for leases whose target is this agent's peer id.
+    #[command(
+        after_help = "Examples:\n  keyway-proxy agent --local examples/local --forward 127.0.0.1:22\n  keyway-proxy agent --print-peer-id --identity /var/lib/keyway/agent-identity\n  keyway-proxy agent --endpoint https://keyway-operator:7070 --token-file /etc/keyway/token \\\n      --ca-file /etc/keyway/ca.crt --listen /ip4/0.0.0.0/tcp/4001 --forward 127.0.0.1:22"
+    )]
+    Agent(Box<agent::AgentArgs>),
     /// Subscribe to the operator's routing snapshot and print each version applied.
     #[command(
         after_help = "Examples:\n  keyway-proxy snapshot --local examples/local\n  keyway-proxy snapshot --local examples/local --follow"
@@ -236,6 +244,9 @@ fn to_json(s: &pb::Snapshot) -> serde_json::Value {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    // libp2p's QUIC brings rustls' aws-lc-rs provider beside our ring one;
+    // with two compiled in rustls picks neither by itself, so say which.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt()
@@ -245,6 +256,7 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run::run(*args).await,
+        Command::Agent(args) => agent::run(*args).await,
         Command::Snapshot {
             source,
             follow,

@@ -46,7 +46,23 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// The gateway's metrics (`keyway-proxy run`).
     pub fn new() -> Result<Arc<Self>> {
+        Self::build(true)
+    }
+
+    /// Only the snapshot series; the agent registers its own beside them
+    /// through [`Metrics::registry`].
+    pub fn for_agent() -> Result<Arc<Self>> {
+        Self::build(false)
+    }
+
+    /// Where further series go.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    fn build(gateway: bool) -> Result<Arc<Self>> {
         let r = Registry::new();
         let buckets = vec![
             0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -139,6 +155,13 @@ impl Metrics {
             registry: r,
         };
         let reg = &m.registry;
+        reg.register(Box::new(m.snapshot_epoch.clone()))?;
+        reg.register(Box::new(m.snapshot_version.clone()))?;
+        reg.register(Box::new(m.snapshot_leases.clone()))?;
+        reg.register(Box::new(m.snapshot_age.clone()))?;
+        if !gateway {
+            return Ok(Arc::new(m));
+        }
         reg.register(Box::new(m.connections.clone()))?;
         reg.register(Box::new(m.connections_open.clone()))?;
         reg.register(Box::new(m.unauthenticated.clone()))?;
@@ -150,10 +173,6 @@ impl Metrics {
         reg.register(Box::new(m.upstream_connect_seconds.clone()))?;
         reg.register(Box::new(m.settled_closed.clone()))?;
         reg.register(Box::new(m.connect_requests.clone()))?;
-        reg.register(Box::new(m.snapshot_epoch.clone()))?;
-        reg.register(Box::new(m.snapshot_version.clone()))?;
-        reg.register(Box::new(m.snapshot_leases.clone()))?;
-        reg.register(Box::new(m.snapshot_age.clone()))?;
         // Series that exist from the start, so dashboards see zeros, not gaps.
         for r in [
             "accepted",

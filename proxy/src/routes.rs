@@ -25,8 +25,13 @@ use keyway_snapshot::pb;
 pub enum Target {
     /// `host:port` of an sshd, dialed over TCP.
     Address(String),
-    /// A provider agent reached over libp2p (not served by this gateway yet).
-    Provider { peer_id: String },
+    /// A provider agent reached over libp2p (`/xe/tunnel/2.0.0`); the agent
+    /// admits the tunnel by the lease's hash.
+    Provider {
+        peer_id: String,
+        addresses: Vec<String>,
+        lease_hash: [u8; 32],
+    },
 }
 
 /// How a connection was matched; decides what `direct-tcpip` means.
@@ -137,6 +142,8 @@ impl RouteTable {
                 Some(pb::lease::Target::Address(a)) => Some(Target::Address(a.clone())),
                 Some(pb::lease::Target::Provider(p)) => Some(Target::Provider {
                     peer_id: p.peer_id.clone(),
+                    addresses: p.addresses.clone(),
+                    lease_hash: hash,
                 }),
                 None => None,
             };

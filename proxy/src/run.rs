@@ -43,6 +43,12 @@ pub struct RunArgs {
     /// DIR/.keyway/relay-ca.
     #[arg(long, value_name = "FILE")]
     relay_ca_key: Option<PathBuf>,
+    /// The gateway's libp2p identity for provider tunnels (agents may allow
+    /// only known gateways with --allow-peer); created on first run.
+    /// Default: DIR/.keyway/gateway-identity in local mode, else
+    /// /var/lib/keyway/gateway-identity.
+    #[arg(long, value_name = "FILE")]
+    tunnel_identity: Option<PathBuf>,
     /// Where the last applied snapshot is kept, so a restart routes before the
     /// operator answers. Default: DIR/.keyway/proxy-snapshot.pb in local mode,
     /// else /var/lib/keyway/snapshot.pb.
@@ -161,7 +167,25 @@ pub async fn run(args: RunArgs) -> Result<()> {
     };
 
     let (table_tx, table_rx) = watch::channel(Arc::new(RouteTable::default()));
-    let gw = Gateway::new(host_key, limits, metrics.clone(), relay.clone(), table_rx);
+    let identity_path = args
+        .tunnel_identity
+        .clone()
+        .unwrap_or_else(|| default_path("gateway-identity", "/var/lib/keyway/gateway-identity"));
+    let identity = keyway_tunnel::p2p::load_or_create_identity(&identity_path).unwrap_or_else(|e| {
+        warn!("{e}; provider tunnels use a throwaway libp2p identity (agents with --allow-peer will refuse it)");
+        libp2p::identity::Keypair::generate_ed25519()
+    });
+    let p2p = keyway_tunnel::p2p::Host::start(identity, keyway_tunnel::p2p::HostConfig::default())
+        .map_err(anyhow::Error::msg)?;
+    info!(peer = %p2p.peer_id(), "libp2p host for provider tunnels");
+    let gw = Gateway::new(
+        host_key,
+        limits,
+        metrics.clone(),
+        relay.clone(),
+        table_rx,
+        p2p,
+    );
 
     let node_id = args.source.node_id.clone().unwrap_or_else(default_node_id);
     let (sub, sub_task) = subscribe(
@@ -254,26 +278,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     };
     let addrs: Vec<String> = args.ssh_listen.iter().map(|a| a.to_string()).collect();
     info!(ssh = %addrs.join(","), metrics = %args.metrics_listen, "keyway-proxy gateway started");
-    let signals = {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        warn!("no SIGTERM handler: {e}");
-                        let _ = tokio::signal::ctrl_c().await;
-                        stop.cancel();
-                        return;
-                    }
-                };
-            tokio::select! {
-                _ = term.recv() => info!("SIGTERM: no new connections; draining"),
-                _ = tokio::signal::ctrl_c() => info!("interrupted: no new connections; draining"),
-            }
-            stop.cancel();
-        })
-    };
+    let signals = on_signal(stop.clone());
     let connect_task = connect.map(|(listeners, tls)| {
         let gw = gw.clone();
         let stop = stop.clone();
@@ -310,4 +315,25 @@ fn default_node_id() -> String {
         .filter(|h| !h.is_empty())
         .map(|h| format!("{h}-{}", std::process::id()))
         .unwrap_or_else(|| format!("keyway-proxy-{}", std::process::id()))
+}
+
+/// Cancels `stop` on SIGTERM or Ctrl-C.
+pub fn on_signal(stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!("no SIGTERM handler: {e}");
+                    let _ = tokio::signal::ctrl_c().await;
+                    stop.cancel();
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: no new connections; draining"),
+            _ = tokio::signal::ctrl_c() => info!("interrupted: no new connections; draining"),
+        }
+        stop.cancel();
+    })
 }

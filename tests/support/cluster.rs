@@ -76,7 +76,7 @@ impl ClusterEnv {
         let dir = tempfile::tempdir()?;
         let kubeconfig = dir.path().join("kubeconfig-test");
         api.write_kubeconfig(&kubeconfig, "test")?;
-        let client = kube::Client::try_from(kube::Config::new(api.url().parse()?))?;
+        let client = api.client()?;
         new_public_key(dir.path(), "relay-ca");
         let relay_ca = dir.path().join("relay-ca");
         let token = format!("tok-{}", std::process::id());

@@ -22,8 +22,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{Gateway, proxy_header};
-use crate::routes::{ConnectDecision, Target};
+use super::{Gateway, backend, proxy_header};
+use crate::routes::ConnectDecision;
 
 /// Loads the listener's certificate chain and key (PEM).
 pub fn tls_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>> {
@@ -291,29 +291,13 @@ async fn open_tunnel(
     mut req: Request<Incoming>,
     upgrade: bool,
 ) -> Reply {
-    let Target::Address(addr) = &d.target else {
-        return shared.refuse(
-            "bad_gateway",
-            StatusCode::BAD_GATEWAY,
-            "provider tunnels are not served by this gateway yet",
-        );
-    };
-    let dial = tokio::time::timeout(
-        shared.gw.limits.connect_timeout,
-        TcpStream::connect(addr.as_str()),
-    );
-    let upstream = match dial.await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
+    let upstream = match backend::dial(&shared.gw, &d.target).await {
+        Ok(u) => u,
+        Err(e) => {
             let why = format!("{}: backend unreachable: {e}", d.label);
             return shared.refuse("bad_gateway", StatusCode::BAD_GATEWAY, why);
         }
-        Err(_) => {
-            let why = format!("{}: backend timed out", d.label);
-            return shared.refuse("bad_gateway", StatusCode::BAD_GATEWAY, why);
-        }
     };
-    let _ = upstream.set_nodelay(true);
     shared.count("ok");
     info!(%peer, %authority, to = %d.label, "CONNECT tunnel");
     let gw = shared.gw.clone();

@@ -8,6 +8,7 @@
 //! connection, and cancelling it (auth deadline, settlement, drain) closes
 //! the socket for certain (see [`stream`]).
 
+pub mod backend;
 pub mod connect;
 pub mod direct;
 pub mod proxy_header;
@@ -109,6 +110,8 @@ pub struct Gateway {
     /// Relay certificate lifetime, from the snapshot.
     pub cert_validity_secs: AtomicU64,
     pub upstreams: relay::Upstreams,
+    /// The libp2p host provider targets are dialed through.
+    pub p2p: keyway_tunnel::p2p::Host,
     ssh_config: Arc<russh::server::Config>,
     live: std::sync::Mutex<HashMap<u64, Live>>,
     tunnels: std::sync::Mutex<HashMap<u64, Tunnel>>,
@@ -126,6 +129,7 @@ impl Gateway {
         metrics: Arc<Metrics>,
         relay: Option<Arc<RelayIssuer>>,
         table: watch::Receiver<Arc<RouteTable>>,
+        p2p: keyway_tunnel::p2p::Host,
     ) -> Arc<Self> {
         let ssh_config = ssh::server_config(host_key, &limits);
         Arc::new(Gateway {
@@ -136,6 +140,7 @@ impl Gateway {
             metrics,
             table,
             relay,
+            p2p,
             cert_validity_secs: AtomicU64::new(300),
             ssh_config: Arc::new(ssh_config),
             live: Default::default(),

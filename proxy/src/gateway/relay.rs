@@ -16,12 +16,11 @@ use anyhow::{Context, Result, anyhow, bail};
 use russh::client;
 use russh::server::{ChannelOpenHandle, Msg};
 use russh::{Channel, ChannelMsg, ChannelOpenFailure};
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::Gateway;
-use crate::routes::{DestKey, Destination, Target};
+use super::{Gateway, backend};
+use crate::routes::{DestKey, Destination};
 
 /// The upstream client's handler: the VM's host key is not pinned (the
 /// gateway reaches VMs over the provider's own network; see
@@ -88,9 +87,7 @@ impl Upstreams {
     /// An authenticated upstream connection for `dest`, shared when one is
     /// open, else dialed (one dial at a time per key).
     async fn get(&self, gw: &Gateway, dest: &Destination) -> Result<Borrowed> {
-        let Target::Address(addr) = &dest.target else {
-            bail!("provider targets are not served by this gateway yet");
-        };
+        let addr = backend::describe(&dest.target);
         let key = Key {
             dest: dest.key.clone(),
             addr: addr.clone(),
@@ -108,7 +105,7 @@ impl Upstreams {
             return Ok(borrowed(h.clone()));
         }
         let started = Instant::now();
-        let dialed = tokio::time::timeout(gw.limits.connect_timeout, dial(gw, dest, addr)).await;
+        let dialed = tokio::time::timeout(gw.limits.connect_timeout, dial(gw, dest, &addr)).await;
         let handle = match dialed {
             Ok(Ok(h)) => {
                 gw.observe_connect("ssh", "ok", started);
@@ -179,10 +176,7 @@ async fn dial(gw: &Gateway, dest: &Destination, addr: &str) -> Result<client::Ha
         .relay
         .as_ref()
         .ok_or_else(|| anyhow!("relay mode needs the relay CA key (--relay-ca-key)"))?;
-    let tcp = TcpStream::connect(addr)
-        .await
-        .with_context(|| format!("connecting to {addr}"))?;
-    let _ = tcp.set_nodelay(true);
+    let upstream = backend::dial(gw, &dest.target).await?;
     let config = Arc::new(client::Config {
         nodelay: true,
         inactivity_timeout: None,
@@ -195,7 +189,7 @@ async fn dial(gw: &Gateway, dest: &Destination, addr: &str) -> Result<client::Ha
         },
         ..Default::default()
     });
-    let mut handle = client::connect_stream(config, tcp, Upstream)
+    let mut handle = client::connect_stream(config, upstream, Upstream)
         .await
         .with_context(|| format!("SSH handshake with {addr}"))?;
     let validity = gw.cert_validity_secs.load(Ordering::Relaxed);

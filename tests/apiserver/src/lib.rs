@@ -212,6 +212,9 @@ impl ApiServer {
 
     /// A `kube::Client` for this server (no credentials). Must be called inside a tokio runtime.
     pub fn client(&self) -> anyhow::Result<kube::Client> {
+        // The workspace compiles rustls with two providers (ring, and
+        // aws-lc-rs via libp2p's QUIC); choose one before kube builds TLS.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let config = kube::Config::new(self.url().parse()?);
         Ok(kube::Client::try_from(config)?)
     }
