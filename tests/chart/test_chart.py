@@ -273,9 +273,9 @@ def test_the_edge_config_is_valid_haproxy_and_names_each_pool_ip():
     for i, ip in enumerate(ips):
         fam = "ipv6" if ":" in ip else "ipv4"
         assert f"bind :{2400 + i}\n  tcp-request connection set-dst {fam}({ip})" in cfg
-    assert "server gateway 127.0.0.1:2222 send-proxy-v2" in cfg
+    assert "server gateway 127.0.0.1:2522 send-proxy-v2" in cfg
     f = flags(container(one(objs, "Deployment", "keyway-kw-proxy"), "proxy"))
-    assert f["--ssh-listen"] == ["127.0.0.1:2222"]
+    assert f["--ssh-listen"] == ["127.0.0.1:2522"]
     assert f["--trusted-proxy-cidrs"][0].split(",")[0] == "127.0.0.1/32"
     with tempfile.NamedTemporaryFile("w", suffix=".cfg") as t:
         t.write(cfg)
