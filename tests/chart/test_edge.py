@@ -2,6 +2,10 @@
 runs in the real HAProxy in front of the real keyway-proxy (local mode, with
 the flags the chart gives it), and real ssh clients reach real sshd VMs.
 
+The gateway's host key and the relay CA are the ones the chart generated
+(ed25519 in PKCS#8 PEM): the operator derives relayTrust from that CA, the
+gateway signs relay logins with it, and clients see that host key.
+
 A Service hands every connection to the pod with the pod's address as the
 destination; the edge's per-pool-IP port is all that says which pool IP the
 user dialed. Here the client dials the edge's port i on 127.0.0.1 (not the
@@ -12,6 +16,7 @@ lease holding pool IP i. Needs the workspace binaries (`cargo build
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
@@ -127,7 +132,9 @@ def test_the_rendered_edge_routes_each_pool_ip_to_its_lease():
         tmp = Path(t)
         procs = Procs(tmp)
         try:
-            _run(tmp, procs, cfg["data"]["haproxy.cfg"], edge_flags, base)
+            secrets = {o["metadata"]["name"]: base64.b64decode(o["data"]["key"]) for o in objs
+                       if o["kind"] == "Secret" and o["metadata"]["name"] in ("keyway-proxy-host-key", "keyway-relay-ca")}
+            _run(tmp, procs, cfg["data"]["haproxy.cfg"], edge_flags, base, secrets)
         except BaseException:
             print(procs.logs())
             raise
@@ -135,11 +142,23 @@ def test_the_rendered_edge_routes_each_pool_ip_to_its_lease():
             procs.stop()
 
 
-def _run(tmp: Path, procs: Procs, haproxy_cfg: str, edge_flags: list[str], base: int):
+def ssh_public_line(pkcs8_pem: bytes, tmp: Path) -> str:
+    """The OpenSSH public key line of an ed25519 PKCS#8 key (via openssl)."""
+    (tmp / "k.pem").write_bytes(pkcs8_pem)
+    der = subprocess.run(["openssl", "pkey", "-in", tmp / "k.pem", "-pubout", "-outform", "DER"],
+                         capture_output=True, check=True).stdout
+    blob = b"".join(len(x).to_bytes(4, "big") + x for x in (b"ssh-ed25519", der[-32:]))
+    return "ssh-ed25519 " + base64.b64encode(blob).decode()
+
+
+def _run(tmp: Path, procs: Procs, haproxy_cfg: str, edge_flags: list[str], base: int, secrets: dict):
+    assert all(v.startswith(b"-----BEGIN PRIVATE KEY-----") for v in secrets.values()) and len(secrets) == 2
     # One user, two leases: the pool's two IPs go one to each, so the pool IP
     # alone decides which VM a connection reaches.
     local = tmp / "local"
-    local.mkdir()
+    (local / ".keyway").mkdir(parents=True)
+    (local / ".keyway" / "relay-ca").write_bytes(secrets["keyway-relay-ca"])
+    (tmp / "host-key").write_bytes(secrets["keyway-proxy-host-key"])
     alice = keygen(tmp / "alice")
     vm_port = free_port()
     (local / "pool.yaml").write_text(yaml.safe_dump(
@@ -160,6 +179,8 @@ def _run(tmp: Path, procs: Procs, haproxy_cfg: str, edge_flags: list[str], base:
     rows = wait("both leases Ready", ready)
     by_ip = {r["ip"]: r for r in rows}
     assert set(by_ip) == set(POOL), rows
+    ca = ssh_public_line(secrets["keyway-relay-ca"], tmp)
+    assert all(r["relayTrust"].endswith(" " + ca + " keyway-relay-ca") for r in rows), (ca, rows)
     vms = tmp / "vms"
     for i, r in enumerate(sorted(rows, key=lambda r: r["name"])):
         (vms / r["name"]).mkdir(parents=True)
@@ -168,7 +189,7 @@ def _run(tmp: Path, procs: Procs, haproxy_cfg: str, edge_flags: list[str], base:
         wait(f"VM {r['name']}", lambda i=i: connects(VMS[i], vm_port))
     metrics = free_port()
     procs.start("proxy", [binary("keyway-proxy"), "run", "--local", local, *edge_flags,
-                          "--metrics-listen", f"127.0.0.1:{metrics}"])
+                          "--host-key", tmp / "host-key", "--metrics-listen", f"127.0.0.1:{metrics}"])
 
     def proxy_ready():
         try:
@@ -182,6 +203,11 @@ def _run(tmp: Path, procs: Procs, haproxy_cfg: str, edge_flags: list[str], base:
     for i in range(2):
         wait(f"the edge on {base + i}", lambda i=i: connects("127.0.0.1", base + i))
 
+    # Clients see the chart's host key.
+    scan = subprocess.run(["ssh-keyscan", "-t", "ed25519", "-p", str(base), "127.0.0.1"],
+                          capture_output=True, text=True, timeout=60)
+    host_key = ssh_public_line(secrets["keyway-proxy-host-key"], tmp)
+    assert host_key in scan.stdout, scan.stdout + scan.stderr
     for i, ip in enumerate(POOL):
         out = subprocess.run(
             ["ssh", "-p", str(base + i), "-i", tmp / "alice", "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",

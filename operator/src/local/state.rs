@@ -296,13 +296,16 @@ pub fn load_or_create_token(path: &Path) -> Result<String> {
     Ok(token)
 }
 
-/// Reads the relay CA, creating an ed25519 one on first run. Returns its
-/// public key as an OpenSSH line.
+/// Reads the relay CA (OpenSSH, or ed25519 in PKCS#8 PEM), creating an
+/// ed25519 one on first run. Returns its public key as an OpenSSH line.
 pub fn load_or_create_relay_ca(path: &Path) -> Result<String> {
     use ssh_key::{Algorithm, LineEnding, PrivateKey, getrandom::SysRng, rand_core::UnwrapErr};
     let key = match std::fs::read_to_string(path) {
-        Ok(pem) => PrivateKey::from_openssh(pem.as_bytes())
-            .with_context(|| format!("{} is not an OpenSSH private key", path.display()))?,
+        Ok(text) => {
+            let public = crate::relay_ca::public_key(&text)
+                .with_context(|| format!("the relay CA {}", path.display()))?;
+            return trust_line(&public);
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let mut key = PrivateKey::random(&mut UnwrapErr(SysRng), Algorithm::Ed25519)
                 .context("generating the relay CA")?;
