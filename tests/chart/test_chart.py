@@ -131,6 +131,21 @@ def test_the_schema_covers_every_default_and_is_strict():
         jsonschema.validate(kc.merge(defaults, f), schema)
 
 
+def test_values_full_names_every_value():
+    """values-full.yaml exercises every option: each key of values.yaml is in it."""
+    missing = []
+
+    def walk(defaults: dict, full: dict, path: str):
+        for k, v in defaults.items():
+            if k not in full:
+                missing.append(f"{path}{k}")
+            elif isinstance(v, dict) and v and isinstance(full[k], dict):
+                walk(v, full[k], f"{path}{k}.")
+
+    walk(kc.load_values(CHART / "values.yaml"), VALUE_FILES["full"], "")
+    assert missing == []
+
+
 # --- rendered objects -----------------------------------------------------------
 
 
