@@ -398,6 +398,29 @@ def test_network_policies():
     assert users == {2222, 8443}
 
 
+@pytest.mark.parametrize("name", sorted(VALUE_FILES))
+def test_every_container_can_read_what_it_mounts_and_runs_as_a_known_user(name):
+    """A Secret volume's files belong to root; a non-root container reads
+    them through the world bits or, with fsGroup, the group bits. And an
+    image whose USER is a name (HAProxy's) passes runAsNonRoot only with a
+    numeric runAsUser."""
+    for w in find(rendered(name), "Deployment") + find(rendered(name), "DaemonSet"):
+        spec = w["spec"]["template"]["spec"]
+        pod = spec.get("securityContext", {})
+        for c in spec["containers"]:
+            sc = {**pod, **c.get("securityContext", {})}
+            assert "runAsUser" in sc, f"{w['metadata']['name']}/{c['name']}: no numeric runAsUser"
+            root = sc["runAsUser"] == 0
+            assert root or sc.get("runAsNonRoot") is True
+            mounted = {m["name"] for m in c.get("volumeMounts", [])}
+            for v in spec.get("volumes", []):
+                if v["name"] not in mounted or not ("secret" in v or "configMap" in v):
+                    continue
+                mode = (v.get("secret") or v.get("configMap")).get("defaultMode", 0o644)
+                readable = root or mode & 0o004 or (mode & 0o040 and pod.get("fsGroup") is not None)
+                assert readable, f"{w['metadata']['name']}/{c['name']} cannot read volume {v['name']} ({mode:o})"
+
+
 def test_disruption_budgets():
     objs = rendered("defaults")
     assert one(objs, "PodDisruptionBudget", "keyway-operator")["spec"]["minAvailable"] == 1
