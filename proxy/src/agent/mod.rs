@@ -88,6 +88,10 @@ pub struct AgentArgs {
     drain_secs: u64,
 }
 
+/// Buffer per direction of a tunnel: large enough to fill noise's 64 KiB
+/// frames (tokio's default 8 KiB quarters the per-frame work).
+const COPY_BUF: usize = 256 * 1024;
+
 /// What every stream handler shares.
 struct Agent {
     state: Mutex<State>,
@@ -331,7 +335,7 @@ async fn serve_stream(agent: Arc<Agent>, peer: PeerId, stream: libp2p::Stream) {
     m.active.inc();
     info!(%peer, lease = %entry.label, to = %entry.forward, "tunnel open");
     tokio::select! {
-        r = tokio::io::copy_bidirectional(&mut s, &mut vm) => match r {
+        r = tokio::io::copy_bidirectional_with_sizes(&mut s, &mut vm, COPY_BUF, COPY_BUF) => match r {
             Ok((to_vm, from_vm)) => {
                 m.bytes.with_label_values(&["to_vm"]).inc_by(to_vm);
                 m.bytes.with_label_values(&["from_vm"]).inc_by(from_vm);
