@@ -37,6 +37,13 @@ echo "\`KEYWAY_BIN_DIR=target/release cargo bench -p keyway-e2e --bench connect\
 echo >>"$out"
 KEYWAY_BIN_DIR="$PWD/target/release" KEYWAY_BENCH_OUT="$out" cargo bench --locked -p keyway-e2e --bench connect
 echo >>"$out"
+# The provider tunnel (libp2p, TCP and QUIC) vs plain TCP.
+echo "## Provider tunnel vs plain TCP" >>"$out"
+echo >>"$out"
+echo "\`KEYWAY_BIN_DIR=target/release cargo bench -p keyway-e2e --bench tunnel\`" >>"$out"
+echo >>"$out"
+KEYWAY_BIN_DIR="$PWD/target/release" KEYWAY_BENCH_OUT="$out" cargo bench --locked -p keyway-e2e --bench tunnel
+echo >>"$out"
 # Cluster mode through the API double, with the release operator binary.
 echo "## Cluster mode (API double)" >>"$out"
 echo >>"$out"

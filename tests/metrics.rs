@@ -1,7 +1,8 @@
 //! The metrics reference (docs/metrics.md) against real scrapes: every
-//! `keyway_` family a running gateway and a running cluster-mode operator
-//! expose is documented, every documented one is exposed (after traffic that
-//! touches each), and Prometheus' own `promtool check metrics` accepts both.
+//! `keyway_` family a running gateway, a running cluster-mode operator and a
+//! running provider agent expose is documented, every documented one is
+//! exposed (after traffic that touches each), and Prometheus' own `promtool
+//! check metrics` accepts every scrape.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
@@ -188,4 +189,41 @@ fn the_alert_rules_pass_promtool_and_fire_only_where_they_should() {
             );
         }
     }
+}
+
+#[test]
+fn the_agent_scrape_matches_the_reference_and_passes_promtool() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("local");
+    std::fs::create_dir_all(&dir).unwrap();
+    write_file(&dir.join("pool.yaml"), &pool_yaml("pool", &["127.0.58.1"]));
+    let _operator = Operator::start(&dir).unwrap();
+    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut cmd = Command::new(bin("keyway-proxy"));
+    cmd.args(["agent", "--local"]).arg(&dir).args([
+        "--listen",
+        &format!("/ip4/127.0.0.1/tcp/{}", free_port()),
+        "--metrics-listen",
+        &metrics.to_string(),
+    ]);
+    let mut agent = Proc::spawn(cmd, &tmp.path().join("agent.log")).unwrap();
+    let want = documented("## Agent");
+    let scrape = wait_for(Duration::from_secs(30), "every agent family", || {
+        assert!(agent.running(), "{}", agent.output());
+        keyway_e2e::stack::http_get(metrics, "/metrics")
+            .ok()
+            .map(|(_, s)| s)
+            .filter(|s| exposed(s) == want)
+    })
+    .unwrap_or_else(|_| {
+        let s = keyway_e2e::stack::http_get(metrics, "/metrics")
+            .map(|x| x.1)
+            .unwrap_or_default();
+        panic!(
+            "agent: exposed but not documented {:?}; documented but not exposed {:?}",
+            exposed(&s).difference(&want).collect::<Vec<_>>(),
+            want.difference(&exposed(&s)).collect::<Vec<_>>()
+        )
+    });
+    promtool_check(&scrape, "agent");
 }
