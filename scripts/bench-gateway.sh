@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The gateway's benchmarks, side by side with their OpenSSH peers, in one run:
 #   - 1 GiB through `ssh -J` via Keyway vs via OpenSSH's sshd as the jump host
+#   - 1 GiB through `ssh -J` to a provider lease (libp2p tunnel through
+#     `keyway-proxy agent`) vs the same VM as an address lease
 #   - 1 GiB through relay mode vs ssh straight to the VM
 #   - `ssh <ip> true` connect time, relay vs direct (median, p99 over 200 runs)
 #   - RSS per idle authenticated connection at 1,000 and 10,000 connections
@@ -21,9 +23,10 @@ trap cleanup EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_tcp() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null && return 0; sleep 0.1; done; echo "no listener on $1:$2" >&2; return 1; }
 
-GPORT=$(port) VMPORT=$(port) JPORT=$(port) MPORT=$(port)
+GPORT=$(port) VMPORT=$(port) JPORT=$(port) MPORT=$(port) APORT=$(port) AMPORT=$(port)
 POOL_IP=127.0.40.1 VM_IP=127.0.41.1 JUMP_IP=127.0.42.1
 ssh-keygen -q -t ed25519 -N '' -C bench -f "$W/user"
+PEER=$("$BIN/keyway-proxy" agent --print-peer-id --identity "$W/agent-identity")
 mkdir -p "$W/local" "$W/vms/bench-vm" "$W/vms/jumphost"
 cat >"$W/local/bench.yaml" <<YAML
 apiVersion: keyway.dev/v1alpha1
@@ -43,18 +46,35 @@ spec:
   accessPublicKeys: ["$(cat "$W/user.pub")"]
   target:
     address: "$VM_IP:$VMPORT"
+---
+apiVersion: keyway.dev/v1alpha1
+kind: VMLease
+metadata:
+  name: bench-p2p
+spec:
+  user: bench-p2p
+  poolRef: bench
+  accessPublicKeys: ["$(cat "$W/user.pub")"]
+  target:
+    provider:
+      peerId: "$PEER"
+      addresses: ["/ip4/127.0.0.1/tcp/$APORT"]
 YAML
 "$BIN/keyway-operator" run --local "$W/local" --grpc-listen 127.0.0.1:0 --public-ssh-port "$GPORT" >"$W/operator.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 300); do [ -s "$W/local/.keyway/operator.json" ] && break; sleep 0.1; done
 json=$("$BIN/keyway-operator" status --local "$W/local" -o json)
-field() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])[0][sys.argv[2]])' "$json" "$1"; }
+field() { python3 -c 'import json,sys; print([r for r in json.loads(sys.argv[1]) if r["name"] == sys.argv[3]][0][sys.argv[2]])' "$json" "$1" "${2:-bench-vm}"; }
 HASH=$(field leaseHash)
+P2P_HASH=$(field leaseHash bench-p2p)
 printf '%s\n%s\n' "$(field relayTrust)" "$(cat "$W/user.pub")" >"$W/vms/bench-vm/authorized_keys"
 cp "$W/user.pub" "$W/vms/jumphost/authorized_keys"
 VM_LOG_LEVEL=ERROR scripts/vm.sh "$W/vms" bench-vm "$VM_IP" "$VMPORT" >"$W/vm.log" 2>&1 &
 pids+=($!)
 VM_LOG_LEVEL=ERROR scripts/vm.sh "$W/vms" jumphost "$JUMP_IP" "$JPORT" >"$W/jump.log" 2>&1 &
+pids+=($!)
+"$BIN/keyway-proxy" agent --local "$W/local" --identity "$W/agent-identity" --listen "/ip4/127.0.0.1/tcp/$APORT" \
+    --forward "$VM_IP:$VMPORT" --metrics-listen "127.0.0.1:$AMPORT" --cache "$W/agent-snapshot.pb" >"$W/agent.log" 2>&1 &
 pids+=($!)
 "$BIN/keyway-proxy" run --local "$W/local" --ssh-listen "$POOL_IP:$GPORT" --metrics-listen "127.0.0.1:$MPORT" \
     --max-connections 20000 --max-unauthenticated 2048 >"$W/proxy.log" 2>&1 &
@@ -68,12 +88,15 @@ O="-F /dev/null -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o I
 # shellcheck disable=SC2086
 via_keyway_jump() { ssh $O -o "ProxyCommand=ssh $O -p $GPORT -W %h:%p $HASH@$POOL_IP" -p "$VMPORT" "root@$VM_IP" "$@"; }
 # shellcheck disable=SC2086
+via_keyway_jump_p2p() { ssh $O -o "ProxyCommand=ssh $O -p $GPORT -W %h:%p $P2P_HASH@$POOL_IP" -p "$VMPORT" "root@$VM_IP" "$@"; }
+# shellcheck disable=SC2086
 via_openssh_jump() { ssh $O -o "ProxyCommand=ssh $O -p $JPORT -W %h:%p root@$JUMP_IP" -p "$VMPORT" "root@$VM_IP" "$@"; }
 # shellcheck disable=SC2086
 via_relay() { ssh $O -p "$GPORT" "root@$POOL_IP" "$@"; }
 # shellcheck disable=SC2086
 direct() { ssh $O -p "$VMPORT" "root@$VM_IP" "$@"; }
-for f in via_keyway_jump via_openssh_jump via_relay direct; do
+wait_tcp 127.0.0.1 "$AMPORT"
+for f in via_keyway_jump via_keyway_jump_p2p via_openssh_jump via_relay direct; do
     [ "$($f 'echo ok')" = ok ] || { echo "$f does not work; logs in $W" >&2; cat "$W/proxy.log" >&2; exit 1; }
 done
 
@@ -91,7 +114,7 @@ gib() {
     echo "$best"
 }
 echo "bench: 1 GiB transfers" >&2
-kj=$(gib via_keyway_jump); oj=$(gib via_openssh_jump)
+kj=$(gib via_keyway_jump); oj=$(gib via_openssh_jump); pj=$(gib via_keyway_jump_p2p)
 rl=$(gib via_relay); dr=$(gib direct)
 
 echo "bench: connect times ($RUNS runs each, interleaved)" >&2
@@ -148,6 +171,7 @@ mbps() { python3 -c "print(f'{1024/$1:.0f}')"; }
     echo "|---|---|---|---|"
     echo "| \`ssh -J\` via Keyway (lease hash) | $(printf %.2f "$kj") | $(mbps "$kj") | $(ratio "$oj" "$kj")x OpenSSH's throughput (target ≥ 1.0) |"
     echo "| \`ssh -J\` via OpenSSH sshd as jump host | $(printf %.2f "$oj") | $(mbps "$oj") | 1.00 |"
+    echo "| \`ssh -J\` via Keyway to a provider lease (libp2p tunnel through \`keyway-proxy agent\`) | $(printf %.2f "$pj") | $(mbps "$pj") | $(ratio "$kj" "$pj")x the address lease's \`ssh -J\` (tunnel target ≥ 0.5) |"
     echo "| relay mode (\`ssh <pooled ip>\`) | $(printf %.2f "$rl") | $(mbps "$rl") | $(ratio "$dr" "$rl")x direct's throughput (target ≥ 0.8) |"
     echo "| ssh straight to the VM | $(printf %.2f "$dr") | $(mbps "$dr") | 1.00 |"
     echo
