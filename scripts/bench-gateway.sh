@@ -26,6 +26,9 @@ wait_tcp() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null && r
 GPORT=$(port) VMPORT=$(port) JPORT=$(port) MPORT=$(port) APORT=$(port) AMPORT=$(port)
 POOL_IP=127.0.40.1 VM_IP=127.0.41.1 JUMP_IP=127.0.42.1
 ssh-keygen -q -t ed25519 -N '' -C bench -f "$W/user"
+# The provider lease's own key: with the same key on the one pool IP, the
+# (IP, key) route of the address lease would be ambiguous.
+ssh-keygen -q -t ed25519 -N '' -C bench-p2p -f "$W/user-p2p"
 PEER=$("$BIN/keyway-proxy" agent --print-peer-id --identity "$W/agent-identity")
 mkdir -p "$W/local" "$W/vms/bench-vm" "$W/vms/jumphost"
 cat >"$W/local/bench.yaml" <<YAML
@@ -54,7 +57,7 @@ metadata:
 spec:
   user: bench-p2p
   poolRef: bench
-  accessPublicKeys: ["$(cat "$W/user.pub")"]
+  accessPublicKeys: ["$(cat "$W/user-p2p.pub")"]
   target:
     provider:
       peerId: "$PEER"
@@ -88,7 +91,7 @@ O="-F /dev/null -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o I
 # shellcheck disable=SC2086
 via_keyway_jump() { ssh $O -o "ProxyCommand=ssh $O -p $GPORT -W %h:%p $HASH@$POOL_IP" -p "$VMPORT" "root@$VM_IP" "$@"; }
 # shellcheck disable=SC2086
-via_keyway_jump_p2p() { ssh $O -o "ProxyCommand=ssh $O -p $GPORT -W %h:%p $P2P_HASH@$POOL_IP" -p "$VMPORT" "root@$VM_IP" "$@"; }
+via_keyway_jump_p2p() { ssh $O -o "ProxyCommand=ssh ${O/$W\/user /$W/user-p2p } -p $GPORT -W %h:%p $P2P_HASH@$POOL_IP" -p "$VMPORT" "root@$VM_IP" "$@"; }
 # shellcheck disable=SC2086
 via_openssh_jump() { ssh $O -o "ProxyCommand=ssh $O -p $JPORT -W %h:%p root@$JUMP_IP" -p "$VMPORT" "root@$VM_IP" "$@"; }
 # shellcheck disable=SC2086
