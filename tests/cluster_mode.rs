@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use keyway_e2e::cluster::*;
 use keyway_e2e::stack::free_port;
-use keyway_e2e::{Proc, bin, wait_for};
+use keyway_e2e::{Proc, wait_for};
 use kube::api::{DeleteParams, Patch, PatchParams};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -497,26 +497,14 @@ async fn invalid_objects_fail_with_the_field_and_the_rest_keeps_reconciling() {
 }
 
 fn proxy(env: &ClusterEnv, endpoint: &str, extra: &[&str]) -> (Proc, std::net::SocketAddr) {
-    let dir = env.dir.path();
-    let token_file = dir.join("proxy-token");
-    std::fs::write(&token_file, &env.token).unwrap();
     let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut cmd = std::process::Command::new(bin("keyway-proxy"));
-    cmd.arg("run")
-        .args(["--endpoint", endpoint])
-        .arg("--token-file")
-        .arg(&token_file)
-        .args(["--ssh-listen", &format!("127.0.0.1:{}", free_port())])
-        .args(["--metrics-listen", &metrics.to_string()])
-        .arg("--relay-ca-key")
-        .arg(&env.relay_ca)
-        .arg("--host-key")
-        .arg(dir.join("proxy-host-key"))
-        .arg("--cache")
-        .arg(dir.join("proxy-snapshot.pb"))
-        .args(["--node-id", "proxy-1"])
-        .args(extra);
-    (Proc::spawn(cmd, &dir.join("proxy.log")).unwrap(), metrics)
+    let ssh = format!("127.0.0.1:{}", free_port());
+    let mut cmd = env.proxy_command(endpoint, &ssh, metrics);
+    cmd.args(extra);
+    (
+        Proc::spawn(cmd, &env.dir.path().join("proxy.log")).unwrap(),
+        metrics,
+    )
 }
 
 fn proxy_leases(metrics: std::net::SocketAddr) -> Option<u64> {

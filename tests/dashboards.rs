@@ -122,26 +122,15 @@ async fn every_dashboard_panel_returns_data_from_a_real_prometheus() {
 
     // The gateway, subscribed to the operator, with a CONNECT listener.
     let tls = make_tls(&dir);
-    let token = dir.join("token");
-    std::fs::write(&token, &env.token).unwrap();
     let ssh_port = free_port();
     let https = free_port();
     let proxy_metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let mut cmd = Command::new(bin("keyway-proxy"));
-    cmd.arg("run")
-        .args(["--endpoint", &op.endpoint(), "--node-id", "proxy-1"])
-        .arg("--token-file")
-        .arg(&token)
-        .args(["--ssh-listen", &format!("{POOL_IP}:{ssh_port}")])
-        .args(["--metrics-listen", &proxy_metrics.to_string()])
-        .arg("--relay-ca-key")
-        .arg(&env.relay_ca)
-        .arg("--host-key")
-        .arg(dir.join("proxy-host-key"))
-        .arg("--cache")
-        .arg(dir.join("proxy-snapshot.pb"))
-        .args(tls.proxy_args(https))
-        .env("RUST_LOG", "info");
+    let mut cmd = env.proxy_command(
+        &op.endpoint(),
+        &format!("{POOL_IP}:{ssh_port}"),
+        proxy_metrics,
+    );
+    cmd.args(tls.proxy_args(https)).env("RUST_LOG", "info");
     let mut proxy = Proc::spawn(cmd, &dir.join("proxy.log")).unwrap();
     wait_for(WAIT, "the gateway ready", || {
         if !proxy.running() {

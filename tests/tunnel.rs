@@ -84,38 +84,6 @@ fn sh(args: &[&str]) {
     );
 }
 
-/// A VMLease whose target is a provider agent.
-fn provider_lease_yaml(name: &str, user: &str, key: &str, peer: &str, addrs: &[String]) -> String {
-    let list: String = addrs
-        .iter()
-        .map(|a| format!("        - \"{a}\"\n"))
-        .collect();
-    format!(
-        "apiVersion: keyway.dev/v1alpha1\nkind: VMLease\nmetadata:\n  name: {name}\nspec:\n  user: {user}\n  poolRef: pool\n  accessPublicKeys:\n    - \"{key}\"\n  target:\n    provider:\n      peerId: \"{peer}\"\n      addresses:\n{list}"
-    )
-}
-
-/// Sum of a metric's samples whose line contains every needle.
-fn metric(text: &str, name: &str, needles: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.split(['{', ' ']).next() == Some(name))
-        .filter(|l| needles.iter().all(|n| l.contains(n)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-/// The agent's peer id for an identity file (created if missing).
-fn peer_id(identity: &Path) -> String {
-    let out = Command::new(bin("keyway-proxy"))
-        .args(["agent", "--print-peer-id", "--identity"])
-        .arg(identity)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 fn ready_rows(dir: &Path, n: usize) -> Vec<serde_json::Value> {
     wait_for(Duration::from_secs(30), "leases Ready", || {
         let rows = status_json(dir).ok()?;
@@ -182,7 +150,7 @@ fn a_vm_behind_its_own_network_namespace() {
 
     let alice = new_public_key(&keys, "alice");
     let identity = tmp.path().join("agent-identity");
-    let peer = peer_id(&identity);
+    let peer = agent_peer_id(&identity);
     write_file(&dir.join("pool.yaml"), &pool_yaml("pool", &["127.0.10.1"]));
     let lease = |settled: bool| {
         provider_lease_yaml(
@@ -334,7 +302,7 @@ fn a_vm_behind_its_own_network_namespace() {
     assert_eq!(stdout(&out), "2daeb1f36095b44b");
 
     let agent_metric = |name: &str, needles: &[&str]| {
-        metric(
+        metric_sum(
             &prov.http_get(agent_metrics, "/metrics").unwrap_or_default(),
             name,
             needles,
@@ -343,7 +311,7 @@ fn a_vm_behind_its_own_network_namespace() {
     assert!(agent_metric("keyway_agent_handshakes_total", &["result=\"ok\""]) >= 2.0);
     let gw_metrics = gw.http_get("127.0.0.1:9090", "/metrics").unwrap();
     assert!(
-        metric(
+        metric_sum(
             &gw_metrics,
             "keyway_upstream_connect_duration_seconds_count",
             &["kind=\"libp2p\"", "result=\"ok\""]
@@ -385,8 +353,8 @@ async fn agent_handshakes() {
     let dir = tmp.path().join("local");
     std::fs::create_dir_all(&dir).unwrap();
     let identity = tmp.path().join("agent-identity");
-    let peer = peer_id(&identity);
-    let other = peer_id(&tmp.path().join("other-identity"));
+    let peer = agent_peer_id(&identity);
+    let other = agent_peer_id(&tmp.path().join("other-identity"));
     let key = new_public_key(tmp.path(), "alice");
     // The "VM": a TCP server that greets, then echoes.
     let vm = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -504,7 +472,7 @@ async fn agent_handshakes() {
     );
     eprintln!("stalled handshake dropped after {:?}", started.elapsed());
     wait_for(Duration::from_secs(10), "the timeout counted", || {
-        (metric(
+        (metric_sum(
             &scrape(),
             "keyway_agent_handshakes_total",
             &["result=\"timeout\""],
@@ -514,19 +482,22 @@ async fn agent_handshakes() {
     .unwrap();
 
     // Settling the lease closes the open tunnel.
-    assert_eq!(metric(&scrape(), "keyway_agent_tunnels_active", &[]), 1.0);
+    assert_eq!(
+        metric_sum(&scrape(), "keyway_agent_tunnels_active", &[]),
+        1.0
+    );
     write_file(&dir.join("leases.yaml"), &leases(true));
     let mut rest = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut rest)).await;
     assert!(closed.is_ok(), "the tunnel outlived its lease");
     let text = scrape();
-    assert_eq!(metric(&text, "keyway_agent_tunnels_active", &[]), 0.0);
+    assert_eq!(metric_sum(&text, "keyway_agent_tunnels_active", &[]), 0.0);
     assert_eq!(
-        metric(&text, "keyway_agent_tunnels_settled_total", &[]),
+        metric_sum(&text, "keyway_agent_tunnels_settled_total", &[]),
         1.0
     );
     assert_eq!(
-        metric(
+        metric_sum(
             &text,
             "keyway_agent_handshakes_total",
             &["result=\"wrong_provider\""]
@@ -534,7 +505,7 @@ async fn agent_handshakes() {
         1.0
     );
     assert_eq!(
-        metric(
+        metric_sum(
             &text,
             "keyway_agent_handshakes_total",
             &["result=\"unknown_lease\""]

@@ -1,6 +1,7 @@
 //! Public keys as users type them: OpenSSH lines (`ssh-ed25519 AAAA… comment`)
 //! or a bare 64-hex raw ed25519 key. Parsing is the `ssh-key` crate's; this module
-//! only normalizes and reports errors people can act on.
+//! only normalizes and reports errors people can act on. Also the one PKCS#8
+//! reader the operator and the proxy share for keys Helm generates.
 
 use ssh_key::{HashAlg, PublicKey, public::Ed25519PublicKey};
 
@@ -73,6 +74,26 @@ impl AccessKey {
             fingerprint,
         })
     }
+}
+
+/// The PEM label of a PKCS#8 private key.
+pub const PKCS8_BEGIN: &str = "-----BEGIN PRIVATE KEY-----";
+
+/// An ed25519 private key in PKCS#8 PEM (RFC 8410), as `openssl genpkey
+/// -algorithm ed25519` and Helm's `genPrivateKey "ed25519"` write it, as an
+/// OpenSSH key. Decoding is ed25519-dalek's (`pkcs8`); other algorithms are
+/// refused with a message that says so.
+pub fn ed25519_from_pkcs8_pem(pem: &str) -> Result<ssh_key::PrivateKey, String> {
+    use ed25519_dalek::pkcs8::{self, DecodePrivateKey};
+    let key = ed25519_dalek::SigningKey::from_pkcs8_pem(pem.trim()).map_err(|e| match e {
+        pkcs8::Error::PublicKey(_) | pkcs8::Error::ParametersMalformed => {
+            format!("only ed25519 keys are supported in PKCS#8 ({e})")
+        }
+        e => format!("not a PKCS#8 ed25519 private key: {e}"),
+    })?;
+    Ok(ssh_key::PrivateKey::from(
+        ssh_key::private::Ed25519Keypair::from_seed(&key.to_bytes()),
+    ))
 }
 
 #[cfg(test)]

@@ -4,11 +4,9 @@
 //! and `openssl genpkey -algorithm ed25519` writes). keyway-proxy reads the
 //! same formats for the signing side (proxy/src/keys.rs).
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
+use keyway_crds::keys::{PKCS8_BEGIN, ed25519_from_pkcs8_pem};
 use ssh_key::PublicKey;
-
-const PKCS8_BEGIN: &str = "-----BEGIN PRIVATE KEY-----";
-const PKCS8_END: &str = "-----END PRIVATE KEY-----";
 
 /// The public key in `text` (a public key line or a private key file).
 pub fn public_key(text: &str) -> Result<PublicKey> {
@@ -16,75 +14,13 @@ pub fn public_key(text: &str) -> Result<PublicKey> {
         return Ok(p);
     }
     if text.trim_start().starts_with(PKCS8_BEGIN) {
-        return pkcs8_ed25519_public(text).context("not an ed25519 private key in PKCS#8 PEM");
+        return ed25519_from_pkcs8_pem(text)
+            .map(|k| k.public_key().clone())
+            .map_err(|e| anyhow::anyhow!("not an ed25519 private key in PKCS#8 PEM: {e}"));
     }
     let key = ssh_key::PrivateKey::from_openssh(text.as_bytes())
         .context("neither an OpenSSH public nor private key, nor PKCS#8 ed25519")?;
     Ok(key.public_key().clone())
-}
-
-/// The public half of an ed25519 key in PKCS#8 PEM (RFC 8410; the optional
-/// public key of PKCS#8 v2 is ignored and derived from the seed instead).
-fn pkcs8_ed25519_public(pem: &str) -> Result<PublicKey> {
-    use ssh_key::encoding::base64::{Base64, Encoding};
-    let body = pem
-        .trim()
-        .strip_prefix(PKCS8_BEGIN)
-        .and_then(|b| b.strip_suffix(PKCS8_END))
-        .context("no PRIVATE KEY PEM block")?;
-    let b64: String = body.split_whitespace().collect();
-    let der = Base64::decode_vec(&b64).map_err(|e| anyhow::anyhow!("bad base64: {e}"))?;
-    let seed = seed(&der)?;
-    let pair = ssh_key::private::Ed25519Keypair::from_seed(&seed);
-    Ok(PublicKey::from(ssh_key::public::Ed25519PublicKey::from(
-        pair,
-    )))
-}
-
-/// One DER element: (tag, contents, rest). Lengths up to two bytes.
-fn element(b: &[u8]) -> Result<(u8, &[u8], &[u8])> {
-    let (&tag, b) = b.split_first().context("truncated DER")?;
-    let (&len, mut b) = b.split_first().context("truncated DER")?;
-    let len = if len < 0x80 {
-        usize::from(len)
-    } else {
-        let n = usize::from(len & 0x7f);
-        if n == 0 || n > 2 || b.len() < n {
-            bail!("unsupported DER length");
-        }
-        let (l, rest) = b.split_at(n);
-        b = rest;
-        l.iter().fold(0, |acc, &x| (acc << 8) | usize::from(x))
-    };
-    if b.len() < len {
-        bail!("truncated DER");
-    }
-    let (contents, rest) = b.split_at(len);
-    Ok((tag, contents, rest))
-}
-
-/// The seed of a OneAsymmetricKey whose algorithm is Ed25519 (1.3.101.112).
-fn seed(der: &[u8]) -> Result<[u8; 32]> {
-    let (tag, info, _) = element(der)?;
-    if tag != 0x30 {
-        bail!("not a PKCS#8 structure");
-    }
-    let (tag, version, rest) = element(info)?;
-    if tag != 0x02 || !(version == [0] || version == [1]) {
-        bail!("unknown PKCS#8 version");
-    }
-    let (tag, algorithm, rest) = element(rest)?;
-    let (oid_tag, oid, params) = element(algorithm)?;
-    if tag != 0x30 || oid_tag != 0x06 || oid != [0x2b, 0x65, 0x70] || !params.is_empty() {
-        bail!("not an ed25519 key (only ed25519 is supported)");
-    }
-    let (tag, private, _) = element(rest)?;
-    let (inner, seed, trailing) = element(private)?;
-    if tag != 0x04 || inner != 0x04 || !trailing.is_empty() {
-        bail!("malformed ed25519 private key");
-    }
-    seed.try_into()
-        .map_err(|_| anyhow::anyhow!("an ed25519 seed has 32 bytes, not {}", seed.len()))
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
+use keyway_crds::keys::{PKCS8_BEGIN, ed25519_from_pkcs8_pem};
 use ssh_key::certificate::{Builder, CertType};
 use ssh_key::getrandom::SysRng;
 use ssh_key::rand_core::UnwrapErr;
@@ -72,9 +73,10 @@ fn tempfile_in(dir: &Path) -> Result<(std::path::PathBuf, std::fs::File)> {
 
 fn parse_private(path: &Path, pem: &str) -> Result<PrivateKey> {
     if pem.trim_start().starts_with(PKCS8_BEGIN) {
-        return from_pkcs8_pem(pem).with_context(|| {
-            format!(
-                "{} is not an ed25519 private key in PKCS#8 PEM",
+        // Helm's genPrivateKey "ed25519" writes PKCS#8 (the chart's Secrets).
+        return ed25519_from_pkcs8_pem(pem).map_err(|e| {
+            anyhow::anyhow!(
+                "{} is not an ed25519 private key in PKCS#8 PEM: {e}",
                 path.display()
             )
         });
@@ -88,78 +90,6 @@ fn parse_private(path: &Path, pem: &str) -> Result<PrivateKey> {
         );
     }
     Ok(key)
-}
-
-const PKCS8_BEGIN: &str = "-----BEGIN PRIVATE KEY-----";
-const PKCS8_END: &str = "-----END PRIVATE KEY-----";
-
-/// An ed25519 key in PKCS#8 PEM (RFC 8410), as `openssl genpkey -algorithm
-/// ed25519` and Helm's `genPrivateKey "ed25519"` write it: the chart
-/// generates the host key and the relay CA that way. Only ed25519 is
-/// accepted; the optional public key (PKCS#8 v2) is ignored.
-pub fn from_pkcs8_pem(pem: &str) -> Result<PrivateKey> {
-    use ssh_key::encoding::base64::{Base64, Encoding};
-    let body = pem
-        .trim()
-        .strip_prefix(PKCS8_BEGIN)
-        .and_then(|b| b.strip_suffix(PKCS8_END))
-        .context("no PRIVATE KEY PEM block")?;
-    let b64: String = body.split_whitespace().collect();
-    let der = Base64::decode_vec(&b64).map_err(|e| anyhow::anyhow!("bad base64: {e}"))?;
-    let seed = pkcs8_ed25519_seed(&der)?;
-    Ok(PrivateKey::from(
-        ssh_key::private::Ed25519Keypair::from_seed(&seed),
-    ))
-}
-
-/// The 32-byte seed of a DER OneAsymmetricKey whose algorithm is Ed25519
-/// (OID 1.3.101.112).
-fn pkcs8_ed25519_seed(der: &[u8]) -> Result<[u8; 32]> {
-    /// One DER element (short or long form length): (tag, contents, rest).
-    fn element(b: &[u8]) -> Result<(u8, &[u8], &[u8])> {
-        let (&tag, b) = b.split_first().context("truncated DER")?;
-        let (&len, mut b) = b.split_first().context("truncated DER")?;
-        let len = if len < 0x80 {
-            usize::from(len)
-        } else {
-            let n = usize::from(len & 0x7f);
-            if n == 0 || n > 2 || b.len() < n {
-                bail!("unsupported DER length");
-            }
-            let (l, rest) = b.split_at(n);
-            b = rest;
-            l.iter().fold(0, |acc, &x| (acc << 8) | usize::from(x))
-        };
-        if b.len() < len {
-            bail!("truncated DER");
-        }
-        let (contents, rest) = b.split_at(len);
-        Ok((tag, contents, rest))
-    }
-    const ED25519_OID: [u8; 3] = [0x2b, 0x65, 0x70];
-    let (tag, key_info, _) = element(der)?;
-    if tag != 0x30 {
-        bail!("not a PKCS#8 structure");
-    }
-    let (tag, version, rest) = element(key_info)?;
-    if tag != 0x02 || !(version == [0] || version == [1]) {
-        bail!("unknown PKCS#8 version");
-    }
-    let (tag, algorithm, rest) = element(rest)?;
-    let (oid_tag, oid, params) = element(algorithm)?;
-    if tag != 0x30 || oid_tag != 0x06 || oid != ED25519_OID || !params.is_empty() {
-        bail!("not an ed25519 key (only ed25519 is supported)");
-    }
-    let (tag, private, _) = element(rest)?;
-    if tag != 0x04 {
-        bail!("no private key in the PKCS#8 structure");
-    }
-    let (tag, seed, trailing) = element(private)?;
-    if tag != 0x04 || !trailing.is_empty() {
-        bail!("malformed ed25519 private key");
-    }
-    seed.try_into()
-        .map_err(|_| anyhow::anyhow!("an ed25519 seed has 32 bytes, not {}", seed.len()))
 }
 
 /// Loads the relay CA's private key: OpenSSH format, or ed25519 in PKCS#8 PEM.
@@ -302,7 +232,7 @@ kvl1x0luCccNDTW76Ii889PTG+ShRANCAASC4osH3NARFEebV+ZWTRYNx5a3rjII
 tZgKTiljhI2yq0uMqJnw8z+wuhyeh5Wox+FE6hfciW8YtDd7Y7kaF9oE
 -----END PRIVATE KEY-----
 ";
-        let e = from_pkcs8_pem(p256).unwrap_err();
+        let e = ed25519_from_pkcs8_pem(p256).unwrap_err();
         assert!(format!("{e:#}").contains("only ed25519"), "{e:#}");
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("k");
@@ -314,7 +244,7 @@ tZgKTiljhI2yq0uMqJnw8z+wuhyeh5Wox+FE6hfciW8YtDd7Y7kaF9oE
             "-----BEGIN PRIVATE KEY-----\nMAA=\n-----END PRIVATE KEY-----\n",
             "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIEFTA7ZRDvsXtdds\n-----END PRIVATE KEY-----\n",
         ] {
-            assert!(from_pkcs8_pem(garbage).is_err(), "{garbage}");
+            assert!(ed25519_from_pkcs8_pem(garbage).is_err(), "{garbage}");
         }
     }
 

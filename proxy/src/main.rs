@@ -80,6 +80,37 @@ pub struct Source {
 }
 
 impl Source {
+    /// `DIR/.keyway/<local>` in local mode, else `global`: where a process
+    /// keeps its state files when no flag names them.
+    pub fn state_path(&self, local: &str, global: &str) -> PathBuf {
+        match &self.local {
+            Some(d) => d.join(".keyway").join(local),
+            None => PathBuf::from(global),
+        }
+    }
+
+    /// The subscription every data-plane process makes: endpoint and token
+    /// resolved (so a missing operator fails at start), `--node-id` or
+    /// `default_node_id`, the CA read.
+    pub fn subscriber(
+        &self,
+        role: &str,
+        default_node_id: impl FnOnce() -> String,
+        cache_path: Option<PathBuf>,
+    ) -> Result<SubscriberConfig> {
+        let (endpoint, token) = self.resolve()?;
+        Ok(SubscriberConfig {
+            endpoint,
+            token,
+            node_id: self.node_id.clone().unwrap_or_else(default_node_id),
+            role: role.into(),
+            cache_path,
+            backoff_min: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(5),
+            ca_pem: self.ca_pem()?,
+        })
+    }
+
     /// The CA to verify an https:// operator with, if one is configured.
     pub fn ca_pem(&self) -> Result<Option<Vec<u8>>> {
         self.ca_file
@@ -154,23 +185,8 @@ fn summary(s: &pb::Snapshot) -> String {
 }
 
 async fn snapshot_cmd(source: Source, follow: bool, json: bool, timeout: Duration) -> Result<()> {
-    let (endpoint, token) = source.resolve()?;
-    let (sub, task) = subscribe(
-        SubscriberConfig {
-            endpoint,
-            token,
-            node_id: source
-                .node_id
-                .clone()
-                .unwrap_or_else(|| "keyway-proxy-snapshot".into()),
-            role: "cli".into(),
-            cache_path: None,
-            backoff_min: Duration::from_millis(200),
-            backoff_max: Duration::from_secs(5),
-            ca_pem: source.ca_pem()?,
-        },
-        |_| Ok(()),
-    );
+    let config = source.subscriber("cli", || "keyway-proxy-snapshot".into(), None)?;
+    let (sub, task) = subscribe(config, |_| Ok(()));
     let mut rx = sub.snapshot.clone();
     let mut last = None;
     loop {

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Result;
-use keyway_snapshot::client::{SubscriberConfig, subscribe};
+use keyway_snapshot::client::subscribe;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -109,25 +109,21 @@ pub async fn run(args: RunArgs) -> Result<()> {
         Ok(_) => {}
         Err(e) => warn!("could not raise the open-file limit: {e}"),
     }
-    let (endpoint, token) = args.source.resolve()?;
-    let state_dir = args.source.local.as_ref().map(|d| d.join(".keyway"));
-    let default_path = |local: &str, global: &str| match &state_dir {
-        Some(d) => d.join(local),
-        None => PathBuf::from(global),
-    };
-    let host_key_path = args
-        .host_key
-        .clone()
-        .unwrap_or_else(|| default_path("proxy-host-key", "/var/lib/keyway/host_key"));
+    let src = &args.source;
     let cache = args
         .cache
         .clone()
-        .unwrap_or_else(|| default_path("proxy-snapshot.pb", "/var/lib/keyway/snapshot.pb"));
+        .unwrap_or_else(|| src.state_path("proxy-snapshot.pb", "/var/lib/keyway/snapshot.pb"));
+    let subscription = src.subscriber("gateway", default_node_id, Some(cache))?;
+    let host_key_path = args
+        .host_key
+        .clone()
+        .unwrap_or_else(|| src.state_path("proxy-host-key", "/var/lib/keyway/host_key"));
     let host_key = keys::load_or_create_host_key(&host_key_path)?;
     let relay_ca_path = args
         .relay_ca_key
         .clone()
-        .or_else(|| state_dir.as_ref().map(|d| d.join("relay-ca")));
+        .or_else(|| src.local.as_ref().map(|d| d.join(".keyway/relay-ca")));
     let relay = match &relay_ca_path {
         Some(p) => Some(Arc::new(RelayIssuer::new(keys::load_private(p)?)?)),
         None => {
@@ -170,7 +166,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let identity_path = args
         .tunnel_identity
         .clone()
-        .unwrap_or_else(|| default_path("gateway-identity", "/var/lib/keyway/gateway-identity"));
+        .unwrap_or_else(|| src.state_path("gateway-identity", "/var/lib/keyway/gateway-identity"));
     let identity = keyway_tunnel::p2p::load_or_create_identity(&identity_path).unwrap_or_else(|e| {
         warn!("{e}; provider tunnels use a throwaway libp2p identity (agents with --allow-peer will refuse it)");
         libp2p::identity::Keypair::generate_ed25519()
@@ -187,20 +183,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         p2p,
     );
 
-    let node_id = args.source.node_id.clone().unwrap_or_else(default_node_id);
-    let (sub, sub_task) = subscribe(
-        SubscriberConfig {
-            endpoint,
-            token,
-            node_id,
-            role: "gateway".into(),
-            cache_path: Some(cache),
-            backoff_min: Duration::from_millis(200),
-            backoff_max: Duration::from_secs(5),
-            ca_pem: args.source.ca_pem()?,
-        },
-        |_| Ok(()),
-    );
+    let (sub, sub_task) = subscribe(subscription, |_| Ok(()));
 
     // Each applied snapshot: index it, swap it in, close what it withdrew.
     let apply = {

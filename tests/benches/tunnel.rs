@@ -99,12 +99,7 @@ async fn main() {
     std::fs::create_dir_all(&dir).unwrap();
     let sink = sink().await;
     let identity = tmp.path().join("agent-identity");
-    let out = Command::new(bin("keyway-proxy"))
-        .args(["agent", "--print-peer-id", "--identity"])
-        .arg(&identity)
-        .output()
-        .unwrap();
-    let peer = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let peer = agent_peer_id(&identity);
     let (tcp_port, quic_port) = (free_port(), free_port());
     let tcp_addr = format!("/ip4/127.0.0.1/tcp/{tcp_port}");
     let quic_addr = format!("/ip4/127.0.0.1/udp/{quic_port}/quic-v1");
@@ -112,9 +107,7 @@ async fn main() {
     write_file(&dir.join("pool.yaml"), &pool_yaml("pool", &["127.0.70.1"]));
     write_file(
         &dir.join("lease.yaml"),
-        &format!(
-            "apiVersion: keyway.dev/v1alpha1\nkind: VMLease\nmetadata:\n  name: bench\nspec:\n  user: u\n  poolRef: pool\n  accessPublicKeys: [\"{key}\"]\n  target:\n    provider:\n      peerId: \"{peer}\"\n      addresses: [\"{tcp_addr}\"]\n"
-        ),
+        &provider_lease_yaml("bench", "u", &key, &peer, std::slice::from_ref(&tcp_addr)),
     );
     let _operator = Operator::start(&dir).unwrap();
     let hash: [u8; 32] = wait_for(Duration::from_secs(30), "the lease Ready", || {

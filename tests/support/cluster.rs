@@ -142,6 +142,30 @@ impl ClusterEnv {
         })
     }
 
+    /// `keyway-proxy run` subscribed to `endpoint` with the snapshot token,
+    /// the relay CA and its state files under the env's directory, SSH on
+    /// `ssh_listen`, metrics on `metrics`; callers add flags and spawn it.
+    pub fn proxy_command(&self, endpoint: &str, ssh_listen: &str, metrics: SocketAddr) -> Command {
+        let dir = self.dir.path();
+        let token_file = dir.join("proxy-token");
+        std::fs::write(&token_file, &self.token)
+            .unwrap_or_else(|e| panic!("writing the token: {e}"));
+        let mut cmd = Command::new(bin("keyway-proxy"));
+        cmd.arg("run")
+            .args(["--endpoint", endpoint, "--node-id", "proxy-1"])
+            .arg("--token-file")
+            .arg(&token_file)
+            .args(["--ssh-listen", ssh_listen])
+            .args(["--metrics-listen", &metrics.to_string()])
+            .arg("--relay-ca-key")
+            .arg(&self.relay_ca)
+            .arg("--host-key")
+            .arg(dir.join("proxy-host-key"))
+            .arg("--cache")
+            .arg(dir.join("proxy-snapshot.pb"));
+        cmd
+    }
+
     /// Every VMLease as stored.
     pub fn leases(&self) -> Vec<Value> {
         self.api.objects("keyway.dev", "vmleases")

@@ -286,6 +286,48 @@ pub fn lease_yaml(
     )
 }
 
+/// YAML of a VMLease whose target is a provider agent (`peer` at `addrs`);
+/// append `  settled: …` to settle it.
+pub fn provider_lease_yaml(
+    name: &str,
+    user: &str,
+    key: &str,
+    peer: &str,
+    addrs: &[String],
+) -> String {
+    let list: String = addrs
+        .iter()
+        .map(|a| format!("        - \"{a}\"\n"))
+        .collect();
+    format!(
+        "apiVersion: keyway.dev/v1alpha1\nkind: VMLease\nmetadata:\n  name: {name}\nspec:\n  user: {user}\n  poolRef: pool\n  accessPublicKeys:\n    - \"{key}\"\n  target:\n    provider:\n      peerId: \"{peer}\"\n      addresses:\n{list}"
+    )
+}
+
+/// The agent peer id of an identity file (created if missing), from
+/// `keyway-proxy agent --print-peer-id`.
+pub fn agent_peer_id(identity: &Path) -> String {
+    let out = Command::new(bin("keyway-proxy"))
+        .args(["agent", "--print-peer-id", "--identity"])
+        .arg(identity)
+        .output()
+        .expect("running keyway-proxy agent --print-peer-id");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Sum of a scrape's samples of metric `name` whose line contains every
+/// `needle`.
+pub fn metric_sum(scrape: &str, name: &str, needles: &[&str]) -> f64 {
+    scrape
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .filter(|l| needles.iter().all(|n| l.contains(n)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// PEM files of a test CA and a server certificate it signs.
 pub struct TlsFiles {
     /// The server certificate (SANs: localhost, 127.0.0.1).

@@ -306,13 +306,7 @@ impl Stack {
 
     /// Sum of a metric's samples whose line contains every `needle`.
     pub fn metric(&self, name: &str, needles: &[&str]) -> f64 {
-        self.metrics_text()
-            .lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter(|l| l.split(['{', ' ']).next().is_some_and(|n| n == name))
-            .filter(|l| needles.iter().all(|n| l.contains(n)))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        metric_sum(&self.metrics_text(), name, needles)
     }
 }
 

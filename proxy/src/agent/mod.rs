@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use futures::StreamExt as _;
-use keyway_snapshot::client::{SubscriberConfig, subscribe};
+use keyway_snapshot::client::subscribe;
 use keyway_tunnel::p2p::{self, Host, HostConfig};
 use keyway_tunnel::xe;
 use libp2p::{Multiaddr, PeerId};
@@ -110,15 +110,11 @@ impl Agent {
 }
 
 pub async fn run(args: AgentArgs) -> Result<()> {
-    let state_dir = args.source.local.as_ref().map(|d| d.join(".keyway"));
-    let default_path = |local: &str, global: &str| match &state_dir {
-        Some(d) => d.join(local),
-        None => PathBuf::from(global),
-    };
+    let src = &args.source;
     let identity_path = args
         .identity
         .clone()
-        .unwrap_or_else(|| default_path("agent-identity", "/var/lib/keyway/agent-identity"));
+        .unwrap_or_else(|| src.state_path("agent-identity", "/var/lib/keyway/agent-identity"));
     let keypair = p2p::load_or_create_identity(&identity_path).map_err(anyhow::Error::msg)?;
     let me = keypair.public().to_peer_id();
     if args.print_peer_id {
@@ -141,11 +137,10 @@ pub async fn run(args: AgentArgs) -> Result<()> {
                 .collect::<Result<Vec<_>>>()?,
         )
     };
-    let (endpoint, token) = args.source.resolve()?;
-    let cache = args
-        .cache
-        .clone()
-        .unwrap_or_else(|| default_path("agent-snapshot.pb", "/var/lib/keyway/agent-snapshot.pb"));
+    let cache = args.cache.clone().unwrap_or_else(|| {
+        src.state_path("agent-snapshot.pb", "/var/lib/keyway/agent-snapshot.pb")
+    });
+    let subscription = src.subscriber("agent", || format!("agent-{me}"), Some(cache))?;
 
     let base = crate::metrics::Metrics::for_agent()?;
     let agent = Arc::new(Agent {
@@ -169,24 +164,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     .map_err(anyhow::Error::msg)?;
     let mut incoming = host.incoming().map_err(anyhow::Error::msg)?;
 
-    let node_id = args
-        .source
-        .node_id
-        .clone()
-        .unwrap_or_else(|| format!("agent-{me}"));
-    let (sub, sub_task) = subscribe(
-        SubscriberConfig {
-            endpoint,
-            token,
-            node_id,
-            role: "agent".into(),
-            cache_path: Some(cache),
-            backoff_min: Duration::from_millis(200),
-            backoff_max: Duration::from_secs(5),
-            ca_pem: args.source.ca_pem()?,
-        },
-        |_| Ok(()),
-    );
+    let (sub, sub_task) = subscribe(subscription, |_| Ok(()));
     // Each applied snapshot becomes the book in force; what it withdraws closes.
     let apply = {
         let agent = agent.clone();

@@ -70,14 +70,15 @@ pub async fn dial(gw: &Gateway, target: &Target) -> Result<Box<dyn Io>, DialErro
         Ok(r) => r,
         Err(_) => Err(DialError::Timeout(describe(target))),
     };
-    let (kind, label) = match (target, &result) {
-        (Target::Address(_), Ok(_)) => ("tcp", "ok"),
-        (Target::Address(_), Err(DialError::Timeout(_))) => ("tcp", "timeout"),
-        (Target::Address(_), Err(_)) => ("tcp", "error"),
-        (Target::Provider { .. }, Ok(_)) => ("libp2p", "ok"),
-        (Target::Provider { .. }, Err(DialError::Timeout(_))) => ("libp2p", "timeout"),
-        (Target::Provider { .. }, Err(DialError::Tunnel(e))) => ("libp2p", e.label()),
-        (Target::Provider { .. }, Err(_)) => ("libp2p", "error"),
+    let kind = match target {
+        Target::Address(_) => "tcp",
+        Target::Provider { .. } => "libp2p",
+    };
+    let label = match &result {
+        Ok(_) => "ok",
+        Err(DialError::Timeout(_)) => "timeout",
+        Err(DialError::Tunnel(e)) => e.label(),
+        Err(DialError::Tcp { .. }) => "error",
     };
     gw.observe_connect(kind, label, started);
     result
