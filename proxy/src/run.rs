@@ -44,7 +44,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE")]
     relay_ca_key: Option<PathBuf>,
     /// The gateway's libp2p identity for provider tunnels (agents may allow
-    /// only known gateways with --allow-peer); created on first run.
+    /// only known gateways with --allow-peer): a libp2p key, created on first
+    /// run, or an Ed25519 PKCS#8 PEM key (one Secret for every replica).
     /// Default: DIR/.keyway/gateway-identity in local mode, else
     /// /var/lib/keyway/gateway-identity.
     #[arg(long, value_name = "FILE")]
@@ -163,14 +164,20 @@ pub async fn run(args: RunArgs) -> Result<()> {
     };
 
     let (table_tx, table_rx) = watch::channel(Arc::new(RouteTable::default()));
-    let identity_path = args
-        .tunnel_identity
-        .clone()
-        .unwrap_or_else(|| src.state_path("gateway-identity", "/var/lib/keyway/gateway-identity"));
-    let identity = keyway_tunnel::p2p::load_or_create_identity(&identity_path).unwrap_or_else(|e| {
-        warn!("{e}; provider tunnels use a throwaway libp2p identity (agents with --allow-peer will refuse it)");
-        libp2p::identity::Keypair::generate_ed25519()
-    });
+    // A key the user named must work; the default path may sit on a
+    // read-only filesystem, where a throwaway identity still serves agents
+    // that do not pin gateways.
+    let identity = match &args.tunnel_identity {
+        Some(path) => keyway_tunnel::p2p::load_or_create_identity(path)
+            .map_err(|e| anyhow::anyhow!("--tunnel-identity: {e}"))?,
+        None => {
+            let path = src.state_path("gateway-identity", "/var/lib/keyway/gateway-identity");
+            keyway_tunnel::p2p::load_or_create_identity(&path).unwrap_or_else(|e| {
+                warn!("{e}; provider tunnels use a throwaway libp2p identity (agents with --allow-peer will refuse it)");
+                libp2p::identity::Keypair::generate_ed25519()
+            })
+        }
+    };
     let p2p = keyway_tunnel::p2p::Host::start(identity, keyway_tunnel::p2p::HostConfig::default())
         .map_err(anyhow::Error::msg)?;
     info!(peer = %p2p.peer_id(), "libp2p host for provider tunnels");

@@ -23,17 +23,19 @@ HEADER = """\
 #
 #   kubectl apply --server-side -f manifests/install.yaml
 #
-# Key material is not in this file. Create the four Secrets first (the chart
+# Key material is not in this file. Create the five Secrets first (the chart
 # generates them instead):
 #
 #   kubectl create namespace keyway-system
 #   ssh-keygen -q -t ed25519 -N '' -C keyway-relay-ca -f relay-ca
 #   ssh-keygen -q -t ed25519 -N '' -C keyway-proxy -f host-key
+#   openssl genpkey -algorithm ed25519 -out gateway-identity
 #   openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 3650 \\
 #       -subj /CN=ssh.example.com -addext subjectAltName=DNS:ssh.example.com \\
 #       -keyout connect.key -out connect.crt
 #   kubectl -n keyway-system create secret generic keyway-relay-ca --from-file=key=relay-ca
 #   kubectl -n keyway-system create secret generic keyway-proxy-host-key --from-file=key=host-key
+#   kubectl -n keyway-system create secret generic keyway-gateway-identity --from-file=key=gateway-identity
 #   kubectl -n keyway-system create secret generic keyway-snapshot-token --from-literal=token=$(openssl rand -hex 32)
 #   kubectl -n keyway-system create secret tls keyway-connect-tls --cert=connect.crt --key=connect.key
 #

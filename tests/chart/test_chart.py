@@ -347,15 +347,15 @@ def test_secrets_are_generated_in_formats_the_binaries_read_and_kept_on_upgrade(
         first = docs(rel.install({"snapshotTLS": {"enabled": True}}))
         second = docs(rel.upgrade({"snapshotTLS": {"enabled": True}}))
     secrets = {s["metadata"]["name"]: s for s in find(first, "Secret")}
-    assert set(secrets) == {"keyway-proxy-host-key", "keyway-relay-ca", "keyway-snapshot-token",
-                            "keyway-connect-tls", "keyway-snapshot-tls"}
+    assert set(secrets) == {"keyway-proxy-host-key", "keyway-gateway-identity", "keyway-relay-ca",
+                            "keyway-snapshot-token", "keyway-connect-tls", "keyway-snapshot-tls"}
     for s in secrets.values():
         assert s["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     assert {s["metadata"]["name"]: s["data"] for s in find(second, "Secret")} == \
         {n: s["data"] for n, s in secrets.items()}, "an upgrade changed key material"
     # ed25519 in PKCS#8 PEM, as openssl sees it.
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ["keyway-proxy-host-key", "keyway-relay-ca"]:
+        for name in ["keyway-proxy-host-key", "keyway-gateway-identity", "keyway-relay-ca"]:
             pem = base64.b64decode(secrets[name]["data"]["key"])
             assert pem.startswith(b"-----BEGIN PRIVATE KEY-----")
             p = Path(tmp) / name
@@ -376,6 +376,9 @@ def test_secrets_are_generated_in_formats_the_binaries_read_and_kept_on_upgrade(
     # Existing Secrets are used, not generated; generate=false creates none.
     objs = rendered("full")
     assert not find(objs, "Secret", "my-relay-ca")
+    assert not find(objs, "Secret", "my-gateway-identity")
+    gw = container(one(objs, "Deployment", "keyway-kw-proxy"), "proxy")
+    assert flags(gw)["--tunnel-identity"] == ["/etc/keyway/gateway-identity/identity"]
     assert not find(docs(kc.render({"secrets": {"generate": False}})), "Secret")
 
 

@@ -89,10 +89,10 @@ class Procs:
     def __init__(self, tmp: Path):
         self.tmp, self.procs = tmp, []
 
-    def start(self, name: str, args: list) -> subprocess.Popen:
+    def start(self, name: str, args: list, env: dict | None = None) -> subprocess.Popen:
         log = open(self.tmp / f"{name}.log", "wb")
         p = subprocess.Popen([str(a) for a in args], stdout=log, stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL)
+                             stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
         self.procs.append((name, p))
         return p
 
@@ -133,7 +133,8 @@ def test_the_rendered_edge_routes_each_pool_ip_to_its_lease():
         procs = Procs(tmp)
         try:
             secrets = {o["metadata"]["name"]: base64.b64decode(o["data"]["key"]) for o in objs
-                       if o["kind"] == "Secret" and o["metadata"]["name"] in ("keyway-proxy-host-key", "keyway-relay-ca")}
+                       if o["kind"] == "Secret" and o["metadata"]["name"] in
+                       ("keyway-proxy-host-key", "keyway-relay-ca", "keyway-gateway-identity")}
             _run(tmp, procs, cfg["data"]["haproxy.cfg"], edge_flags, base, secrets)
         except BaseException:
             print(procs.logs())
@@ -152,13 +153,18 @@ def ssh_public_line(pkcs8_pem: bytes, tmp: Path) -> str:
 
 
 def _run(tmp: Path, procs: Procs, haproxy_cfg: str, edge_flags: list[str], base: int, secrets: dict):
-    assert all(v.startswith(b"-----BEGIN PRIVATE KEY-----") for v in secrets.values()) and len(secrets) == 2
+    assert all(v.startswith(b"-----BEGIN PRIVATE KEY-----") for v in secrets.values()) and len(secrets) == 3
     # One user, two leases: the pool's two IPs go one to each, so the pool IP
     # alone decides which VM a connection reaches.
     local = tmp / "local"
     (local / ".keyway").mkdir(parents=True)
     (local / ".keyway" / "relay-ca").write_bytes(secrets["keyway-relay-ca"])
     (tmp / "host-key").write_bytes(secrets["keyway-proxy-host-key"])
+    (tmp / "gateway-identity").write_bytes(secrets["keyway-gateway-identity"])
+    # The peer id agents pin, as the documented command computes it.
+    peer = subprocess.run([binary("keyway-proxy"), "agent", "--print-peer-id", "--identity", tmp / "gateway-identity"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    assert peer.startswith("12D3KooW"), peer
     alice = keygen(tmp / "alice")
     vm_port = free_port()
     (local / "pool.yaml").write_text(yaml.safe_dump(
@@ -189,7 +195,9 @@ def _run(tmp: Path, procs: Procs, haproxy_cfg: str, edge_flags: list[str], base:
         wait(f"VM {r['name']}", lambda i=i: connects(VMS[i], vm_port))
     metrics = free_port()
     procs.start("proxy", [binary("keyway-proxy"), "run", "--local", local, *edge_flags,
-                          "--host-key", tmp / "host-key", "--metrics-listen", f"127.0.0.1:{metrics}"])
+                          "--host-key", tmp / "host-key", "--tunnel-identity", tmp / "gateway-identity",
+                          "--metrics-listen", f"127.0.0.1:{metrics}"],
+                env={"RUST_LOG": "keyway_proxy=info", "NO_COLOR": "1"})
 
     def proxy_ready():
         try:
@@ -198,6 +206,8 @@ def _run(tmp: Path, procs: Procs, haproxy_cfg: str, edge_flags: list[str], base:
             return False
 
     wait("the gateway ready", proxy_ready)
+    # Every replica started from the Secret has that peer id.
+    assert f"peer={peer}" in (tmp / "proxy.log").read_text(errors="replace"), "the gateway's libp2p peer id"
     (tmp / "haproxy.cfg").write_text(haproxy_cfg)
     procs.start("haproxy", ["haproxy", "-db", "-f", tmp / "haproxy.cfg"])
     for i in range(2):

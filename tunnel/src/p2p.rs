@@ -299,15 +299,14 @@ async fn drive(
 /// libp2p protobuf encoding, mode 0600). Concurrent first runs on a shared
 /// volume converge on one key: the new key is written completely to a
 /// temporary file and hard-linked into place, so a loser reads the winner's.
+///
+/// An Ed25519 key in PKCS#8 PEM is read too, so a key made by `openssl
+/// genpkey -algorithm ed25519` or Helm's `genPrivateKey "ed25519"` (a
+/// Secret shared by every gateway replica) gives a stable peer id.
 pub fn load_or_create_identity(path: &Path) -> Result<Keypair, String> {
     match std::fs::read(path) {
         Ok(bytes) => {
-            return Keypair::from_protobuf_encoding(&bytes).map_err(|e| {
-                format!(
-                    "{} is not a libp2p identity key (protobuf-encoded): {e}",
-                    path.display()
-                )
-            });
+            return decode_identity(&bytes).map_err(|e| format!("{}: {e}", path.display()));
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(format!("reading {}: {e}", path.display())),
@@ -341,6 +340,25 @@ pub fn load_or_create_identity(path: &Path) -> Result<Keypair, String> {
     }
 }
 
+/// A libp2p protobuf-encoded keypair, or an Ed25519 private key in PKCS#8 PEM.
+fn decode_identity(bytes: &[u8]) -> Result<Keypair, String> {
+    const PEM: &[u8] = b"-----BEGIN PRIVATE KEY-----";
+    let trimmed = bytes.trim_ascii_start();
+    if !trimmed.starts_with(PEM) {
+        return Keypair::from_protobuf_encoding(bytes).map_err(|e| {
+            format!(
+                "not a libp2p identity key (protobuf-encoded) or an Ed25519 PKCS#8 PEM key: {e}"
+            )
+        });
+    }
+    use ed25519_dalek::pkcs8::DecodePrivateKey as _;
+    let pem = std::str::from_utf8(trimmed).map_err(|_| "the PEM key is not UTF-8".to_owned())?;
+    let key = ed25519_dalek::SigningKey::from_pkcs8_pem(pem.trim_end()).map_err(|e| {
+        format!("not an Ed25519 PKCS#8 private key (only Ed25519 is supported): {e}")
+    })?;
+    Keypair::ed25519_from_bytes(key.to_bytes()).map_err(|e| format!("the Ed25519 key: {e}"))
+}
+
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write as _;
     let mut opts = std::fs::OpenOptions::new();
@@ -371,6 +389,28 @@ mod tests {
         std::fs::write(&path, b"garbage").unwrap();
         let e = load_or_create_identity(&path).unwrap_err();
         assert!(e.contains("not a libp2p identity"), "{e}");
+    }
+
+    /// A PKCS#8 PEM key (what Helm's genPrivateKey and openssl write) is the
+    /// same identity as its seed; other PEM keys are refused by name.
+    #[test]
+    fn identity_from_a_pkcs8_pem_key() {
+        use ed25519_dalek::pkcs8::EncodePrivateKey as _;
+        let seed = [7u8; 32];
+        let pem = ed25519_dalek::SigningKey::from_bytes(&seed)
+            .to_pkcs8_pem(Default::default())
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        std::fs::write(&path, format!("\n{}\n", pem.as_str())).unwrap();
+        let a = load_or_create_identity(&path).unwrap();
+        let b = Keypair::ed25519_from_bytes(seed).unwrap();
+        assert_eq!(a.public().to_peer_id(), b.public().to_peer_id());
+        // A PKCS#8 PEM that is not an Ed25519 key (the start of a P-256 one).
+        let other = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgA7Ny5wCuqJ4Pl6tB\n-----END PRIVATE KEY-----\n";
+        std::fs::write(&path, other).unwrap();
+        let e = load_or_create_identity(&path).unwrap_err();
+        assert!(e.contains("only Ed25519"), "{e}");
     }
 
     /// Two hosts on loopback, over TCP and over QUIC: accepted tunnels carry

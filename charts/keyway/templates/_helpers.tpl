@@ -63,6 +63,7 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/* Secret names */}}
 {{- define "keyway.secret.hostKey" -}}{{ default (printf "%s-proxy-host-key" (include "keyway.fullname" .)) .Values.secrets.hostKey.existingSecret }}{{- end -}}
+{{- define "keyway.secret.gatewayIdentity" -}}{{ default (printf "%s-gateway-identity" (include "keyway.fullname" .)) .Values.secrets.gatewayIdentity.existingSecret }}{{- end -}}
 {{- define "keyway.secret.relayCA" -}}{{ default (printf "%s-relay-ca" (include "keyway.fullname" .)) .Values.secrets.relayCA.existingSecret }}{{- end -}}
 {{- define "keyway.secret.token" -}}{{ default (printf "%s-snapshot-token" (include "keyway.fullname" .)) .Values.secrets.snapshotToken.existingSecret }}{{- end -}}
 {{- define "keyway.secret.connectTLS" -}}{{ default (printf "%s-connect-tls" (include "keyway.fullname" .)) .Values.secrets.connectTLS.existingSecret }}{{- end -}}
