@@ -673,3 +673,97 @@ fn sigterm_stops_accepting_and_lets_open_sessions_finish() {
     .unwrap();
     assert!(st.proxy_log().contains("draining"));
 }
+
+#[test]
+fn one_connection_holds_at_most_max_channels_and_ending_one_frees_it() {
+    let st = Stack::start(
+        &["127.0.28.1"],
+        &specs(&[("alice-vm", "alice")]),
+        &["--max-channels", "2"],
+    )
+    .unwrap();
+    let ip = st.leases["alice-vm"].ip.clone();
+    // OpenSSH connection multiplexing: every `ssh` below opens one channel on
+    // the master's single connection to the gateway. A refused mux client
+    // would fall back to a connection of its own; ProxyCommand=false makes
+    // that fallback fail instead.
+    let path = format!("ControlPath={}", st.tmp.path().join("ctl").display());
+    let mux = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = ["-o", &path, "-o", "ProxyCommand=false", &ip]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let run = |extra: &[&str]| {
+        let args = mux(extra);
+        st.ssh_output(
+            &["alice"],
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        )
+    };
+    let mut master = st
+        .ssh(&["alice"], &["-M", "-N", "-o", &path, &ip])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(Duration::from_secs(20), "the master connection", || {
+        run(&["-O", "check"]).status.success().then_some(())
+    })
+    .unwrap();
+    let hold = |name: &str| {
+        // The session lasts until its stdin closes.
+        let args = mux(&["echo started; exec cat >/dev/null"]);
+        let mut child = st
+            .ssh(
+                &["alice"],
+                &args.iter().map(String::as_str).collect::<Vec<_>>(),
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(st.tmp.path().join(format!("{name}.err"))).unwrap())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "started", "{}", st.proxy_log());
+        child
+    };
+    let mut a = hold("a");
+    let mut b = hold("b");
+    // A third channel on the same connection is refused, and only it.
+    let o = run(&["echo $KEYWAY_VM"]);
+    assert!(!o.status.success(), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("refused by peer"),
+        "{o:?}"
+    );
+    assert_eq!(
+        st.metric("keyway_ssh_channels_refused_total", &["limit"]),
+        1.0
+    );
+    assert!(a.try_wait().unwrap().is_none() && b.try_wait().unwrap().is_none());
+    // Ending a session gives its channel back.
+    drop(a.stdin.take());
+    // The command's own exit status, which a race between the VM's EOF and
+    // its exit status used to lose.
+    let status = a.wait().unwrap();
+    let err = std::fs::read_to_string(st.tmp.path().join("a.err")).unwrap_or_default();
+    assert!(status.success(), "{status:?} {err}");
+    wait_for(Duration::from_secs(20), "the channel released", || {
+        (st.metric("keyway_ssh_channels_active", &["session"]) == 1.0).then_some(())
+    })
+    .unwrap();
+    let o = run(&["echo $KEYWAY_VM"]);
+    assert!(o.status.success(), "{o:?}\n{}", st.proxy_log());
+    assert_eq!(stdout(&o), "alice-vm");
+    for c in [&mut b, &mut master] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}

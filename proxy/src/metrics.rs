@@ -25,6 +25,8 @@ pub struct Metrics {
     pub sessions_active: IntGaugeVec,
     /// Open channels by kind (`session`, `direct-tcpip`).
     pub channels_active: IntGaugeVec,
+    /// Channel opens refused, by reason (`limit`, `target`).
+    pub channels_refused: IntCounterVec,
     /// Rejected authentication attempts by method.
     pub auth_failures: IntCounterVec,
     /// Payload bytes relayed, by direction (`upstream`: client to target).
@@ -93,6 +95,13 @@ impl Metrics {
             channels_active: IntGaugeVec::new(
                 Opts::new("keyway_ssh_channels_active", "Open SSH channels by kind"),
                 &["kind"],
+            )?,
+            channels_refused: IntCounterVec::new(
+                Opts::new(
+                    "keyway_ssh_channels_refused_total",
+                    "SSH channel opens refused, by reason",
+                ),
+                &["reason"],
             )?,
             auth_failures: IntCounterVec::new(
                 Opts::new(
@@ -167,6 +176,7 @@ impl Metrics {
         reg.register(Box::new(m.unauthenticated.clone()))?;
         reg.register(Box::new(m.sessions_active.clone()))?;
         reg.register(Box::new(m.channels_active.clone()))?;
+        reg.register(Box::new(m.channels_refused.clone()))?;
         reg.register(Box::new(m.auth_failures.clone()))?;
         reg.register(Box::new(m.bytes.clone()))?;
         reg.register(Box::new(m.handshake_seconds.clone()))?;
@@ -190,6 +200,9 @@ impl Metrics {
         }
         for k in ["session", "direct-tcpip"] {
             m.channels_active.with_label_values(&[k]);
+        }
+        for r in ["limit", "target"] {
+            m.channels_refused.with_label_values(&[r]);
         }
         for method in ["publickey", "password", "keyboard-interactive", "none"] {
             m.auth_failures.with_label_values(&[method]);

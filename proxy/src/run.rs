@@ -64,6 +64,10 @@ pub struct RunArgs {
     /// All open connections; beyond it new ones are refused.
     #[arg(long, default_value_t = 10_000)]
     max_connections: usize,
+    /// Open channels (sessions, forwards) per SSH connection; beyond it a
+    /// channel open is refused with "resource shortage".
+    #[arg(long, default_value_t = 64)]
+    max_channels: usize,
     /// Seconds to reach a target (TCP, plus the SSH login for relays).
     #[arg(long, default_value_t = 10)]
     connect_timeout_secs: u64,
@@ -136,6 +140,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         auth_timeout: Duration::from_secs(args.auth_timeout_secs.max(1)),
         max_unauthenticated: args.max_unauthenticated.max(1),
         max_connections: args.max_connections.max(1),
+        max_channels: args.max_channels.max(1),
         connect_timeout: Duration::from_secs(args.connect_timeout_secs.max(1)),
         drain: Duration::from_secs(args.drain_secs),
         channel_buffer: args.channel_buffer.max(1),

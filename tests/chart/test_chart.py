@@ -272,6 +272,8 @@ def test_load_balancer_mode_one_shared_service_per_pool_ip_and_the_edge():
         assert edge_ports[f"ssh-{i}"] == 2400 + i
         assert svc["spec"]["externalTrafficPolicy"] == "Local"
     assert proxy_ports["https"] == 8443
+    limits = {k: v for k, v in flags(container(deploy, "proxy")).items() if k.startswith("--max-")}
+    assert limits == {"--max-unauthenticated": ["512"], "--max-connections": ["20000"], "--max-channels": ["32"]}
     # With the default ipField, the MetalLB annotation names the IP instead.
     objs = docs(kc.render({"proxy": {"poolIPs": ["203.0.113.7"], "loadBalancer": {"edge": {"enabled": False}}}}))
     svc = next(s for s in find(objs, "Service") if s["spec"].get("type") == "LoadBalancer")
@@ -377,8 +379,8 @@ def test_secrets_are_generated_in_formats_the_binaries_read_and_kept_on_upgrade(
     objs = rendered("full")
     assert not find(objs, "Secret", "my-relay-ca")
     assert not find(objs, "Secret", "my-gateway-identity")
-    gw = container(one(objs, "Deployment", "keyway-kw-proxy"), "proxy")
-    assert flags(gw)["--tunnel-identity"] == ["/etc/keyway/gateway-identity/identity"]
+    gw = flags(container(one(objs, "Deployment", "keyway-kw-proxy"), "proxy"))
+    assert gw["--tunnel-identity"] == ["/etc/keyway/gateway-identity/identity"]
     assert not find(docs(kc.render({"secrets": {"generate": False}})), "Secret")
 
 

@@ -35,6 +35,10 @@ pub async fn forward(
             // The client sees a channel-open failure (connect failed); the
             // reason is in the gateway's log and its dial metrics.
             warn!(to = %dest.label, "target unreachable: {e}");
+            gw.metrics
+                .channels_refused
+                .with_label_values(&["target"])
+                .inc();
             reply.reject(ChannelOpenFailure::ConnectFailed).await;
             return;
         }

@@ -44,6 +44,11 @@ pub struct Limits {
     pub max_unauthenticated: usize,
     /// All open connections.
     pub max_connections: usize,
+    /// Open channels per authenticated connection (sessions and forwards):
+    /// each holds a task, buffers and often an upstream channel, so one
+    /// client cannot open them without bound. Beyond it a channel open is
+    /// refused with "resource shortage".
+    pub max_channels: usize,
     /// Dialing a target (TCP, plus the SSH login for relays).
     pub connect_timeout: Duration,
     /// How long SIGTERM waits for connections to finish.
@@ -63,6 +68,7 @@ impl Default for Limits {
             auth_timeout: Duration::from_secs(30),
             max_unauthenticated: 256,
             max_connections: 10_000,
+            max_channels: 64,
             connect_timeout: Duration::from_secs(10),
             drain: Duration::from_secs(30),
             channel_buffer: 64,

@@ -236,8 +236,23 @@ const CLIENT_TO_VM_BUFFER_BYTES: usize = 8 << 20;
 /// See [`CLIENT_TO_VM_BUFFER_BYTES`].
 const VM_TO_CLIENT_BUFFER_BYTES: usize = 64 << 20;
 
-/// Moves a channel's messages into a bounded buffer as soon as they arrive.
+/// Moves a channel's messages into a bounded buffer as soon as they arrive,
+/// until the side closes or `closed` says the bridge closed it: russh drops
+/// a channel it sent CLOSE on, so the peer's answering CLOSE never reaches
+/// the read half and waiting for it would keep the bridge alive forever.
 async fn drain(
+    read: russh::ChannelReadHalf,
+    tx: tokio::sync::mpsc::UnboundedSender<Held>,
+    budget: Budget,
+    closed: CancellationToken,
+) {
+    tokio::select! {
+        () = drain_until_close(read, tx, budget) => {}
+        () = closed.cancelled() => {}
+    }
+}
+
+async fn drain_until_close(
     mut read: russh::ChannelReadHalf,
     tx: tokio::sync::mpsc::UnboundedSender<Held>,
     budget: Budget,
@@ -293,11 +308,18 @@ fn buffer(
 
 /// Carries a client's channel and the matching upstream channel both ways:
 /// data, extended data, requests, EOF, exit status and signals, close.
+///
+/// On a `session` channel the VM's EOF is held back until its exit status
+/// (or signal, or close) has been passed on. sshd often sends EOF first; an
+/// OpenSSH client that has sent its own EOF answers ours with CLOSE at once,
+/// russh then closes the channel, and an exit status still in flight would
+/// be lost (the client reports 255 instead of the command's status).
 async fn bridge(
     gw: &Gateway,
     down: Channel<Msg>,
     up: Channel<client::Msg>,
     down_handle: russh::server::Handle,
+    session: bool,
 ) {
     let id = down.id();
     let (down_r, down_w) = down.split();
@@ -306,8 +328,9 @@ async fn bridge(
     let to_client = gw.metrics.bytes.with_label_values(&["downstream"]);
     let (a_tx, mut a_rx, a_budget) = buffer(CLIENT_TO_VM_BUFFER_BYTES);
     let (b_tx, mut b_rx, b_budget) = buffer(VM_TO_CLIENT_BUFFER_BYTES);
-    let drain_client = drain(down_r, a_tx, a_budget);
-    let drain_vm = drain(up_r, b_tx, b_budget);
+    let (down_closed, up_closed) = (CancellationToken::new(), CancellationToken::new());
+    let drain_client = drain(down_r, a_tx, a_budget, down_closed.clone());
+    let drain_vm = drain(up_r, b_tx, b_budget, up_closed.clone());
     let client_to_vm = async {
         while let Some((msg, _permit)) = a_rx.recv().await {
             let r = match msg {
@@ -368,8 +391,10 @@ async fn bridge(
             }
         }
         let _ = up_w.close().await;
+        up_closed.cancel();
     };
     let vm_to_client = async {
+        let mut eof_held = false;
         while let Some((msg, _permit)) = b_rx.recv().await {
             let r = match msg {
                 ChannelMsg::Data { data } => {
@@ -380,17 +405,33 @@ async fn bridge(
                     to_client.inc_by(data.len() as u64);
                     down_w.extended_data_bytes(ext, data).await
                 }
+                ChannelMsg::Eof if session => {
+                    eof_held = true;
+                    Ok(())
+                }
                 ChannelMsg::Eof => down_w.eof().await,
-                ChannelMsg::ExitStatus { exit_status } => down_w.exit_status(exit_status).await,
+                ChannelMsg::ExitStatus { exit_status } => {
+                    let r = down_w.exit_status(exit_status).await;
+                    if std::mem::take(&mut eof_held) {
+                        let _ = down_w.eof().await;
+                    }
+                    r
+                }
                 ChannelMsg::ExitSignal {
                     signal_name,
                     core_dumped,
                     error_message,
                     lang_tag,
-                } => down_handle
-                    .exit_signal_request(id, signal_name, core_dumped, error_message, lang_tag)
-                    .await
-                    .map_err(|()| russh::Error::SendError),
+                } => {
+                    let r = down_handle
+                        .exit_signal_request(id, signal_name, core_dumped, error_message, lang_tag)
+                        .await
+                        .map_err(|()| russh::Error::SendError);
+                    if std::mem::take(&mut eof_held) {
+                        let _ = down_w.eof().await;
+                    }
+                    r
+                }
                 ChannelMsg::Failure => {
                     // The VM refused a shell, exec or subsystem the gateway
                     // already accepted (see ssh.rs): say so and end it.
@@ -408,11 +449,16 @@ async fn bridge(
                 break;
             }
         }
+        if eof_held {
+            let _ = down_w.eof().await;
+        }
         let _ = down_w.close().await;
+        down_closed.cancel();
     };
-    // Each drain ends at its side's Close (or when russh drops the channel);
-    // each writer ends at the Close it carries, closing the other side,
-    // whose Close then ends the other pair. Connection end cancels all.
+    // Each drain ends at its side's Close (or when russh drops the channel,
+    // or once the bridge closed that side); each writer ends at the Close it
+    // carries, closing the other side and ending that side's drain, which
+    // ends the other writer. Connection end cancels all.
     tokio::join!(drain_client, drain_vm, client_to_vm, vm_to_client);
 }
 
@@ -477,6 +523,7 @@ pub async fn channel(
             Ok(x) => x,
             Err(e) => {
                 warn!(to = %dest.label, kind, "relayed channel refused: {e:#}");
+                gw.metrics.channels_refused.with_label_values(&["target"]).inc();
                 reply.reject(ChannelOpenFailure::ConnectFailed).await;
                 return;
             }
@@ -487,7 +534,7 @@ pub async fn channel(
     let gauge = gw.metrics.channels_active.with_label_values(&[kind]);
     gauge.inc();
     tokio::select! {
-        () = bridge(&gw, down, chan, down_handle) => {}
+        () = bridge(&gw, down, chan, down_handle, matches!(open, Open::Session)) => {}
         () = cancel.cancelled() => {}
     }
     gauge.dec();

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use russh::server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
-use russh::{Channel, ChannelId, MethodKind, MethodSet};
-use tokio::sync::oneshot;
+use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
@@ -68,6 +68,9 @@ pub struct Conn {
     auth_tx: Option<oneshot::Sender<AuthInfo>>,
     cancel: CancellationToken,
     authed: Option<AuthInfo>,
+    /// One permit per open channel (`Limits::max_channels`); each channel's
+    /// task holds its permit until the channel ends.
+    channels: Arc<Semaphore>,
 }
 
 impl Conn {
@@ -78,6 +81,7 @@ impl Conn {
         auth_tx: oneshot::Sender<AuthInfo>,
         cancel: CancellationToken,
     ) -> Self {
+        let channels = Arc::new(Semaphore::new(gw.limits.max_channels.max(1)));
         Conn {
             gw,
             peer,
@@ -85,7 +89,23 @@ impl Conn {
             auth_tx: Some(auth_tx),
             cancel,
             authed: None,
+            channels,
         }
+    }
+
+    /// A permit for one more channel, or `None` (counted and logged) when
+    /// this connection already holds `max_channels`.
+    fn channel_permit(&self) -> Option<OwnedSemaphorePermit> {
+        let permit = self.channels.clone().try_acquire_owned().ok();
+        if permit.is_none() {
+            self.gw
+                .metrics
+                .channels_refused
+                .with_label_values(&["limit"])
+                .inc();
+            debug!(peer = %self.peer, max = self.gw.limits.max_channels, "channel refused: too many open channels");
+        }
+        permit
     }
 
     fn decide(&self, user: &str, fp: Option<&str>) -> Option<Destination> {
@@ -198,13 +218,17 @@ impl russh::server::Handler for Conn {
         let Some(dest) = self.dest() else {
             return Ok(()); // dropping `reply` refuses the channel
         };
+        let Some(permit) = self.channel_permit() else {
+            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            return Ok(());
+        };
         let user = self
             .authed
             .as_ref()
             .map(|a| a.user.clone())
             .unwrap_or_default();
         debug!(peer = %self.peer, %user, to = %dest.label, "session channel");
-        tokio::spawn(relay::channel(
+        let task = relay::channel(
             self.gw.clone(),
             dest,
             relay::Open::Session,
@@ -212,7 +236,11 @@ impl russh::server::Handler for Conn {
             reply,
             session.handle(),
             self.cancel.clone(),
-        ));
+        );
+        tokio::spawn(async move {
+            task.await;
+            drop(permit);
+        });
         Ok(())
     }
 
@@ -229,22 +257,25 @@ impl russh::server::Handler for Conn {
         let Some(dest) = self.dest() else {
             return Ok(());
         };
+        let Some(permit) = self.channel_permit() else {
+            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            return Ok(());
+        };
         match dest.via {
             // The gateway is a jump host: the lease's own target and nothing
             // else, whatever host the client named (no open proxy).
             Via::LeaseHash => {
-                tokio::spawn(direct::forward(
-                    self.gw.clone(),
-                    dest,
-                    channel,
-                    reply,
-                    self.cancel.clone(),
-                ));
+                let task =
+                    direct::forward(self.gw.clone(), dest, channel, reply, self.cancel.clone());
+                tokio::spawn(async move {
+                    task.await;
+                    drop(permit);
+                });
             }
             // The gateway stands in for the VM: `-L` forwards are the VM's to
             // make, through the upstream login.
             Via::PooledIp | Via::Route => {
-                tokio::spawn(relay::channel(
+                let task = relay::channel(
                     self.gw.clone(),
                     dest,
                     relay::Open::DirectTcpip {
@@ -257,7 +288,11 @@ impl russh::server::Handler for Conn {
                     reply,
                     session.handle(),
                     self.cancel.clone(),
-                ));
+                );
+                tokio::spawn(async move {
+                    task.await;
+                    drop(permit);
+                });
             }
         }
         Ok(())
