@@ -4,7 +4,7 @@
 CARGO ?= cargo
 SHELL := /bin/bash
 
-.PHONY: demo test bench crds lint fmt deps build clean-demo chart-test manifests
+.PHONY: demo test bench crds lint fmt deps build clean-demo chart-test manifests dashboard-pictures
 
 ## demo: build, start the operator on a copy of examples/local, show allocations and a live snapshot subscriber
 demo: deps build
@@ -25,6 +25,10 @@ chart-test: deps
 ## manifests: re-render manifests/install.yaml (and the chart's copies of crds/ and alerts)
 manifests:
 	@bash scripts/render-manifests.sh
+
+## dashboard-pictures: docs/dashboards/*.png, each dashboard drawn from a real Prometheus's data
+dashboard-pictures: deps
+	@bash scripts/dashboard-pictures.sh
 
 ## bench: the benchmarks, written to BENCHMARKS.md
 bench: deps

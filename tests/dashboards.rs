@@ -245,6 +245,154 @@ async fn every_dashboard_panel_returns_data_from_a_real_prometheus() {
         empty.join("\n")
     );
     assert!(checked >= 20, "only {checked} queries");
+
+    // `make dashboard-pictures`: a few minutes of varied traffic, then every
+    // panel's series over that window, for scripts/dashboard-pictures.py.
+    if let Some(out) = std::env::var_os("KEYWAY_DASHBOARD_DATA") {
+        // A second, larger pool (not served by this gateway) whose users
+        // hold several leases, so pool usage moves.
+        env.create("ippools", pool_obj("lab", &["127.0.73.1-127.0.73.8"]))
+            .await
+            .unwrap();
+        let start = unix_now();
+        let mut held = Vec::new();
+        for i in 0..60u32 {
+            assert!(ssh("alice", "echo relayed-ok").status.success());
+            if i % 3 == 0 {
+                assert!(
+                    ssh(
+                        "alice",
+                        "head -c 50000000 /dev/zero >/dev/null; head -c 20000000 /dev/zero"
+                    )
+                    .status
+                    .success()
+                );
+            }
+            if i % 2 == 1 || (20..26).contains(&i) {
+                // A burst of refused keys in the middle.
+                for _ in 0..if (20..26).contains(&i) { 8 } else { 1 } {
+                    assert!(!ssh("stranger", "true").status.success());
+                }
+            }
+            if i % 5 == 0 {
+                let mut c = Command::new(bin("keyway"));
+                c.args(["tcp", "nowhere.example:22", "--listen", "-"])
+                    .args(["--url", &format!("https://127.0.0.1:{https}")])
+                    .arg("--ca")
+                    .arg(&tls.ca);
+                let _ = run_with_timeout(c, WAIT);
+            }
+            if i % 10 == 5 {
+                // Leases of new users fill the pool, one more each time.
+                let key = new_public_key(&dir, &format!("user{i}"));
+                env.create(
+                    "vmleases",
+                    json!({
+                        "apiVersion": "keyway.dev/v1alpha1", "kind": "VMLease",
+                        "metadata": {"name": format!("user{i}-vm"), "namespace": "t"},
+                        "spec": {"user": format!("user{i}"), "poolRef": "public",
+                                 "accessPublicKeys": [key], "target": {"address": vm_addr}},
+                    }),
+                )
+                .await
+                .unwrap();
+            }
+            if i % 4 == 2 {
+                let user = format!("lab{}", (i / 4) % 3);
+                let key = match std::fs::read_to_string(dir.join(format!("{user}.pub"))) {
+                    Ok(k) => k.trim().to_string(),
+                    Err(_) => new_public_key(&dir, &user),
+                };
+                env.create(
+                    "vmleases",
+                    json!({
+                        "apiVersion": "keyway.dev/v1alpha1", "kind": "VMLease",
+                        "metadata": {"name": format!("{user}-{i}"), "namespace": "t"},
+                        "spec": {"user": user, "poolRef": "lab",
+                                 "accessPublicKeys": [key], "target": {"address": vm_addr}},
+                    }),
+                )
+                .await
+                .unwrap();
+            }
+            if i % 15 == 7 {
+                // Sessions held open for a while.
+                let mut c = Command::new("ssh");
+                c.arg("-F")
+                    .arg(&ssh_config)
+                    .arg("-i")
+                    .arg(dir.join("alice"))
+                    .args(["-p", &ssh_port.to_string(), POOL_IP, "sleep 40"])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null());
+                held.push(c.spawn().unwrap());
+            }
+            std::thread::sleep(Duration::from_secs(2));
+        }
+        for mut h in held {
+            let _ = h.wait();
+        }
+        std::thread::sleep(Duration::from_secs(5));
+        let end = unix_now();
+        let out = std::path::PathBuf::from(out);
+        std::fs::create_dir_all(&out).unwrap();
+        for f in &files {
+            let d: Value = serde_json::from_slice(&std::fs::read(f).unwrap()).unwrap();
+            let data = panel_series(prom, &d, start, end);
+            let name = f.file_name().unwrap();
+            std::fs::write(out.join(name), serde_json::to_vec_pretty(&data).unwrap()).unwrap();
+        }
+    }
     prometheus.stop(Duration::from_secs(5));
     proxy.stop(Duration::from_secs(5));
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// Each panel (title, type, grid position, unit) with the series its
+/// queries return over `[start, end]`, labelled by the panel's legend format.
+fn panel_series(prom: SocketAddr, dashboard: &Value, start: f64, end: f64) -> Value {
+    fn legend(format: &str, metric: &Value) -> String {
+        let mut s = format.to_string();
+        for (k, v) in metric.as_object().into_iter().flatten() {
+            s = s.replace(&format!("{{{{{k}}}}}"), v.as_str().unwrap_or_default());
+        }
+        s
+    }
+    let mut panels = Vec::new();
+    let mut walk = vec![dashboard["panels"].clone()];
+    while let Some(list) = walk.pop() {
+        for p in list.as_array().into_iter().flatten() {
+            let mut series = Vec::new();
+            for t in p["targets"].as_array().into_iter().flatten() {
+                let Some(expr) = t["expr"].as_str() else {
+                    continue;
+                };
+                let path = format!(
+                    "/api/v1/query_range?query={}&start={start:.3}&end={end:.3}&step=2",
+                    percent_encode(&concrete(expr))
+                );
+                let (_, body) = http_get(prom, &path).unwrap();
+                let v: Value = serde_json::from_str(&body).unwrap();
+                for r in v["data"]["result"].as_array().into_iter().flatten() {
+                    series.push(json!({
+                        "legend": legend(t["legendFormat"].as_str().unwrap_or(""), &r["metric"]),
+                        "values": r["values"],
+                    }));
+                }
+            }
+            panels.push(json!({
+                "title": p["title"], "type": p["type"], "gridPos": p["gridPos"],
+                "unit": p["fieldConfig"]["defaults"]["unit"],
+                "overrides": p["fieldConfig"]["overrides"], "series": series,
+            }));
+            walk.push(p["panels"].clone());
+        }
+    }
+    json!({"title": dashboard["title"], "uid": dashboard["uid"], "start": start, "end": end, "panels": panels})
 }
