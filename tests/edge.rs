@@ -108,4 +108,34 @@ fn haproxy_send_proxy_v2_routes_by_the_address_the_user_dialed() {
     })
     .unwrap();
     assert!(st.proxy_log().contains("sent no PROXY protocol header"));
+
+    // A trusted address that connects and says nothing (a load balancer's
+    // health check) is closed at the header deadline (1 s), long before the
+    // handshake deadline (30 s).
+    let before = st.metric("keyway_ssh_connections_total", &["proxy_header_refused"]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let closed = rt.block_on(async {
+        use tokio::io::AsyncReadExt as _;
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{EDGE_TRUSTED}:0").parse().unwrap())
+            .unwrap();
+        let mut s = sock.connect(listen.parse().unwrap()).await.unwrap();
+        let mut buf = [0u8; 64];
+        // EOF (or a reset) before the handshake deadline; the gateway says
+        // nothing to an edge before its header.
+        tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf)).await
+    });
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "{closed:?}\n{}",
+        st.proxy_log()
+    );
+    wait_for(Duration::from_secs(10), "the silent edge counted", || {
+        let now = st.metric("keyway_ssh_connections_total", &["proxy_header_refused"]);
+        (now >= before + 1.0).then_some(())
+    })
+    .unwrap();
 }

@@ -83,6 +83,10 @@ pub struct RunArgs {
     /// peer closes the connection.
     #[arg(long, value_name = "CIDRS", value_delimiter = ',')]
     trusted_proxy_cidrs: Vec<String>,
+    /// Milliseconds a trusted edge has to send its PROXY header after
+    /// connecting; a silent connection (a TCP health check) is closed then.
+    #[arg(long, default_value_t = 1000, value_name = "MS")]
+    proxy_header_timeout_ms: u64,
     /// HTTPS (CONNECT) listen address; repeat for several. Served only with
     /// --tls-cert and --tls-key (default then: 0.0.0.0:8443).
     #[arg(long = "https-listen", value_name = "ADDR")]
@@ -146,6 +150,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         channel_buffer: args.channel_buffer.max(1),
         trusted_proxies: gateway::proxy_header::Trusted::parse(&args.trusted_proxy_cidrs)
             .map_err(anyhow::Error::msg)?,
+        proxy_header_timeout: Duration::from_millis(args.proxy_header_timeout_ms.max(1)),
         ..Limits::default()
     };
 

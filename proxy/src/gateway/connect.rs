@@ -143,7 +143,8 @@ async fn serve_conn(shared: Arc<Shared>, mut tcp: TcpStream, mut peer: SocketAdd
     let deadline = tokio::time::Instant::now() + shared.gw.limits.auth_timeout;
     let _ = tcp.set_nodelay(true);
     if shared.gw.limits.trusted_proxies.contains(peer.ip()) {
-        match tokio::time::timeout_at(deadline, proxy_header::read(&mut tcp)).await {
+        let by = deadline.min(tokio::time::Instant::now() + shared.gw.limits.proxy_header_timeout);
+        match tokio::time::timeout_at(by, proxy_header::read(&mut tcp)).await {
             Ok(Ok(Some((src, _)))) => peer = src,
             Ok(Ok(None)) => {}
             Ok(Err(e)) => {
@@ -151,7 +152,11 @@ async fn serve_conn(shared: Arc<Shared>, mut tcp: TcpStream, mut peer: SocketAdd
                 shared.count("proxy_header_refused");
                 return;
             }
-            Err(_) => return,
+            Err(_) => {
+                debug!(edge = %peer, "closing: no PROXY header in time");
+                shared.count("proxy_header_refused");
+                return;
+            }
         }
     }
     let tls = match tokio::time::timeout_at(deadline, shared.tls.accept(tcp)).await {

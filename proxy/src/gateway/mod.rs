@@ -60,6 +60,11 @@ pub struct Limits {
     /// Peers whose PROXY protocol header (v1/v2) gives the destination; a
     /// header from anyone else closes the connection.
     pub trusted_proxies: proxy_header::Trusted,
+    /// How long a trusted edge has to send its header. An edge writes it as
+    /// soon as it connects; a connection that stays silent (a load
+    /// balancer's TCP health check, a stuck edge) is closed after this
+    /// instead of holding a slot for the whole handshake deadline.
+    pub proxy_header_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -74,6 +79,7 @@ impl Default for Limits {
             channel_buffer: 64,
             upstream_idle: Duration::from_secs(30),
             trusted_proxies: proxy_header::Trusted::default(),
+            proxy_header_timeout: Duration::from_secs(1),
         }
     }
 }
@@ -246,8 +252,9 @@ impl Gateway {
         let trusted = self.limits.trusted_proxies.contains(peer.ip());
         if trusted {
             // The edge's header says which address the user dialed; routing
-            // uses it. The handshake deadline covers reading it.
-            match tokio::time::timeout_at(deadline, proxy_header::read(&mut tcp)).await {
+            // uses it. It must come at once (and within the handshake deadline).
+            let by = deadline.min(tokio::time::Instant::now() + self.limits.proxy_header_timeout);
+            match tokio::time::timeout_at(by, proxy_header::read(&mut tcp)).await {
                 Ok(Ok(Some((src, dst)))) => {
                     debug!(edge = %peer, client = %src, dst = %dst, "PROXY header");
                     peer = src;
@@ -260,8 +267,8 @@ impl Gateway {
                     return;
                 }
                 Err(_) => {
-                    debug!(edge = %peer, "no PROXY header before the deadline");
-                    self.end_unauthenticated("auth_timeout", &cancel);
+                    debug!(edge = %peer, after = ?self.limits.proxy_header_timeout, "closing: no PROXY header in time");
+                    self.end_unauthenticated("proxy_header_refused", &cancel);
                     return;
                 }
             }
