@@ -191,6 +191,7 @@ impl Metrics {
             "evicted_unauthenticated",
             "auth_timeout",
             "closed_unauthenticated",
+            "proxy_header_refused",
             "settled",
         ] {
             m.connections.with_label_values(&[r]);
