@@ -41,6 +41,43 @@ def scale(unit: str | None, top: float) -> tuple[float, str]:
     return 1, names.get(unit or "", unit or "")
 
 
+def right_axis_units(panel: dict) -> dict[str, str]:
+    """Series names that an override (Grafana's byName matcher) moves to a
+    right-hand axis, with the unit it gives them."""
+    out = {}
+    for o in panel.get("overrides") or []:
+        props = {x["id"]: x["value"] for x in o.get("properties", [])}
+        if o.get("matcher", {}).get("id") == "byName" and props.get("custom.axisPlacement") == "right":
+            out[o["matcher"]["options"]] = props.get("unit", panel["unit"])
+    return out
+
+
+def plot_series(ax, panel: dict, series: list[dict], start: float) -> None:
+    """Lines on `ax`, and on a right-hand axis for the series an override puts there."""
+    right = right_axis_units(panel)
+    groups = [(ax, panel["unit"], [s for s in series if s["legend"] not in right], "")]
+    if any(s["legend"] in right for s in series):
+        r = ax.get_position()
+        ax.set_position([r.x0, r.y0, r.width - 0.02, r.height])  # room for the right-hand ticks
+        twin = ax.twinx()
+        twin.tick_params(colors="#8e8e8e", labelsize=7)
+        groups.append((twin, next(iter(right.values())), [s for s in series if s["legend"] in right], " (right)"))
+    lines = []
+    for a, unit, group, suffix in groups:
+        # One unit per axis, chosen by its largest value.
+        finite = [abs(float(v)) for s in group for _, v in s["values"] if v not in ("NaN", "+Inf", "-Inf")]
+        factor, unit_name = scale(unit, max(finite, default=0))
+        for s in group:
+            xs = [(float(t) - start) / 60 for t, _ in s["values"]]
+            ys = [float(v) * factor for _, v in s["values"]]
+            lines += a.plot(xs, ys, color=COLORS[len(lines) % len(COLORS)], linewidth=1.3,
+                            label=(s["legend"] or panel["title"]) + suffix)
+        if unit_name:
+            a.set_ylabel(unit_name, color="#8e8e8e", fontsize=7)
+    ax.legend(lines, [x.get_label() for x in lines], loc="upper left", fontsize=7, facecolor=PANEL,
+              edgecolor=GRID, labelcolor=TEXT, ncol=2 if len(lines) > 4 else 1)
+
+
 def draw(data: dict, out: Path) -> None:
     panels = data["panels"]
     rows = max(p["gridPos"]["y"] + p["gridPos"]["h"] for p in panels)
@@ -79,46 +116,13 @@ def draw(data: dict, out: Path) -> None:
             ax.set_xticks([])
             ax.set_yticks([])
             continue
-        # Series that an override moves to a right-hand axis with a unit
-        # of their own (Grafana's byName matcher); the rest share the left.
-        right = {}
-        for o in p.get("overrides") or []:
-            props = {x["id"]: x["value"] for x in o.get("properties", [])}
-            if o.get("matcher", {}).get("id") == "byName" and props.get("custom.axisPlacement") == "right":
-                right[o["matcher"]["options"]] = props.get("unit", p["unit"])
-        axes = {False: (ax, p["unit"], [s for s in series if s["legend"] not in right])}
-        if any(s["legend"] in right for s in series):
-            r = ax.get_position()
-            ax.set_position([r.x0, r.y0, r.width - 0.02, r.height])  # room for the right-hand ticks
-            twin = ax.twinx()
-            twin.tick_params(colors="#8e8e8e", labelsize=7)
-            unit = next(iter(right.values()))
-            axes[True] = (twin, unit, [s for s in series if s["legend"] in right])
-        i = 0
-        for on, (a, unit, group) in axes.items():
-            # One unit per axis, chosen by its largest value.
-            finite = [abs(float(v)) for s in group for _, v in s["values"] if v not in ("NaN", "+Inf", "-Inf")]
-            factor, unit_name = scale(unit, max(finite, default=0))
-            for s in group:
-                xs = [(float(t) - data["start"]) / 60 for t, _ in s["values"]]
-                ys = [float(v) * factor for _, v in s["values"]]
-                a.plot(xs, ys, color=COLORS[i % len(COLORS)], linewidth=1.3,
-                       label=(s["legend"] or p["title"]) + (" (right)" if on else ""))
-                i += 1
-            if unit_name:
-                a.set_ylabel(unit_name, color="#8e8e8e", fontsize=7)
-        if True in axes:
-            lines = ax.get_lines() + axes[True][0].get_lines()
-            ax.legend(lines, [x.get_label() for x in lines], loc="upper left", fontsize=7, facecolor=PANEL,
-                      edgecolor=GRID, labelcolor=TEXT)
+        if series:
+            plot_series(ax, p, series, data["start"])
+        else:
+            ax.text(0.5, 0.5, "no data", color="#8e8e8e", ha="center", va="center", transform=ax.transAxes)
         ax.grid(color=GRID, linewidth=0.5)
         ax.set_xlim(0, minutes)
         ax.set_xlabel("minutes", color="#8e8e8e", fontsize=7)
-        if series and True not in axes:
-            ax.legend(loc="upper left", fontsize=7, facecolor=PANEL, edgecolor=GRID, labelcolor=TEXT,
-                      ncol=2 if len(series) > 4 else 1)
-        elif not series:
-            ax.text(0.5, 0.5, "no data", color="#8e8e8e", ha="center", va="center", transform=ax.transAxes)
     fig.savefig(out, dpi=80, facecolor=BG)
     plt.close(fig)
 

@@ -158,7 +158,6 @@ fn ssh_through_connect_over_tls_with_a_key_proof() {
 
 #[test]
 fn withdrawing_a_route_closes_its_open_tunnels() {
-    use std::io::{BufRead, BufReader};
     let c = start();
     let mut child = Command::new(bin("keyway"))
         .args(["tcp", "open.example:22", "--listen", "-", "--url", &c.url])
@@ -169,10 +168,7 @@ fn withdrawing_a_route_closes_its_open_tunnels() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut banner = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut banner)
-        .unwrap();
+    let banner = first_line(&mut child);
     assert!(banner.starts_with("SSH-2.0"), "{banner:?}");
     // Keep only alice's route: the open one is withdrawn.
     let text = std::fs::read_to_string(c.st.dir.join("routes.yaml")).unwrap();

@@ -27,21 +27,32 @@ fn concrete(expr: &str) -> String {
         .replace("$__range", "5m")
 }
 
-/// Every target expression of every panel (rows' nested panels included).
-fn panel_queries(dashboard: &Value) -> Vec<(String, String)> {
-    fn walk(panels: &Value, out: &mut Vec<(String, String)>) {
-        for p in panels.as_array().into_iter().flatten() {
-            for t in p["targets"].as_array().into_iter().flatten() {
-                if let Some(e) = t["expr"].as_str() {
-                    out.push((p["title"].as_str().unwrap_or("?").to_string(), e.into()));
-                }
-            }
+/// Every panel, rows' nested panels included.
+fn panels(dashboard: &Value) -> Vec<&Value> {
+    fn walk<'a>(list: &'a Value, out: &mut Vec<&'a Value>) {
+        for p in list.as_array().into_iter().flatten() {
+            out.push(p);
             walk(&p["panels"], out);
         }
     }
     let mut out = Vec::new();
     walk(&dashboard["panels"], &mut out);
     out
+}
+
+/// Every target expression of every panel.
+fn panel_queries(dashboard: &Value) -> Vec<(String, String)> {
+    panels(dashboard)
+        .into_iter()
+        .flat_map(|p| {
+            let title = p["title"].as_str().unwrap_or("?").to_string();
+            p["targets"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(move |t| Some((title.clone(), t["expr"].as_str()?.to_string())))
+        })
+        .collect()
 }
 
 fn percent_encode(s: &str) -> String {
@@ -82,17 +93,15 @@ async fn every_dashboard_panel_returns_data_from_a_real_prometheus() {
     env.create("ippools", pool_obj("public", &[POOL_IP]))
         .await
         .unwrap();
-    env.create(
-        "vmleases",
-        json!({
-            "apiVersion": "keyway.dev/v1alpha1", "kind": "VMLease",
-            "metadata": {"name": "alice-web", "namespace": "t"},
-            "spec": {"user": "alice", "poolRef": "public", "accessPublicKeys": [alice],
-                     "target": {"address": vm_addr}},
-        }),
-    )
-    .await
-    .unwrap();
+    // Every lease here points at the one real VM.
+    let vm_lease = |name: &str, user: &str, pool: &str, key: &str| {
+        let mut l = lease_obj("t", name, user, pool, key);
+        l["spec"]["target"]["address"] = json!(vm_addr);
+        l
+    };
+    env.create("vmleases", vm_lease("alice-web", "alice", "public", &alice))
+        .await
+        .unwrap();
     let op = env.operator("op-a", &[]).unwrap();
     wait_for(WAIT, "the operator to lead", || op.ready().then_some(())).unwrap();
     let lease = wait_for(WAIT, "the lease Ready", || {
@@ -254,6 +263,13 @@ async fn every_dashboard_panel_returns_data_from_a_real_prometheus() {
         env.create("ippools", pool_obj("lab", &["127.0.73.1-127.0.73.8"]))
             .await
             .unwrap();
+        let lab: Vec<(String, String)> = (0..3)
+            .map(|n| {
+                let user = format!("lab{n}");
+                let key = new_public_key(&dir, &user);
+                (user, key)
+            })
+            .collect();
         let start = unix_now();
         let mut held = Vec::new();
         for i in 0..60u32 {
@@ -284,33 +300,20 @@ async fn every_dashboard_panel_returns_data_from_a_real_prometheus() {
             }
             if i % 10 == 5 {
                 // Leases of new users fill the pool, one more each time.
-                let key = new_public_key(&dir, &format!("user{i}"));
+                let user = format!("user{i}");
+                let key = new_public_key(&dir, &user);
                 env.create(
                     "vmleases",
-                    json!({
-                        "apiVersion": "keyway.dev/v1alpha1", "kind": "VMLease",
-                        "metadata": {"name": format!("user{i}-vm"), "namespace": "t"},
-                        "spec": {"user": format!("user{i}"), "poolRef": "public",
-                                 "accessPublicKeys": [key], "target": {"address": vm_addr}},
-                    }),
+                    vm_lease(&format!("{user}-vm"), &user, "public", &key),
                 )
                 .await
                 .unwrap();
             }
             if i % 4 == 2 {
-                let user = format!("lab{}", (i / 4) % 3);
-                let key = match std::fs::read_to_string(dir.join(format!("{user}.pub"))) {
-                    Ok(k) => k.trim().to_string(),
-                    Err(_) => new_public_key(&dir, &user),
-                };
+                let (user, key) = &lab[(i as usize / 4) % lab.len()];
                 env.create(
                     "vmleases",
-                    json!({
-                        "apiVersion": "keyway.dev/v1alpha1", "kind": "VMLease",
-                        "metadata": {"name": format!("{user}-{i}"), "namespace": "t"},
-                        "spec": {"user": user, "poolRef": "lab",
-                                 "accessPublicKeys": [key], "target": {"address": vm_addr}},
-                    }),
+                    vm_lease(&format!("{user}-{i}"), user, "lab", key),
                 )
                 .await
                 .unwrap();
@@ -364,35 +367,31 @@ fn panel_series(prom: SocketAddr, dashboard: &Value, start: f64, end: f64) -> Va
         }
         s
     }
-    let mut panels = Vec::new();
-    let mut walk = vec![dashboard["panels"].clone()];
-    while let Some(list) = walk.pop() {
-        for p in list.as_array().into_iter().flatten() {
-            let mut series = Vec::new();
-            for t in p["targets"].as_array().into_iter().flatten() {
-                let Some(expr) = t["expr"].as_str() else {
-                    continue;
-                };
-                let path = format!(
-                    "/api/v1/query_range?query={}&start={start:.3}&end={end:.3}&step=2",
-                    percent_encode(&concrete(expr))
-                );
-                let (_, body) = http_get(prom, &path).unwrap();
-                let v: Value = serde_json::from_str(&body).unwrap();
-                for r in v["data"]["result"].as_array().into_iter().flatten() {
-                    series.push(json!({
-                        "legend": legend(t["legendFormat"].as_str().unwrap_or(""), &r["metric"]),
-                        "values": r["values"],
-                    }));
-                }
+    let mut out = Vec::new();
+    for p in panels(dashboard) {
+        let mut series = Vec::new();
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let Some(expr) = t["expr"].as_str() else {
+                continue;
+            };
+            let path = format!(
+                "/api/v1/query_range?query={}&start={start:.3}&end={end:.3}&step=2",
+                percent_encode(&concrete(expr))
+            );
+            let (_, body) = http_get(prom, &path).unwrap();
+            let v: Value = serde_json::from_str(&body).unwrap();
+            for r in v["data"]["result"].as_array().into_iter().flatten() {
+                series.push(json!({
+                    "legend": legend(t["legendFormat"].as_str().unwrap_or(""), &r["metric"]),
+                    "values": r["values"],
+                }));
             }
-            panels.push(json!({
-                "title": p["title"], "type": p["type"], "gridPos": p["gridPos"],
-                "unit": p["fieldConfig"]["defaults"]["unit"],
-                "overrides": p["fieldConfig"]["overrides"], "series": series,
-            }));
-            walk.push(p["panels"].clone());
         }
+        out.push(json!({
+            "title": p["title"], "type": p["type"], "gridPos": p["gridPos"],
+            "unit": p["fieldConfig"]["defaults"]["unit"],
+            "overrides": p["fieldConfig"]["overrides"], "series": series,
+        }));
     }
-    json!({"title": dashboard["title"], "uid": dashboard["uid"], "start": start, "end": end, "panels": panels})
+    json!({"title": dashboard["title"], "uid": dashboard["uid"], "start": start, "end": end, "panels": out})
 }

@@ -166,10 +166,7 @@ fn lease_hash_jumps_reach_the_vm_end_to_end_and_only_the_lease_target() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(w.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let line = first_line(&mut w);
     // While the -W is open it counts as one jump-mode session (earlier jump
     // connections may still be finishing their close).
     wait_for(Duration::from_secs(10), "one jump session", || {
@@ -374,10 +371,7 @@ fn settling_a_lease_closes_its_open_session() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let mut line = String::new();
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        out.read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "started");
+        assert_eq!(first_line(&mut child).trim(), "started");
         child
     };
     let mut alice = open("alice");
@@ -534,10 +528,7 @@ fn bad_input_is_refused_or_timed_out_and_the_gateway_keeps_serving() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(flood.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let line = first_line(&mut flood);
     eprintln!("flood opened {} connections", line.trim());
     assert!(works(), "{}", st.proxy_log());
     let _ = flood.wait();
@@ -688,21 +679,8 @@ fn one_connection_holds_at_most_max_channels_and_ending_one_frees_it() {
     // would fall back to a connection of its own; ProxyCommand=false makes
     // that fallback fail instead.
     let path = format!("ControlPath={}", st.tmp.path().join("ctl").display());
-    let mux = |extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = ["-o", &path, "-o", "ProxyCommand=false", &ip]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        v.extend(extra.iter().map(|s| s.to_string()));
-        v
-    };
-    let run = |extra: &[&str]| {
-        let args = mux(extra);
-        st.ssh_output(
-            &["alice"],
-            &args.iter().map(String::as_str).collect::<Vec<_>>(),
-        )
-    };
+    let base = ["-o", path.as_str(), "-o", "ProxyCommand=false", ip.as_str()];
+    let run = |extra: &[&str]| st.ssh_output(&["alice"], &[&base[..], extra].concat());
     let mut master = st
         .ssh(&["alice"], &["-M", "-N", "-o", &path, &ip])
         .stdin(Stdio::null())
@@ -716,22 +694,22 @@ fn one_connection_holds_at_most_max_channels_and_ending_one_frees_it() {
     .unwrap();
     let hold = |name: &str| {
         // The session lasts until its stdin closes.
-        let args = mux(&["echo started; exec cat >/dev/null"]);
         let mut child = st
             .ssh(
                 &["alice"],
-                &args.iter().map(String::as_str).collect::<Vec<_>>(),
+                &[&base[..], &["echo started; exec cat >/dev/null"]].concat(),
             )
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(st.tmp.path().join(format!("{name}.err"))).unwrap())
             .spawn()
             .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert_eq!(line.trim(), "started", "{}", st.proxy_log());
+        assert_eq!(
+            first_line(&mut child).trim(),
+            "started",
+            "{}",
+            st.proxy_log()
+        );
         child
     };
     let mut a = hold("a");

@@ -40,6 +40,17 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<
     }
 }
 
+/// The first line a spawned child writes to its piped stdout (which it
+/// takes; the child keeps running).
+pub fn first_line(child: &mut Child) -> String {
+    use std::io::BufRead as _;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout is piped"))
+        .read_line(&mut line)
+        .expect("reading the child's stdout");
+    line
+}
+
 /// Async flavour of [`wait_for`].
 pub async fn wait_for_async<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> Result<T>
 where

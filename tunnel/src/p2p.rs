@@ -340,23 +340,29 @@ pub fn load_or_create_identity(path: &Path) -> Result<Keypair, String> {
     }
 }
 
-/// A libp2p protobuf-encoded keypair, or an Ed25519 private key in PKCS#8 PEM.
+/// A libp2p protobuf-encoded keypair, or an Ed25519 private key in PKCS#8
+/// PEM (read by the PKCS#8 reader the host key and relay CA use).
 fn decode_identity(bytes: &[u8]) -> Result<Keypair, String> {
-    const PEM: &[u8] = b"-----BEGIN PRIVATE KEY-----";
-    let trimmed = bytes.trim_ascii_start();
-    if !trimmed.starts_with(PEM) {
+    use keyway_crds::keys::{PKCS8_BEGIN, ed25519_from_pkcs8_pem};
+    let pem = std::str::from_utf8(bytes)
+        .ok()
+        .filter(|t| t.trim_start().starts_with(PKCS8_BEGIN));
+    let Some(pem) = pem else {
         return Keypair::from_protobuf_encoding(bytes).map_err(|e| {
             format!(
                 "not a libp2p identity key (protobuf-encoded) or an Ed25519 PKCS#8 PEM key: {e}"
             )
         });
-    }
-    use ed25519_dalek::pkcs8::DecodePrivateKey as _;
-    let pem = std::str::from_utf8(trimmed).map_err(|_| "the PEM key is not UTF-8".to_owned())?;
-    let key = ed25519_dalek::SigningKey::from_pkcs8_pem(pem.trim_end()).map_err(|e| {
-        format!("not an Ed25519 PKCS#8 private key (only Ed25519 is supported): {e}")
-    })?;
-    Keypair::ed25519_from_bytes(key.to_bytes()).map_err(|e| format!("the Ed25519 key: {e}"))
+    };
+    let key = ed25519_from_pkcs8_pem(pem)
+        .map_err(|e| format!("only Ed25519 PKCS#8 keys are supported: {e}"))?;
+    let seed = key
+        .key_data()
+        .ed25519()
+        .ok_or("only Ed25519 PKCS#8 keys are supported")?
+        .private
+        .to_bytes();
+    Keypair::ed25519_from_bytes(seed).map_err(|e| format!("the Ed25519 key: {e}"))
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {

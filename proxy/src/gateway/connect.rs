@@ -20,7 +20,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use super::{Gateway, backend, proxy_header};
 use crate::routes::ConnectDecision;
@@ -143,17 +143,12 @@ async fn serve_conn(shared: Arc<Shared>, mut tcp: TcpStream, mut peer: SocketAdd
     let deadline = tokio::time::Instant::now() + shared.gw.limits.auth_timeout;
     let _ = tcp.set_nodelay(true);
     if shared.gw.limits.trusted_proxies.contains(peer.ip()) {
-        let by = deadline.min(tokio::time::Instant::now() + shared.gw.limits.proxy_header_timeout);
-        match tokio::time::timeout_at(by, proxy_header::read(&mut tcp)).await {
-            Ok(Ok(Some((src, _)))) => peer = src,
-            Ok(Ok(None)) => {}
-            Ok(Err(e)) => {
-                warn!(edge = %peer, "closing: {e}");
-                shared.count("proxy_header_refused");
-                return;
-            }
-            Err(_) => {
-                debug!(edge = %peer, "closing: no PROXY header in time");
+        let limit = shared.gw.limits.proxy_header_timeout;
+        match proxy_header::read_by(&mut tcp, limit, deadline).await {
+            Ok(Some((src, _))) => peer = src,
+            Ok(None) => {}
+            Err(e) => {
+                proxy_header::log_refusal(peer, &e);
                 shared.count("proxy_header_refused");
                 return;
             }

@@ -253,21 +253,16 @@ impl Gateway {
         if trusted {
             // The edge's header says which address the user dialed; routing
             // uses it. It must come at once (and within the handshake deadline).
-            let by = deadline.min(tokio::time::Instant::now() + self.limits.proxy_header_timeout);
-            match tokio::time::timeout_at(by, proxy_header::read(&mut tcp)).await {
-                Ok(Ok(Some((src, dst)))) => {
+            let limit = self.limits.proxy_header_timeout;
+            match proxy_header::read_by(&mut tcp, limit, deadline).await {
+                Ok(Some((src, dst))) => {
                     debug!(edge = %peer, client = %src, dst = %dst, "PROXY header");
                     peer = src;
                     local = dst;
                 }
-                Ok(Ok(None)) => debug!(edge = %peer, "PROXY header without addresses (LOCAL)"),
-                Ok(Err(e)) => {
-                    warn!(edge = %peer, "closing: {e}");
-                    self.end_unauthenticated("proxy_header_refused", &cancel);
-                    return;
-                }
-                Err(_) => {
-                    debug!(edge = %peer, after = ?self.limits.proxy_header_timeout, "closing: no PROXY header in time");
+                Ok(None) => debug!(edge = %peer, "PROXY header without addresses (LOCAL)"),
+                Err(e) => {
+                    proxy_header::log_refusal(peer, &e);
                     self.end_unauthenticated("proxy_header_refused", &cancel);
                     return;
                 }

@@ -58,6 +58,9 @@ pub enum HeaderError {
     /// The socket failed.
     #[error("reading the PROXY header: {0}")]
     Io(#[from] std::io::Error),
+    /// Nothing in time (a load balancer's TCP health check, a stuck edge).
+    #[error("no PROXY header within {0:?}")]
+    Late(std::time::Duration),
 }
 
 /// What a header says: the client's address and the address it dialed, or
@@ -70,6 +73,29 @@ pub type Addresses = Option<(SocketAddr, SocketAddr)>;
 pub fn looks_like_header(prefix: &[u8]) -> bool {
     let n = prefix.len().min(6);
     n > 0 && (prefix[..n] == b"PROXY "[..n] || prefix[..n] == V2_SIGNATURE[..n])
+}
+
+/// Reads one header, giving the edge `limit` (it writes the header as soon
+/// as it connects) and never reading past `deadline` (the handshake's).
+pub async fn read_by<R: AsyncRead + Unpin>(
+    r: &mut R,
+    limit: std::time::Duration,
+    deadline: tokio::time::Instant,
+) -> Result<Addresses, HeaderError> {
+    let by = deadline.min(tokio::time::Instant::now() + limit);
+    tokio::time::timeout_at(by, read(r))
+        .await
+        .map_err(|_| HeaderError::Late(limit))?
+}
+
+/// Logs why a trusted edge's connection is closed: a silent one (health
+/// checks arrive every few seconds) at debug, a bad header as a warning.
+pub fn log_refusal(edge: SocketAddr, e: &HeaderError) {
+    if matches!(e, HeaderError::Late(_)) {
+        tracing::debug!(%edge, "closing: {e}");
+    } else {
+        tracing::warn!(%edge, "closing: {e}");
+    }
 }
 
 /// Reads exactly one PROXY header (v1 or v2) from `r`.

@@ -396,6 +396,10 @@ async fn bridge(
     let vm_to_client = async {
         let mut eof_held = false;
         while let Some((msg, _permit)) = b_rx.recv().await {
+            let ends_command = matches!(
+                msg,
+                ChannelMsg::ExitStatus { .. } | ChannelMsg::ExitSignal { .. }
+            );
             let r = match msg {
                 ChannelMsg::Data { data } => {
                     to_client.inc_by(data.len() as u64);
@@ -410,28 +414,16 @@ async fn bridge(
                     Ok(())
                 }
                 ChannelMsg::Eof => down_w.eof().await,
-                ChannelMsg::ExitStatus { exit_status } => {
-                    let r = down_w.exit_status(exit_status).await;
-                    if std::mem::take(&mut eof_held) {
-                        let _ = down_w.eof().await;
-                    }
-                    r
-                }
+                ChannelMsg::ExitStatus { exit_status } => down_w.exit_status(exit_status).await,
                 ChannelMsg::ExitSignal {
                     signal_name,
                     core_dumped,
                     error_message,
                     lang_tag,
-                } => {
-                    let r = down_handle
-                        .exit_signal_request(id, signal_name, core_dumped, error_message, lang_tag)
-                        .await
-                        .map_err(|()| russh::Error::SendError);
-                    if std::mem::take(&mut eof_held) {
-                        let _ = down_w.eof().await;
-                    }
-                    r
-                }
+                } => down_handle
+                    .exit_signal_request(id, signal_name, core_dumped, error_message, lang_tag)
+                    .await
+                    .map_err(|()| russh::Error::SendError),
                 ChannelMsg::Failure => {
                     // The VM refused a shell, exec or subsystem the gateway
                     // already accepted (see ssh.rs): say so and end it.
@@ -445,6 +437,9 @@ async fn bridge(
                 ChannelMsg::Close => break,
                 _ => Ok(()),
             };
+            if ends_command && std::mem::take(&mut eof_held) {
+                let _ = down_w.eof().await;
+            }
             if r.is_err() {
                 break;
             }

@@ -129,6 +129,14 @@ impl Conn {
     }
 }
 
+/// Runs a channel's task, giving its channel permit back when it ends.
+fn spawn_channel(permit: OwnedSemaphorePermit, task: impl Future<Output = ()> + Send + 'static) {
+    tokio::spawn(async move {
+        task.await;
+        drop(permit);
+    });
+}
+
 /// Errors end the connection; russh's own are enough.
 pub type Error = russh::Error;
 
@@ -228,19 +236,18 @@ impl russh::server::Handler for Conn {
             .map(|a| a.user.clone())
             .unwrap_or_default();
         debug!(peer = %self.peer, %user, to = %dest.label, "session channel");
-        let task = relay::channel(
-            self.gw.clone(),
-            dest,
-            relay::Open::Session,
-            channel,
-            reply,
-            session.handle(),
-            self.cancel.clone(),
+        spawn_channel(
+            permit,
+            relay::channel(
+                self.gw.clone(),
+                dest,
+                relay::Open::Session,
+                channel,
+                reply,
+                session.handle(),
+                self.cancel.clone(),
+            ),
         );
-        tokio::spawn(async move {
-            task.await;
-            drop(permit);
-        });
         Ok(())
     }
 
@@ -265,34 +272,31 @@ impl russh::server::Handler for Conn {
             // The gateway is a jump host: the lease's own target and nothing
             // else, whatever host the client named (no open proxy).
             Via::LeaseHash => {
-                let task =
-                    direct::forward(self.gw.clone(), dest, channel, reply, self.cancel.clone());
-                tokio::spawn(async move {
-                    task.await;
-                    drop(permit);
-                });
+                spawn_channel(
+                    permit,
+                    direct::forward(self.gw.clone(), dest, channel, reply, self.cancel.clone()),
+                );
             }
             // The gateway stands in for the VM: `-L` forwards are the VM's to
             // make, through the upstream login.
             Via::PooledIp | Via::Route => {
-                let task = relay::channel(
-                    self.gw.clone(),
-                    dest,
-                    relay::Open::DirectTcpip {
-                        host: host_to_connect.to_string(),
-                        port: port_to_connect,
-                        originator_address: originator_address.to_string(),
-                        originator_port,
-                    },
-                    channel,
-                    reply,
-                    session.handle(),
-                    self.cancel.clone(),
+                spawn_channel(
+                    permit,
+                    relay::channel(
+                        self.gw.clone(),
+                        dest,
+                        relay::Open::DirectTcpip {
+                            host: host_to_connect.to_string(),
+                            port: port_to_connect,
+                            originator_address: originator_address.to_string(),
+                            originator_port,
+                        },
+                        channel,
+                        reply,
+                        session.handle(),
+                        self.cancel.clone(),
+                    ),
                 );
-                tokio::spawn(async move {
-                    task.await;
-                    drop(permit);
-                });
             }
         }
         Ok(())
