@@ -29,6 +29,13 @@ pub struct Metrics {
     pub channels_refused: IntCounterVec,
     /// Rejected authentication attempts by method.
     pub auth_failures: IntCounterVec,
+    /// Bytes bridged channels hold right now (bounded by their windows).
+    pub relay_buffered_bytes: IntGauge,
+    /// Channel window bytes reserved from the relay buffer budget.
+    pub relay_reserved_bytes: IntGauge,
+    /// Connections, channels and windows refused by a budget or a per-user
+    /// cap, by limit.
+    pub limit_refusals: IntCounterVec,
     /// Payload bytes relayed, by direction (`upstream`: client to target).
     pub bytes: IntCounterVec,
     /// Accept to authenticated.
@@ -102,6 +109,21 @@ impl Metrics {
                     "SSH channel opens refused, by reason",
                 ),
                 &["reason"],
+            )?,
+            relay_buffered_bytes: IntGauge::new(
+                "keyway_relay_buffered_bytes",
+                "Bytes bridged SSH channels hold in the gateway now",
+            )?,
+            relay_reserved_bytes: IntGauge::new(
+                "keyway_relay_window_reserved_bytes",
+                "Channel window bytes reserved from the relay buffer budget",
+            )?,
+            limit_refusals: IntCounterVec::new(
+                Opts::new(
+                    "keyway_limit_refusals_total",
+                    "Connections and channels refused by a budget or a per-user cap, by limit",
+                ),
+                &["limit"],
             )?,
             auth_failures: IntCounterVec::new(
                 Opts::new(
@@ -178,6 +200,9 @@ impl Metrics {
         reg.register(Box::new(m.channels_active.clone()))?;
         reg.register(Box::new(m.channels_refused.clone()))?;
         reg.register(Box::new(m.auth_failures.clone()))?;
+        reg.register(Box::new(m.relay_buffered_bytes.clone()))?;
+        reg.register(Box::new(m.relay_reserved_bytes.clone()))?;
+        reg.register(Box::new(m.limit_refusals.clone()))?;
         reg.register(Box::new(m.bytes.clone()))?;
         reg.register(Box::new(m.handshake_seconds.clone()))?;
         reg.register(Box::new(m.upstream_connect_seconds.clone()))?;
@@ -204,6 +229,9 @@ impl Metrics {
         }
         for r in ["limit", "target"] {
             m.channels_refused.with_label_values(&[r]);
+        }
+        for l in crate::gateway::budget::Refusal::LABELS {
+            m.limit_refusals.with_label_values(&[l]);
         }
         for method in ["publickey", "password", "keyboard-interactive", "none"] {
             m.auth_failures.with_label_values(&[method]);

@@ -17,6 +17,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use keyway_snapshot::pb;
 
@@ -67,12 +68,16 @@ pub struct Destination {
     pub upstream_user: String,
     /// The principal relay certificates carry for this destination.
     pub relay_principal: String,
+    /// Whose budget the connection spends: the lease's `spec.user`, or
+    /// `route:<namespace>/<name>` for a route to a plain address.
+    pub tenant: Arc<str>,
 }
 
 #[derive(Debug)]
 struct LeaseEntry {
     hash: [u8; 32],
     label: String,
+    tenant: Arc<str>,
     target: Option<Target>,
     upstream_user: String,
     relay_principal: String,
@@ -151,6 +156,7 @@ impl RouteTable {
             t.leases.push(LeaseEntry {
                 hash,
                 label: format!("{}/{}", l.namespace, l.name),
+                tenant: l.user.as_str().into(),
                 target,
                 upstream_user: l.upstream_user.clone(),
                 relay_principal: l.relay_principal.clone(),
@@ -283,6 +289,7 @@ impl RouteTable {
                 // Outside a lease the target trusts the relay CA the plain
                 // OpenSSH way: the certificate names the account.
                 relay_principal: user.to_string(),
+                tenant: format!("route:{}/{}", r.namespace, r.name).into(),
             }),
         }
     }
@@ -372,6 +379,7 @@ impl RouteTable {
             target: l.target.clone()?,
             upstream_user: upstream_user.to_string(),
             relay_principal: l.relay_principal.clone(),
+            tenant: l.tenant.clone(),
         })
     }
 }

@@ -77,6 +77,27 @@ pub struct RunArgs {
     /// Messages buffered per channel before the connection pushes back.
     #[arg(long, default_value_t = 64)]
     channel_buffer: usize,
+    /// Window (KiB) a bridged channel starts with, each direction; the
+    /// gateway holds at most a channel's window for it.
+    #[arg(long, default_value_t = 128, value_name = "KIB")]
+    channel_window_kib: u32,
+    /// Window (KiB) a busy channel may grow to while the budgets allow.
+    #[arg(long, default_value_t = 2048, value_name = "KIB")]
+    max_channel_window_kib: u32,
+    /// Relay buffer budget (MiB): channel windows the whole gateway may have
+    /// granted. A channel that does not fit is refused with a message.
+    #[arg(long, default_value_t = 512, value_name = "MIB")]
+    relay_buffer_budget_mib: u64,
+    /// One user's share (MiB) of the relay buffer budget (user: the lease's
+    /// spec.user).
+    #[arg(long, default_value_t = 64, value_name = "MIB")]
+    user_relay_buffer_mib: u64,
+    /// Authenticated connections one user may hold at once.
+    #[arg(long, default_value_t = 256)]
+    max_connections_per_user: usize,
+    /// Open channels one user may hold over all its connections.
+    #[arg(long, default_value_t = 512)]
+    max_channels_per_user: usize,
     /// L4 edges (HAProxy `send-proxy-v2`, a load balancer) allowed to send a
     /// PROXY protocol v1/v2 header, whose destination address then routes
     /// the connection; comma-separated CIDRs or IPs. A header from any other
@@ -105,6 +126,11 @@ pub struct RunArgs {
     /// accept only fresh `Proxy-Authorization: Keyway-SSHSIG` proofs.
     #[arg(long)]
     require_fresh_upgrade_proofs: bool,
+}
+
+/// KiB to bytes, kept within what SSH windows can say (at least 1 KiB).
+fn kib(k: u32) -> u32 {
+    k.clamp(1, u32::MAX >> 10) << 10
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
@@ -151,6 +177,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
         trusted_proxies: gateway::proxy_header::Trusted::parse(&args.trusted_proxy_cidrs)
             .map_err(anyhow::Error::msg)?,
         proxy_header_timeout: Duration::from_millis(args.proxy_header_timeout_ms.max(1)),
+        window: gateway::flow::WindowPolicy {
+            initial: kib(args.channel_window_kib),
+            max: kib(args.max_channel_window_kib.max(args.channel_window_kib)),
+        },
+        budgets: gateway::budget::BudgetLimits {
+            gateway_bytes: args.relay_buffer_budget_mib.saturating_mul(1 << 20),
+            tenant_bytes: args.user_relay_buffer_mib.saturating_mul(1 << 20),
+            tenant_connections: args.max_connections_per_user.max(1),
+            tenant_channels: args.max_channels_per_user.max(1),
+        },
         ..Limits::default()
     };
 

@@ -292,8 +292,21 @@ pub fn lease_yaml(
     target: &str,
     settled: bool,
 ) -> String {
+    lease_yaml_keys(name, user, pool, &[key.to_string()], target, settled)
+}
+
+/// [`lease_yaml`] with several access keys.
+pub fn lease_yaml_keys(
+    name: &str,
+    user: &str,
+    pool: &str,
+    keys: &[String],
+    target: &str,
+    settled: bool,
+) -> String {
+    let keys: String = keys.iter().map(|k| format!("    - \"{k}\"\n")).collect();
     format!(
-        "apiVersion: keyway.dev/v1alpha1\nkind: VMLease\nmetadata:\n  name: {name}\nspec:\n  user: {user}\n  poolRef: {pool}\n  accessPublicKeys:\n    - \"{key}\"\n  target:\n    address: \"{target}\"\n  settled: {settled}\n"
+        "apiVersion: keyway.dev/v1alpha1\nkind: VMLease\nmetadata:\n  name: {name}\nspec:\n  user: {user}\n  poolRef: {pool}\n  accessPublicKeys:\n{keys}  target:\n    address: \"{target}\"\n  settled: {settled}\n"
     )
 }
 

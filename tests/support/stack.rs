@@ -20,6 +20,8 @@ pub struct LeaseSpec {
     pub user: String,
     /// The target accepts TCP and never says a word (a hung VM).
     pub silent: bool,
+    /// Other key holders: their keys are access keys of this lease too.
+    pub extra_keys: Vec<String>,
 }
 
 impl LeaseSpec {
@@ -28,6 +30,15 @@ impl LeaseSpec {
             name: name.into(),
             user: user.into(),
             silent: false,
+            extra_keys: Vec::new(),
+        }
+    }
+
+    /// A lease whose access keys are `user`'s and each of `others`'.
+    pub fn with_keys(name: &str, user: &str, others: &[&str]) -> Self {
+        LeaseSpec {
+            extra_keys: others.iter().map(|s| s.to_string()).collect(),
+            ..Self::new(name, user)
         }
     }
 
@@ -91,7 +102,12 @@ impl Stack {
         std::fs::create_dir_all(&dir)?;
         std::fs::create_dir_all(tmp.path().join("keys"))?;
         std::fs::create_dir_all(tmp.path().join("vms"))?;
-        let mut users: Vec<&str> = leases.iter().map(|l| l.user.as_str()).collect();
+        let mut users: Vec<&str> = leases
+            .iter()
+            .flat_map(|l| {
+                std::iter::once(l.user.as_str()).chain(l.extra_keys.iter().map(|k| k.as_str()))
+            })
+            .collect();
         users.sort();
         users.dedup();
         for u in users.iter().copied().chain(["stranger"]) {
@@ -156,11 +172,15 @@ impl Stack {
             .iter()
             .enumerate()
             .map(|(i, l)| {
-                lease_yaml(
+                let keys: Vec<String> = std::iter::once(&l.user)
+                    .chain(&l.extra_keys)
+                    .map(|u| self.public_key(u))
+                    .collect();
+                lease_yaml_keys(
                     &l.name,
                     &l.user,
                     "pool",
-                    &self.public_key(&l.user),
+                    &keys,
                     &vm_addr(i, self.vm_port),
                     settled.contains(&l.name.as_str()),
                 )

@@ -9,8 +9,10 @@
 //! the socket for certain (see [`stream`]).
 
 pub mod backend;
+pub mod budget;
 pub mod connect;
 pub mod direct;
+pub mod flow;
 pub mod proxy_header;
 pub mod relay;
 pub mod ssh;
@@ -65,6 +67,10 @@ pub struct Limits {
     /// balancer's TCP health check, a stuck edge) is closed after this
     /// instead of holding a slot for the whole handshake deadline.
     pub proxy_header_timeout: Duration,
+    /// Channel windows of bridged channels (flow.rs).
+    pub window: flow::WindowPolicy,
+    /// Relay buffer budgets and per-user caps (budget.rs).
+    pub budgets: budget::BudgetLimits,
 }
 
 impl Default for Limits {
@@ -80,6 +86,8 @@ impl Default for Limits {
             upstream_idle: Duration::from_secs(30),
             trusted_proxies: proxy_header::Trusted::default(),
             proxy_header_timeout: Duration::from_secs(1),
+            window: flow::WindowPolicy::default(),
+            budgets: budget::BudgetLimits::default(),
         }
     }
 }
@@ -122,6 +130,8 @@ pub struct Gateway {
     /// Relay certificate lifetime, from the snapshot.
     pub cert_validity_secs: AtomicU64,
     pub upstreams: relay::Upstreams,
+    /// What tenants, and all of them, may hold.
+    pub budgets: Arc<budget::Budgets>,
     /// The libp2p host provider targets are dialed through.
     pub p2p: keyway_tunnel::p2p::Host,
     ssh_config: Arc<russh::server::Config>,
@@ -148,6 +158,7 @@ impl Gateway {
             pending: Default::default(),
             total: Arc::new(Semaphore::new(limits.max_connections)),
             upstreams: relay::Upstreams::default(),
+            budgets: budget::Budgets::new(limits.budgets, metrics.relay_reserved_bytes.clone()),
             limits,
             metrics,
             table,
@@ -339,6 +350,26 @@ impl Gateway {
             Via::PooledIp | Via::Route => "relay",
         };
         info!(%peer, dst = %local, user = %auth.user, to = %auth.dest.label, mode, "authenticated");
+        // The tenant's connection cap; the client is told why.
+        let _slot = match self.budgets.connection(&auth.dest.tenant) {
+            Ok(s) => s,
+            Err(r) => {
+                self.refused(&r);
+                info!(%peer, to = %auth.dest.label, "connection refused: {r}");
+                let _ = tokio::time::timeout(
+                    Duration::from_millis(300),
+                    handle.disconnect(
+                        russh::Disconnect::TooManyConnections,
+                        format!("keyway: {r}"),
+                        String::new(),
+                    ),
+                )
+                .await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), &mut running).await;
+                cancel.cancel();
+                return;
+            }
+        };
         let gauge = self.metrics.sessions_active.with_label_values(&[mode]);
         gauge.inc();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -489,6 +520,14 @@ impl Gateway {
             tokio::time::sleep(Duration::from_millis(200)).await;
             live.cancel.cancel();
         });
+    }
+
+    /// Counts a budget or limit refusal.
+    pub fn refused(&self, r: &budget::Refusal) {
+        self.metrics
+            .limit_refusals
+            .with_label_values(&[r.metric_label()])
+            .inc();
     }
 
     /// Records how long reaching a target took, by kind and result.

@@ -19,7 +19,8 @@ use russh::{Channel, ChannelMsg, ChannelOpenFailure};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{Gateway, backend};
+use super::flow::{Out, Pipe};
+use super::{Gateway, backend, budget};
 use crate::routes::{DestKey, Destination};
 
 /// The upstream client's handler: the VM's host key is not pinned (the
@@ -183,6 +184,10 @@ async fn dial(gw: &Gateway, dest: &Destination, addr: &str) -> Result<client::Ha
         keepalive_interval: Some(Duration::from_secs(30)),
         keepalive_max: 4,
         channel_buffer_size: gw.limits.channel_buffer.max(1),
+        // Windows follow consumption (flow.rs): the VM can never make the
+        // gateway hold more for a channel than its window.
+        window_size: gw.limits.window.initial,
+        manual_window_adjust: true,
         preferred: russh::Preferred {
             cipher: std::borrow::Cow::Borrowed(UPSTREAM_CIPHERS),
             ..Default::default()
@@ -213,101 +218,69 @@ async fn dial(gw: &Gateway, dest: &Destination, addr: &str) -> Result<client::Ha
     Ok(handle)
 }
 
-/// Bytes a bridged channel may hold in the gateway, per direction.
-///
-/// russh refills a channel's window as soon as data arrives, not as it is
-/// consumed, and its connection loop waits while a channel's queue is full.
-/// Writing to one side straight from the other side's queue lets two
-/// saturated directions wait on each other's loops: a deadlock under a
-/// bidirectional bulk stream such as `ssh vm cat < big` (the e2e test caught
-/// it). So each direction is drained at once into a buffer and only a full
-/// buffer pushes back on its russh loop.
-///
-/// The caps are deliberately unequal. A full client→VM buffer blocks the
-/// client's connection loop, which then cannot take the client's window
-/// adjustments, so VM→client writes wait; the VM→client buffer must be able
-/// to absorb what the VM produces meanwhile, which is bounded by what the
-/// client→VM side feeds it plus the windows in flight. With the second cap
-/// well above the first, an echoing VM never fills both and the loops cannot
-/// lock each other; a VM producing unrelated output at full speed while the
-/// client floods it could still, after 72 MiB (a known limit of bridging two
-/// russh loops without window control, see docs/gateway.md).
-const CLIENT_TO_VM_BUFFER_BYTES: usize = 8 << 20;
-/// See [`CLIENT_TO_VM_BUFFER_BYTES`].
-const VM_TO_CLIENT_BUFFER_BYTES: usize = 64 << 20;
+/// Messages a bridge carries; the rest (window notices, replies to the
+/// gateway's own requests) are dropped as they arrive, so they never take
+/// room in a pipe whose other side is stalled.
+fn carried(msg: &ChannelMsg) -> bool {
+    !matches!(
+        msg,
+        ChannelMsg::WindowAdjusted { .. }
+            | ChannelMsg::Success
+            | ChannelMsg::XonXoff { .. }
+            | ChannelMsg::Open { .. }
+    )
+}
 
-/// Moves a channel's messages into a bounded buffer as soon as they arrive,
-/// until the side closes or `closed` says the bridge closed it: russh drops
-/// a channel it sent CLOSE on, so the peer's answering CLOSE never reaches
-/// the read half and waiting for it would keep the bridge alive forever.
-async fn drain(
-    read: russh::ChannelReadHalf,
-    tx: tokio::sync::mpsc::UnboundedSender<Held>,
-    budget: Budget,
-    closed: CancellationToken,
-) {
+/// Drains a channel into `pipe` as messages arrive, until the side closes
+/// or `closed` says the bridge closed it: russh drops a channel it sent
+/// CLOSE on, so the peer's answering CLOSE never reaches the read half and
+/// waiting for it would keep the bridge alive forever.
+pub(super) async fn fill(mut read: russh::ChannelReadHalf, pipe: &Pipe, closed: CancellationToken) {
+    let run = async {
+        while let Some(msg) = read.wait().await {
+            if !carried(&msg) {
+                continue;
+            }
+            let last = matches!(msg, ChannelMsg::Close);
+            pipe.put(msg).await;
+            if last {
+                return;
+            }
+        }
+    };
     tokio::select! {
-        () = drain_until_close(read, tx, budget) => {}
+        () = run => {}
         () = closed.cancelled() => {}
     }
+    pipe.close();
 }
 
-async fn drain_until_close(
-    mut read: russh::ChannelReadHalf,
-    tx: tokio::sync::mpsc::UnboundedSender<Held>,
-    budget: Budget,
-) {
-    while let Some(msg) = read.wait().await {
-        let n = match &msg {
-            ChannelMsg::Data { data } | ChannelMsg::ExtendedData { data, .. } => data.len(),
-            _ => 0,
-        };
-        let permit = if n > 0 {
-            let n = u32::try_from(n.min(budget.cap)).unwrap_or(u32::MAX);
-            match budget.permits.clone().acquire_many_owned(n).await {
-                Ok(p) => Some(p),
-                Err(_) => return,
-            }
-        } else {
-            None
-        };
-        let last = matches!(msg, ChannelMsg::Close);
-        if tx.send((msg, permit)).is_err() || last {
-            return;
-        }
+/// `n` bytes from `pipe` reached the other side: grants the source the
+/// window that frees (and growth the budget allows). A source that is gone
+/// needs no window.
+pub(super) async fn give_back<S>(
+    pipe: &Pipe,
+    n: usize,
+    source: &russh::ChannelWriteHalf<S>,
+    budget: &std::sync::Mutex<budget::Channel>,
+) where
+    S: From<(russh::ChannelId, ChannelMsg)> + Send + Sync + 'static,
+{
+    let grant = pipe.taken(n, |want| {
+        budget.lock().unwrap_or_else(|e| e.into_inner()).grow(want)
+    });
+    if grant > 0 {
+        let _ = source.adjust_window(grant).await;
     }
-}
-
-/// A message and the share of the byte budget it holds until written.
-type Held = (ChannelMsg, Option<tokio::sync::OwnedSemaphorePermit>);
-
-/// A byte budget remembers its cap in the semaphore's initial permits; a
-/// single message never asks for more than the whole budget.
-struct Budget {
-    permits: Arc<tokio::sync::Semaphore>,
-    cap: usize,
-}
-
-fn buffer(
-    cap: usize,
-) -> (
-    tokio::sync::mpsc::UnboundedSender<Held>,
-    tokio::sync::mpsc::UnboundedReceiver<Held>,
-    Budget,
-) {
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    (
-        tx,
-        rx,
-        Budget {
-            permits: Arc::new(tokio::sync::Semaphore::new(cap)),
-            cap,
-        },
-    )
 }
 
 /// Carries a client's channel and the matching upstream channel both ways:
 /// data, extended data, requests, EOF, exit status and signals, close.
+///
+/// Each direction drains its source at once into a [`Pipe`] and grants the
+/// source window only as the other side takes the bytes (see [`flow`]): a
+/// client that stops reading stalls this channel alone, and what the
+/// gateway holds for it stays within its window.
 ///
 /// On a `session` channel the VM's EOF is held back until its exit status
 /// (or signal, or close) has been passed on. sshd often sends EOF first; an
@@ -320,28 +293,46 @@ async fn bridge(
     up: Channel<client::Msg>,
     down_handle: russh::server::Handle,
     session: bool,
+    budget: &std::sync::Mutex<budget::Channel>,
 ) {
     let id = down.id();
     let (down_r, down_w) = down.split();
     let (up_r, up_w) = up.split();
-    let to_vm = gw.metrics.bytes.with_label_values(&["upstream"]);
-    let to_client = gw.metrics.bytes.with_label_values(&["downstream"]);
-    let (a_tx, mut a_rx, a_budget) = buffer(CLIENT_TO_VM_BUFFER_BYTES);
-    let (b_tx, mut b_rx, b_budget) = buffer(VM_TO_CLIENT_BUFFER_BYTES);
+    let to_vm_bytes = gw.metrics.bytes.with_label_values(&["upstream"]);
+    let to_client_bytes = gw.metrics.bytes.with_label_values(&["downstream"]);
+    let held = gw.metrics.relay_buffered_bytes.clone();
+    let to_vm = Pipe::new(gw.limits.window, held.clone());
+    let to_client = Pipe::new(gw.limits.window, held);
     let (down_closed, up_closed) = (CancellationToken::new(), CancellationToken::new());
-    let drain_client = drain(down_r, a_tx, a_budget, down_closed.clone());
-    let drain_vm = drain(up_r, b_tx, b_budget, up_closed.clone());
+    let fill_from_client = fill(down_r, &to_vm, down_closed.clone());
+    let fill_from_vm = fill(up_r, &to_client, up_closed.clone());
     let client_to_vm = async {
-        while let Some((msg, _permit)) = a_rx.recv().await {
+        while let Some(out) = to_vm.take().await {
+            let msg = match out {
+                Out::Data { ext, data } => {
+                    let n = data.len();
+                    to_vm_bytes.inc_by(n as u64);
+                    let r = match ext {
+                        None => up_w.data_bytes(data).await,
+                        Some(ext) => up_w.extended_data_bytes(ext, data).await,
+                    };
+                    if r.is_err() {
+                        break;
+                    }
+                    give_back(&to_vm, n, &down_w, budget).await;
+                    continue;
+                }
+                Out::Overrun(o) => {
+                    warn!(
+                        window = o.window,
+                        sent = o.outstanding,
+                        "client overran its channel window; closing the channel"
+                    );
+                    break;
+                }
+                Out::Msg(m) => m,
+            };
             let r = match msg {
-                ChannelMsg::Data { data } => {
-                    to_vm.inc_by(data.len() as u64);
-                    up_w.data_bytes(data).await
-                }
-                ChannelMsg::ExtendedData { data, ext } => {
-                    to_vm.inc_by(data.len() as u64);
-                    up_w.extended_data_bytes(ext, data).await
-                }
                 ChannelMsg::Eof => up_w.eof().await,
                 ChannelMsg::Close => break,
                 ChannelMsg::RequestPty {
@@ -395,20 +386,36 @@ async fn bridge(
     };
     let vm_to_client = async {
         let mut eof_held = false;
-        while let Some((msg, _permit)) = b_rx.recv().await {
+        while let Some(out) = to_client.take().await {
+            let msg = match out {
+                Out::Data { ext, data } => {
+                    let n = data.len();
+                    to_client_bytes.inc_by(n as u64);
+                    let r = match ext {
+                        None => down_w.data_bytes(data).await,
+                        Some(ext) => down_w.extended_data_bytes(ext, data).await,
+                    };
+                    if r.is_err() {
+                        break;
+                    }
+                    give_back(&to_client, n, &up_w, budget).await;
+                    continue;
+                }
+                Out::Overrun(o) => {
+                    warn!(
+                        window = o.window,
+                        sent = o.outstanding,
+                        "VM overran its channel window; closing the channel"
+                    );
+                    break;
+                }
+                Out::Msg(m) => m,
+            };
             let ends_command = matches!(
                 msg,
                 ChannelMsg::ExitStatus { .. } | ChannelMsg::ExitSignal { .. }
             );
             let r = match msg {
-                ChannelMsg::Data { data } => {
-                    to_client.inc_by(data.len() as u64);
-                    down_w.data_bytes(data).await
-                }
-                ChannelMsg::ExtendedData { data, ext } => {
-                    to_client.inc_by(data.len() as u64);
-                    down_w.extended_data_bytes(ext, data).await
-                }
                 ChannelMsg::Eof if session => {
                     eof_held = true;
                     Ok(())
@@ -450,11 +457,19 @@ async fn bridge(
         let _ = down_w.close().await;
         down_closed.cancel();
     };
-    // Each drain ends at its side's Close (or when russh drops the channel,
+    // Each fill ends at its side's Close (or when russh drops the channel,
     // or once the bridge closed that side); each writer ends at the Close it
-    // carries, closing the other side and ending that side's drain, which
+    // carries, closing the other side and ending that side's fill, which
     // ends the other writer. Connection end cancels all.
-    tokio::join!(drain_client, drain_vm, client_to_vm, vm_to_client);
+    tokio::join!(fill_from_client, fill_from_vm, client_to_vm, vm_to_client);
+}
+
+/// The client's side of a channel being opened.
+pub struct Down {
+    pub channel: Channel<Msg>,
+    pub reply: ChannelOpenHandle,
+    /// The client connection's handle (exit signals go through it).
+    pub handle: russh::server::Handle,
 }
 
 /// What a client channel becomes on the VM.
@@ -478,11 +493,15 @@ pub async fn channel(
     gw: Arc<Gateway>,
     dest: Arc<Destination>,
     open: Open,
-    down: Channel<Msg>,
-    reply: ChannelOpenHandle,
-    down_handle: russh::server::Handle,
+    down: Down,
     cancel: CancellationToken,
+    budget: budget::Channel,
 ) {
+    let Down {
+        channel: down,
+        reply,
+        handle: down_handle,
+    } = down;
     let kind = match open {
         Open::Session => "session",
         Open::DirectTcpip { .. } => "direct-tcpip",
@@ -528,10 +547,39 @@ pub async fn channel(
     reply.accept().await;
     let gauge = gw.metrics.channels_active.with_label_values(&[kind]);
     gauge.inc();
+    let budget = std::sync::Mutex::new(budget);
     tokio::select! {
-        () = bridge(&gw, down, chan, down_handle, matches!(open, Open::Session)) => {}
+        () = bridge(&gw, down, chan, down_handle, matches!(open, Open::Session), &budget) => {}
         () = cancel.cancelled() => {}
     }
     gauge.dec();
     drop(up);
+}
+
+/// A session channel the gateway will not carry (a budget or limit said
+/// no): accepted, so the client can be told why on stderr, then ended with
+/// status 1. The message goes out after the client's shell, exec or
+/// subsystem request so every client prints it.
+pub async fn refuse_session(down: Channel<Msg>, reply: ChannelOpenHandle, why: String) {
+    reply.accept().await;
+    let (mut read, write) = down.split();
+    let asked = async {
+        while let Some(m) = read.wait().await {
+            if matches!(
+                m,
+                ChannelMsg::RequestShell { .. }
+                    | ChannelMsg::Exec { .. }
+                    | ChannelMsg::RequestSubsystem { .. }
+            ) {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(10), asked).await;
+    let _ = write
+        .extended_data_bytes(1, format!("keyway: {why}\r\n").into_bytes())
+        .await;
+    let _ = write.exit_status(1).await;
+    let _ = write.eof().await;
+    let _ = write.close().await;
 }

@@ -16,7 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use super::{AuthInfo, Gateway, Limits, direct, relay};
+use super::{AuthInfo, Gateway, Limits, budget, direct, relay};
 use crate::keys::fingerprint;
 use crate::routes::{Destination, Via};
 
@@ -35,6 +35,10 @@ pub fn server_config(host_key: ssh_key::PrivateKey, limits: &Limits) -> russh::s
         keys: vec![host_key],
         max_auth_attempts: 20,
         channel_buffer_size: limits.channel_buffer.max(1),
+        // Windows follow consumption (flow.rs): a client can never make the
+        // gateway hold more for a channel than its window.
+        window_size: limits.window.initial,
+        manual_window_adjust: true,
         // Authenticated sessions may idle for days; dead peers are found by
         // keepalives instead. The auth deadline covers the unauthenticated.
         inactivity_timeout: None,
@@ -106,6 +110,16 @@ impl Conn {
             debug!(peer = %self.peer, max = self.gw.limits.max_channels, "channel refused: too many open channels");
         }
         permit
+    }
+
+    /// Reserves a new channel's windows from the budgets; a refusal is
+    /// counted and logged, and its text is what the client is told.
+    fn reserve(&self, dest: &Destination, bytes: u64) -> Result<budget::Channel, String> {
+        self.gw.budgets.channel(&dest.tenant, bytes).map_err(|r| {
+            self.gw.refused(&r);
+            debug!(peer = %self.peer, to = %dest.label, "channel refused: {r}");
+            r.to_string()
+        })
     }
 
     fn decide(&self, user: &str, fp: Option<&str>) -> Option<Destination> {
@@ -236,16 +250,26 @@ impl russh::server::Handler for Conn {
             .map(|a| a.user.clone())
             .unwrap_or_default();
         debug!(peer = %self.peer, %user, to = %dest.label, "session channel");
+        let budget = match self.reserve(&dest, 2 * u64::from(self.gw.limits.window.initial)) {
+            Ok(b) => b,
+            Err(why) => {
+                spawn_channel(permit, relay::refuse_session(channel, reply, why));
+                return Ok(());
+            }
+        };
         spawn_channel(
             permit,
             relay::channel(
                 self.gw.clone(),
                 dest,
                 relay::Open::Session,
-                channel,
-                reply,
-                session.handle(),
+                relay::Down {
+                    channel,
+                    reply,
+                    handle: session.handle(),
+                },
                 self.cancel.clone(),
+                budget,
             ),
         );
         Ok(())
@@ -268,13 +292,29 @@ impl russh::server::Handler for Conn {
             reply.reject(ChannelOpenFailure::ResourceShortage).await;
             return Ok(());
         };
+        // Both directions' windows (a jump's target side is a fixed buffer).
+        let bytes = match dest.via {
+            Via::LeaseHash => u64::from(self.gw.limits.window.initial) + direct::COPY_BUF as u64,
+            Via::PooledIp | Via::Route => 2 * u64::from(self.gw.limits.window.initial),
+        };
+        let Ok(budget) = self.reserve(&dest, bytes) else {
+            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            return Ok(());
+        };
         match dest.via {
             // The gateway is a jump host: the lease's own target and nothing
             // else, whatever host the client named (no open proxy).
             Via::LeaseHash => {
                 spawn_channel(
                     permit,
-                    direct::forward(self.gw.clone(), dest, channel, reply, self.cancel.clone()),
+                    direct::forward(
+                        self.gw.clone(),
+                        dest,
+                        channel,
+                        reply,
+                        self.cancel.clone(),
+                        budget,
+                    ),
                 );
             }
             // The gateway stands in for the VM: `-L` forwards are the VM's to
@@ -291,10 +331,13 @@ impl russh::server::Handler for Conn {
                             originator_address: originator_address.to_string(),
                             originator_port,
                         },
-                        channel,
-                        reply,
-                        session.handle(),
+                        relay::Down {
+                            channel,
+                            reply,
+                            handle: session.handle(),
+                        },
                         self.cancel.clone(),
+                        budget,
                     ),
                 );
             }

@@ -1,0 +1,161 @@
+//! Tenant-safe under hostile load: what one tenant with a valid key, or an
+//! anonymous peer with a socket, can do to everyone else through the real
+//! gateway (real OpenSSH clients, real sshd VMs, loopback only).
+//!
+//! No timing thresholds: each login has a generous deadline only so a hang
+//! fails the test instead of the suite; the measured times are printed and
+//! `make bench` reports them as ratios.
+#![allow(clippy::unwrap_used)]
+
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use keyway_e2e::stack::*;
+
+/// The gateway's resident set, in KiB.
+fn rss_kib(st: &Stack) -> u64 {
+    let pid = st.proxy.as_ref().and_then(|p| p.pid()).unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// `ssh <ip> 'cat /dev/zero'` whose stdout nobody reads: the client stops
+/// reading its channel once the pipe and its own window are full.
+fn stalled_reader(st: &Stack, key: &str, ip: &str) -> Child {
+    st.ssh(&[key], &[ip, "cat /dev/zero"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Runs `echo ok` as `key` on `ip`; returns how long it took.
+fn login(st: &Stack, key: &str, ip: &str, who: &str) -> Duration {
+    let started = Instant::now();
+    let o = run_with_timeout(st.ssh(&[key], &[ip, "echo ok"]), Duration::from_secs(60));
+    let took = started.elapsed();
+    assert!(
+        o.status.success() && stdout(&o) == "ok",
+        "{who}: {o:?}\n{}",
+        st.proxy_log()
+    );
+    eprintln!("{who}: logged in and ran a command in {took:?}");
+    took
+}
+
+/// Waits until the stall is complete: the gateway moves no more bytes to
+/// the stalled clients and its footprint stopped growing (it holds what it
+/// will hold). Returns the bytes moved.
+fn wait_for_stall(st: &Stack) -> f64 {
+    let mut last = (-1.0, 0u64);
+    for _ in 0..200 {
+        std::thread::sleep(Duration::from_millis(1000));
+        let now = (
+            st.metric("keyway_ssh_bytes_total", &["downstream"]),
+            rss_kib(st),
+        );
+        if now.0 == last.0 && now.0 > 0.0 && now.1.abs_diff(last.1) < 1024 {
+            return now.0;
+        }
+        last = now;
+    }
+    panic!("the stalled channels never stopped moving data");
+}
+
+#[test]
+fn a_reader_that_stalls_freezes_only_its_own_channels() {
+    let budget_mib = 64;
+    let user_mib = 16;
+    let per_user_channels = 12;
+    let mut st = Stack::start(
+        &["127.0.41.1"],
+        &[
+            LeaseSpec::with_keys("shared", "alice", &["carol"]),
+            LeaseSpec::new("other", "bob"),
+        ],
+        &[
+            "--relay-buffer-budget-mib",
+            &budget_mib.to_string(),
+            "--user-relay-buffer-mib",
+            &user_mib.to_string(),
+            "--max-channels-per-user",
+            &per_user_channels.to_string(),
+        ],
+    )
+    .unwrap();
+    let ip = st.leases["shared"].ip.clone();
+    let other_ip = st.leases["other"].ip.clone();
+    // Warm the shared upstream login, then note the resting footprint.
+    login(&st, "alice", &ip, "alice before the stall");
+    let rss_before = rss_kib(&st);
+
+    // carol, one of the lease's two key holders, stalls 8 channels.
+    let mut stalled: Vec<Child> = (0..8).map(|_| stalled_reader(&st, "carol", &ip)).collect();
+    let moved = wait_for_stall(&st);
+    let rss_stalled = rss_kib(&st);
+    eprintln!(
+        "8 stalled channels: {moved} bytes moved, then none; gateway RSS {rss_before} KiB -> {rss_stalled} KiB, window reserved {} bytes, held {} bytes",
+        st.metric("keyway_relay_window_reserved_bytes", &[]),
+        st.metric("keyway_relay_buffered_bytes", &[]),
+    );
+
+    // The other key holder, carol's own new connection, and another tenant
+    // all get in while the stall lasts.
+    login(&st, "alice", &ip, "alice during the stall");
+    login(&st, "carol", &ip, "carol (new connection) during the stall");
+    login(&st, "bob", &other_ip, "bob during the stall");
+
+    // What the gateway holds stays within the budgets.
+    let reserved = st.metric("keyway_relay_window_reserved_bytes", &[]);
+    let held = st.metric("keyway_relay_buffered_bytes", &[]);
+    assert!(held <= reserved, "held {held} > reserved {reserved}");
+    assert!(
+        reserved <= (user_mib << 20) as f64,
+        "one user's windows ({reserved} bytes) exceed its {user_mib} MiB share"
+    );
+    let grown_kib = rss_stalled.saturating_sub(rss_before);
+    assert!(
+        grown_kib <= budget_mib << 10,
+        "gateway RSS grew {grown_kib} KiB with 8 stalled channels, beyond the {budget_mib} MiB budget"
+    );
+
+    // Over the per-user channel cap: a clear message, not a hang.
+    stalled.extend((0..4).map(|_| stalled_reader(&st, "carol", &ip)));
+    keyway_e2e::wait_for(Duration::from_secs(30), "12 open channels", || {
+        (st.metric("keyway_ssh_channels_active", &["session"]) >= per_user_channels as f64)
+            .then_some(())
+    })
+    .unwrap();
+    let o = run_with_timeout(
+        st.ssh(&["alice"], &[&ip, "echo ok"]),
+        Duration::from_secs(60),
+    );
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!o.status.success(), "{o:?}");
+    assert!(
+        err.contains("keyway: user alice already has 12 channels open"),
+        "{err}"
+    );
+    assert!(st.metric("keyway_limit_refusals_total", &["user_channels"]) >= 1.0);
+    // Another tenant is not affected by alice's cap.
+    login(&st, "bob", &other_ip, "bob while alice is at her cap");
+
+    for mut c in stalled {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    // Everything held is given back when the channels end.
+    keyway_e2e::wait_for(Duration::from_secs(30), "windows released", || {
+        (st.metric("keyway_relay_window_reserved_bytes", &[]) == 0.0
+            && st.metric("keyway_relay_buffered_bytes", &[]) == 0.0)
+            .then_some(())
+    })
+    .unwrap();
+    eprintln!("after the stall: gateway RSS {} KiB", rss_kib(&st));
+    st.proxy.as_mut().unwrap().stop(Duration::from_secs(5));
+}
