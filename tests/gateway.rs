@@ -425,7 +425,18 @@ fn bad_input_is_refused_or_timed_out_and_the_gateway_keeps_serving() {
     let st = Stack::start(
         &["127.0.16.1"],
         &specs(&[("alice-vm", "alice")]),
-        &["--auth-timeout-secs", "3", "--max-unauthenticated", "64"],
+        // One test process stands in for many sources here; the per-source
+        // limits have their own test (hostile.rs).
+        &[
+            "--auth-timeout-secs",
+            "3",
+            "--max-unauthenticated",
+            "64",
+            "--handshake-burst-per-source",
+            "100000",
+            "--max-unauthenticated-per-source",
+            "100000",
+        ],
     )
     .unwrap();
     let ip = st.leases["alice-vm"].ip.clone();

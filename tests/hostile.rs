@@ -159,3 +159,136 @@ fn a_reader_that_stalls_freezes_only_its_own_channels() {
     eprintln!("after the stall: gateway RSS {} KiB", rss_kib(&st));
     st.proxy.as_mut().unwrap().stop(Duration::from_secs(5));
 }
+
+/// `ssh` as a stranger (no key the gateway routes) from source address
+/// `from`, forcing key exchange `kex`: the handshake completes, then the
+/// login is refused. Returns the client's stderr.
+fn stranger_handshake(st: &Stack, ip: &str, from: &str, kex: &str) -> String {
+    let mut c = st.ssh(
+        &["stranger"],
+        &[
+            "-o",
+            "LogLevel=INFO",
+            "-b",
+            from,
+            "-o",
+            &format!("KexAlgorithms={kex}"),
+            ip,
+            "true",
+        ],
+    );
+    c.stdin(Stdio::null());
+    let o = run_with_timeout(c, Duration::from_secs(120));
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+#[test]
+fn pre_auth_key_exchange_loops_do_not_lock_other_users_out() {
+    let st = Stack::start(&["127.0.42.1"], &[LeaseSpec::new("vm", "alice")], &[]).unwrap();
+    let ip = st.leases["vm"].ip.clone();
+    // The finite-field groups are not offered; the most expensive exchange
+    // left is what the attack loops force.
+    let candidates = [
+        "diffie-hellman-group-exchange-sha256",
+        "diffie-hellman-group18-sha512",
+        "diffie-hellman-group16-sha512",
+        "diffie-hellman-group14-sha256",
+        "ecdh-sha2-nistp521",
+        "sntrup761x25519-sha512@openssh.com",
+        "curve25519-sha256",
+    ];
+    let mut offered = None;
+    for k in candidates {
+        let err = stranger_handshake(&st, &ip, "127.0.66.1", k);
+        if err.contains("Permission denied") {
+            offered = Some(k);
+            break;
+        }
+        assert!(
+            err.contains("no matching key exchange method") || err.contains("Unsupported KEX"),
+            "{k}: {err}"
+        );
+    }
+    let kex = offered.expect("some key exchange is offered");
+    assert_eq!(kex, "curve25519-sha256", "a finite-field group is offered");
+    eprintln!("most expensive key exchange offered to OpenSSH: {kex}");
+
+    let quiet = login(&st, "alice", &ip, "alice, no attack");
+    // Three loops, each its own source, forcing that exchange back to back.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let loops: Vec<_> = (1..=3)
+        .map(|i| {
+            let (stop, count) = (stop.clone(), count.clone());
+            let cfg = st.ssh_config(&["stranger"]);
+            let port = st.ssh_port.to_string();
+            let ip = ip.clone();
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let mut c = std::process::Command::new("ssh");
+                    c.arg("-F").arg(&cfg).args([
+                        "-p",
+                        &port,
+                        "-b",
+                        &format!("127.0.66.{}", i + 1),
+                        "-o",
+                        &format!("KexAlgorithms={kex}"),
+                        &ip,
+                        "true",
+                    ]);
+                    let _ = run_with_timeout(c, Duration::from_secs(60));
+                    count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    let mut under: Vec<Duration> = (0..5)
+        .map(|_| login(&st, "alice", &ip, "alice, under a key-exchange flood"))
+        .collect();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for l in loops {
+        let _ = l.join();
+    }
+    under.sort();
+    eprintln!(
+        "{} forced handshakes; alice's login {quiet:?} quiet, median {:?} under attack",
+        count.load(std::sync::atomic::Ordering::Relaxed),
+        under[under.len() / 2]
+    );
+
+    // One source flooding connections is cut off at its rate; another
+    // source still gets in meanwhile.
+    let mut flood = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import socket,sys,time\n\
+             socks=[]\n\
+             for i in range(300):\n\
+             \x20   c=socket.socket(); c.bind(('127.0.66.9',0)); c.settimeout(5)\n\
+             \x20   try:\n\
+             \x20       c.connect((sys.argv[1],int(sys.argv[2]))); socks.append(c)\n\
+             \x20   except OSError: pass\n\
+             print(len(socks),flush=True)\n\
+             time.sleep(5)\n",
+        )
+        .args([ip.as_str(), &st.ssh_port.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(flood.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    login(&st, "alice", &ip, "alice while one source floods");
+    let refused = st.metric("keyway_ssh_connections_total", &["refused_source_"]);
+    let _ = flood.kill();
+    let _ = flood.wait();
+    eprintln!(
+        "source flood: {} sockets opened, {refused} refused by the per-source limits",
+        line.trim()
+    );
+    assert!(refused >= 1.0, "{}", st.metrics_text());
+}

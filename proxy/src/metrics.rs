@@ -217,6 +217,8 @@ impl Metrics {
             "auth_timeout",
             "closed_unauthenticated",
             "proxy_header_refused",
+            "refused_source_rate",
+            "refused_source_pending",
             "settled",
         ] {
             m.connections.with_label_values(&[r]);

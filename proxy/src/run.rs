@@ -92,6 +92,27 @@ pub struct RunArgs {
     /// spec.user).
     #[arg(long, default_value_t = 64, value_name = "MIB")]
     user_relay_buffer_mib: u64,
+    /// Key exchanges the SSH listener offers, in order. Default: the
+    /// elliptic-curve ones only; `diffie-hellman-group14-sha256` and
+    /// `diffie-hellman-group16-sha512` may be added for old clients (each
+    /// handshake then costs the gateway 10-100x more CPU).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "mlkem768x25519-sha256,curve25519-sha256,curve25519-sha256@libssh.org"
+    )]
+    kex_algorithms: Vec<String>,
+    /// New unauthenticated SSH connections per second one source (an IPv4
+    /// address or an IPv6 /64) may start, sustained; beyond it they are
+    /// closed before the handshake.
+    #[arg(long, default_value_t = 20.0)]
+    handshakes_per_source_per_sec: f64,
+    /// How many one source may start at once after a quiet spell.
+    #[arg(long, default_value_t = 100)]
+    handshake_burst_per_source: u32,
+    /// Unauthenticated connections one source may hold open.
+    #[arg(long, default_value_t = 32)]
+    max_unauthenticated_per_source: usize,
     /// Authenticated connections one user may hold at once.
     #[arg(long, default_value_t = 256)]
     max_connections_per_user: usize,
@@ -187,6 +208,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
             tenant_connections: args.max_connections_per_user.max(1),
             tenant_channels: args.max_channels_per_user.max(1),
         },
+        sources: gateway::sources::SourceLimits {
+            rate_per_sec: args.handshakes_per_source_per_sec.max(0.01),
+            burst: args.handshake_burst_per_source.max(1),
+            max_pending: args.max_unauthenticated_per_source.max(1),
+        },
+        kex: gateway::ssh::parse_kex(&args.kex_algorithms).map_err(anyhow::Error::msg)?,
         ..Limits::default()
     };
 

@@ -15,6 +15,7 @@ pub mod direct;
 pub mod flow;
 pub mod proxy_header;
 pub mod relay;
+pub mod sources;
 pub mod ssh;
 pub mod stream;
 
@@ -71,6 +72,10 @@ pub struct Limits {
     pub window: flow::WindowPolicy,
     /// Relay buffer budgets and per-user caps (budget.rs).
     pub budgets: budget::BudgetLimits,
+    /// Unauthenticated connections per source (sources.rs).
+    pub sources: sources::SourceLimits,
+    /// Key exchanges offered (ssh.rs: no finite-field groups by default).
+    pub kex: Vec<russh::kex::Name>,
 }
 
 impl Default for Limits {
@@ -88,6 +93,8 @@ impl Default for Limits {
             proxy_header_timeout: Duration::from_secs(1),
             window: flow::WindowPolicy::default(),
             budgets: budget::BudgetLimits::default(),
+            sources: sources::SourceLimits::default(),
+            kex: ssh::DEFAULT_KEX.to_vec(),
         }
     }
 }
@@ -132,6 +139,7 @@ pub struct Gateway {
     pub upstreams: relay::Upstreams,
     /// What tenants, and all of them, may hold.
     pub budgets: Arc<budget::Budgets>,
+    sources: Arc<sources::Sources>,
     /// The libp2p host provider targets are dialed through.
     pub p2p: keyway_tunnel::p2p::Host,
     ssh_config: Arc<russh::server::Config>,
@@ -159,6 +167,7 @@ impl Gateway {
             total: Arc::new(Semaphore::new(limits.max_connections)),
             upstreams: relay::Upstreams::default(),
             budgets: budget::Budgets::new(limits.budgets, metrics.relay_reserved_bytes.clone()),
+            sources: sources::Sources::new(limits.sources),
             limits,
             metrics,
             table,
@@ -279,6 +288,15 @@ impl Gateway {
                 }
             }
         }
+        // One source may start only so many handshakes (sources.rs).
+        let mut source = match self.sources.admit(peer.ip(), Instant::now()) {
+            Ok(p) => p,
+            Err(r) => {
+                debug!(%peer, "closing: too many handshakes from this source ({r:?})");
+                self.end_unauthenticated(r.metric_label(), &cancel);
+                return;
+            }
+        };
         // Anyone else sending a PROXY header is refused, not misrouted.
         let stream = stream::KillableStream::new(tcp, cancel.clone()).refuse_proxy_header(!trusted);
         let (auth_tx, auth_rx) = tokio::sync::oneshot::channel();
@@ -338,6 +356,7 @@ impl Gateway {
         };
         self.metrics.unauthenticated.dec();
         done.store(true, Ordering::Relaxed);
+        source.done();
         self.metrics
             .connections
             .with_label_values(&["authenticated"])

@@ -47,10 +47,71 @@ pub fn server_config(host_key: ssh_key::PrivateKey, limits: &Limits) -> russh::s
         nodelay: true,
         preferred: russh::Preferred {
             cipher: std::borrow::Cow::Borrowed(SERVER_CIPHERS),
+            kex: std::borrow::Cow::Owned(with_kex_extensions(&limits.kex)),
             ..Default::default()
         },
         ..Default::default()
     }
+}
+
+/// Key exchanges offered by default: elliptic-curve ones only. A
+/// finite-field Diffie-Hellman exchange costs the server 10x (group14) to
+/// 500x (group18) a curve25519 one, chosen by an unauthenticated peer
+/// (DHEat, CVE-2002-20001): measured through a debug gateway, a failed
+/// login took 0.09 s with curve25519, 0.31 s with group14, 2.4 s with
+/// group16 and 19.5 s with group18. Group exchange lets the client ask for
+/// up to 8192 bits and is never offered.
+pub const DEFAULT_KEX: &[russh::kex::Name] = &[
+    russh::kex::MLKEM768X25519_SHA256,
+    russh::kex::CURVE25519,
+    russh::kex::CURVE25519_PRE_RFC_8731,
+];
+
+/// What `--kex-algorithms` may name: the defaults, plus the two
+/// finite-field groups some old clients need.
+pub const ALLOWED_KEX: &[russh::kex::Name] = &[
+    russh::kex::MLKEM768X25519_SHA256,
+    russh::kex::CURVE25519,
+    russh::kex::CURVE25519_PRE_RFC_8731,
+    russh::kex::DH_G14_SHA256,
+    russh::kex::DH_G16_SHA512,
+];
+
+/// Parses `--kex-algorithms`: known names only, in the given order.
+pub fn parse_kex(names: &[String]) -> Result<Vec<russh::kex::Name>, String> {
+    names
+        .iter()
+        .map(|n| {
+            ALLOWED_KEX
+                .iter()
+                .find(|k| k.as_ref() == n.as_str())
+                .copied()
+                .ok_or_else(|| {
+                    let allowed: Vec<&str> = ALLOWED_KEX.iter().map(|k| k.as_ref()).collect();
+                    format!(
+                        "--kex-algorithms: {n:?} is not offered (allowed: {}); larger finite-field groups and group exchange cost too much to offer unauthenticated peers",
+                        allowed.join(", ")
+                    )
+                })
+        })
+        .collect()
+}
+
+/// The key exchanges plus russh's extension markers (ext-info, strict kex),
+/// which ride in the same list.
+fn with_kex_extensions(kex: &[russh::kex::Name]) -> Vec<russh::kex::Name> {
+    let mut v = if kex.is_empty() {
+        DEFAULT_KEX.to_vec()
+    } else {
+        kex.to_vec()
+    };
+    v.extend([
+        russh::kex::EXTENSION_SUPPORT_AS_CLIENT,
+        russh::kex::EXTENSION_SUPPORT_AS_SERVER,
+        russh::kex::EXTENSION_OPENSSH_STRICT_KEX_AS_CLIENT,
+        russh::kex::EXTENSION_OPENSSH_STRICT_KEX_AS_SERVER,
+    ]);
+    v
 }
 
 /// russh's defaults plus aes128-gcm, which OpenSSH clients are often
