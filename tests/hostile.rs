@@ -292,3 +292,98 @@ fn pre_auth_key_exchange_loops_do_not_lock_other_users_out() {
     );
     assert!(refused >= 1.0, "{}", st.metrics_text());
 }
+
+/// The audit line of `event` from the gateway's log that contains every
+/// `needle`.
+fn audit_line(st: &Stack, event: &str, needles: &[&str]) -> Option<String> {
+    st.proxy_log()
+        .lines()
+        .filter(|l| l.contains("keyway_audit") && l.contains(&format!("event=\"{event}\"")))
+        .find(|l| needles.iter().all(|n| l.contains(n)))
+        .map(str::to_string)
+}
+
+#[test]
+fn the_audit_trail_says_who_reached_which_vm_when() {
+    let st = Stack::start(
+        &["127.0.43.1"],
+        &[LeaseSpec::new("web", "alice")],
+        &[],
+    )
+    .unwrap();
+    let l = st.leases["web"].clone();
+    // A relayed command with an exit status and some output.
+    let o = run_with_timeout(
+        st.ssh(&["alice"], &[&l.ip, "head -c 5000 /dev/zero; exit 3"]),
+        Duration::from_secs(60),
+    );
+    assert_eq!(o.status.code(), Some(3), "{o:?}");
+    let key = std::process::Command::new("ssh-keygen")
+        .args(["-l", "-E", "sha256", "-f"])
+        .arg(st.key_path("alice").with_extension("pub"))
+        .output()
+        .unwrap();
+    let fp = String::from_utf8_lossy(&key.stdout)
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_string();
+    let found = keyway_e2e::wait_for(Duration::from_secs(10), "the audit lines", || {
+        let chan = audit_line(
+            &st,
+            "channel",
+            &[
+                "kind=\"session\"",
+                "lease=default/web",
+                "bytes_down=5000",
+                "exit=\"status 3\"",
+                "result=\"closed\"",
+            ],
+        )?;
+        let conn = audit_line(
+            &st,
+            "connection",
+            &[
+                "lease=default/web",
+                "tenant=alice",
+                &format!("key=\"{fp}\""),
+                &format!("dst={}:{}", l.ip, st.ssh_port),
+                "src=127.0.0.1:",
+                "mode=\"relay\"",
+                "channels=1",
+                "bytes_down=5000",
+                "result=\"closed\"",
+            ],
+        )?;
+        Some((chan, conn))
+    });
+    let (chan, conn) = found.unwrap_or_else(|e| panic!("{e}\n{}", st.proxy_log()));
+    eprintln!("{chan}\n{conn}");
+    // Same session id on both lines.
+    let session = |line: &str| {
+        line.split_whitespace()
+            .find(|w| w.starts_with("session="))
+            .map(str::to_string)
+    };
+    assert_eq!(session(&chan), session(&conn));
+
+    // A jump (ssh -J) is on the trail too, with its direct-tcpip channel.
+    let (host, port) = l.target.rsplit_once(':').unwrap();
+    let mut c = std::process::Command::new("ssh");
+    c.arg("-F")
+        .arg(st.ssh_config(&["alice"]))
+        .args(["-J", &st.jump("web"), "-p", port])
+        .arg(format!("root@{host}"))
+        .arg("true");
+    let o = run_with_timeout(c, Duration::from_secs(60));
+    assert!(o.status.success(), "{o:?}");
+    keyway_e2e::wait_for(Duration::from_secs(10), "the jump's audit lines", || {
+        audit_line(
+            &st,
+            "channel",
+            &["kind=\"direct-tcpip\"", "result=\"closed\""],
+        )?;
+        audit_line(&st, "connection", &["mode=\"jump\"", "lease=default/web"])
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", st.proxy_log()));
+}

@@ -263,11 +263,14 @@ async fn main() -> std::process::ExitCode {
     // libp2p's QUIC brings rustls' aws-lc-rs provider beside our ring one;
     // with two compiled in rustls picks neither by itself, so say which.
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // The audit trail (gateway/audit.rs) is on unless RUST_LOG says
+    // otherwise; colours only on a terminal, so log files stay parseable.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,keyway_audit=info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let result = match cli.command {

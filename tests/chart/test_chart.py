@@ -273,7 +273,19 @@ def test_load_balancer_mode_one_shared_service_per_pool_ip_and_the_edge():
         assert svc["spec"]["externalTrafficPolicy"] == "Local"
     assert proxy_ports["https"] == 8443
     limits = {k: v for k, v in flags(container(deploy, "proxy")).items() if k.startswith("--max-")}
-    assert limits == {"--max-unauthenticated": ["512"], "--max-connections": ["20000"], "--max-channels": ["32"]}
+    assert limits == {
+        "--max-unauthenticated": ["512"],
+        "--max-connections": ["20000"],
+        "--max-channels": ["32"],
+        "--max-channel-window-kib": ["4096"],
+        "--max-connections-per-user": ["100"],
+        "--max-channels-per-user": ["200"],
+        "--max-unauthenticated-per-source": ["64"],
+    }
+    budgets = flags(container(deploy, "proxy"))
+    assert budgets["--relay-buffer-budget-mib"] == ["1024"]
+    assert budgets["--user-relay-buffer-mib"] == ["128"]
+    assert budgets["--kex-algorithms"] == ["curve25519-sha256,diffie-hellman-group14-sha256"]
     # With the default ipField, the MetalLB annotation names the IP instead.
     objs = docs(kc.render({"proxy": {"poolIPs": ["203.0.113.7"], "loadBalancer": {"edge": {"enabled": False}}}}))
     svc = next(s for s in find(objs, "Service") if s["spec"].get("type") == "LoadBalancer")

@@ -18,7 +18,7 @@ use tracing::warn;
 
 use super::flow::{Out, Pipe};
 use super::relay::{fill, give_back};
-use super::{Gateway, backend, budget};
+use super::{Gateway, audit, backend, budget};
 use crate::routes::Destination;
 
 /// Buffer of the target-to-client direction.
@@ -32,6 +32,7 @@ pub async fn forward(
     reply: ChannelOpenHandle,
     cancel: CancellationToken,
     budget: budget::Channel,
+    session: Arc<audit::Session>,
 ) {
     let dial = backend::dial(&gw, &dest.target);
     let upstream = tokio::select! {
@@ -49,6 +50,8 @@ pub async fn forward(
                 .with_label_values(&["target"])
                 .inc();
             reply.reject(ChannelOpenFailure::ConnectFailed).await;
+            audit::Channel::new(&session, &dest.label, "direct-tcpip")
+                .ended(&format!("refused: target unreachable: {e}"));
             return;
         }
     };
@@ -58,11 +61,13 @@ pub async fn forward(
         .channels_active
         .with_label_values(&["direct-tcpip"]);
     gauge.inc();
+    let audit = audit::Channel::new(&session, &dest.label, "direct-tcpip");
     tokio::select! {
-        () = carry(&gw, channel, upstream, budget) => {}
+        () = carry(&gw, channel, upstream, budget, &audit) => {}
         () = cancel.cancelled() => {}
     }
     gauge.dec();
+    audit.ended("closed");
 }
 
 /// Moves bytes both ways until the client closes the channel, or the
@@ -72,6 +77,7 @@ async fn carry(
     channel: Channel<Msg>,
     upstream: Box<dyn backend::Io>,
     budget: budget::Channel,
+    audit: &audit::Channel<'_>,
 ) {
     let up_bytes = gw.metrics.bytes.with_label_values(&["upstream"]);
     let down_bytes = gw.metrics.bytes.with_label_values(&["downstream"]);
@@ -91,6 +97,7 @@ async fn carry(
                             return;
                         }
                         up_bytes.inc_by(n as u64);
+                        audit.moved_up(n);
                     }
                     give_back(&pipe, n, &write, &budget).await;
                 }
@@ -117,6 +124,7 @@ async fn carry(
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
                     down_bytes.inc_by(n as u64);
+                    audit.moved_down(n);
                     if write
                         .data_bytes(Bytes::copy_from_slice(&buf[..n]))
                         .await

@@ -8,6 +8,7 @@
 //! connection, and cancelling it (auth deadline, settlement, drain) closes
 //! the socket for certain (see [`stream`]).
 
+pub mod audit;
 pub mod backend;
 pub mod budget;
 pub mod connect;
@@ -33,7 +34,7 @@ use tracing::{debug, info, warn};
 
 use crate::keys::RelayIssuer;
 use crate::metrics::Metrics;
-use crate::routes::{Destination, RouteTable, Via};
+use crate::routes::{Destination, RouteTable};
 
 /// Caps and deadlines; every one has a flag.
 #[derive(Clone, Debug)]
@@ -300,13 +301,12 @@ impl Gateway {
         // Anyone else sending a PROXY header is refused, not misrouted.
         let stream = stream::KillableStream::new(tcp, cancel.clone()).refuse_proxy_header(!trusted);
         let (auth_tx, auth_rx) = tokio::sync::oneshot::channel();
-        let handler = ssh::Conn::new(
-            self.clone(),
+        let session = Arc::new(audit::Session::new(
+            self.next_id.fetch_add(1, Ordering::Relaxed),
             peer,
-            crate::routes::canonical(local.ip()),
-            auth_tx,
-            cancel.clone(),
-        );
+            local,
+        ));
+        let handler = ssh::Conn::new(self.clone(), session.clone(), auth_tx, cancel.clone());
         let running = tokio::time::timeout_at(
             deadline,
             russh::server::run_stream(self.ssh_config.clone(), stream, handler),
@@ -364,10 +364,7 @@ impl Gateway {
         self.metrics
             .handshake_seconds
             .observe(started.elapsed().as_secs_f64());
-        let mode = match auth.dest.via {
-            Via::LeaseHash => "jump",
-            Via::PooledIp | Via::Route => "relay",
-        };
+        let mode = audit::mode(auth.dest.via);
         info!(%peer, dst = %local, user = %auth.user, to = %auth.dest.label, mode, "authenticated");
         // The tenant's connection cap; the client is told why.
         let _slot = match self.budgets.connection(&auth.dest.tenant) {
@@ -375,6 +372,7 @@ impl Gateway {
             Err(r) => {
                 self.refused(&r);
                 info!(%peer, to = %auth.dest.label, "connection refused: {r}");
+                session.ended(&auth, &format!("refused: {r}"));
                 let _ = tokio::time::timeout(
                     Duration::from_millis(300),
                     handle.disconnect(
@@ -391,7 +389,8 @@ impl Gateway {
         };
         let gauge = self.metrics.sessions_active.with_label_values(&[mode]);
         gauge.inc();
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = session.id;
+        let audit_auth = auth.clone();
         let still_routed = self
             .table()
             .decide(&auth.user, auth.dst, auth.fingerprint.as_deref())
@@ -409,8 +408,9 @@ impl Gateway {
             self.settle(id);
         }
         let _ = (&mut running).await;
-        self.lock_live().remove(&id);
+        let settled = self.lock_live().remove(&id).is_none();
         gauge.dec();
+        session.ended(&audit_auth, if settled { "settled" } else { "closed" });
         // Ends every channel task of this connection.
         cancel.cancel();
         debug!(%peer, "connection closed");

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::flow::{Out, Pipe};
-use super::{Gateway, backend, budget};
+use super::{Gateway, audit, backend, budget};
 use crate::routes::{DestKey, Destination};
 
 /// The upstream client's handler: the VM's host key is not pinned (the
@@ -294,6 +294,7 @@ async fn bridge(
     down_handle: russh::server::Handle,
     session: bool,
     budget: &std::sync::Mutex<budget::Channel>,
+    audit: &audit::Channel<'_>,
 ) {
     let id = down.id();
     let (down_r, down_w) = down.split();
@@ -312,6 +313,7 @@ async fn bridge(
                 Out::Data { ext, data } => {
                     let n = data.len();
                     to_vm_bytes.inc_by(n as u64);
+                    audit.moved_up(n);
                     let r = match ext {
                         None => up_w.data_bytes(data).await,
                         Some(ext) => up_w.extended_data_bytes(ext, data).await,
@@ -391,6 +393,7 @@ async fn bridge(
                 Out::Data { ext, data } => {
                     let n = data.len();
                     to_client_bytes.inc_by(n as u64);
+                    audit.moved_down(n);
                     let r = match ext {
                         None => down_w.data_bytes(data).await,
                         Some(ext) => down_w.extended_data_bytes(ext, data).await,
@@ -421,16 +424,22 @@ async fn bridge(
                     Ok(())
                 }
                 ChannelMsg::Eof => down_w.eof().await,
-                ChannelMsg::ExitStatus { exit_status } => down_w.exit_status(exit_status).await,
+                ChannelMsg::ExitStatus { exit_status } => {
+                    audit.exit(format!("status {exit_status}"));
+                    down_w.exit_status(exit_status).await
+                }
                 ChannelMsg::ExitSignal {
                     signal_name,
                     core_dumped,
                     error_message,
                     lang_tag,
-                } => down_handle
-                    .exit_signal_request(id, signal_name, core_dumped, error_message, lang_tag)
-                    .await
-                    .map_err(|()| russh::Error::SendError),
+                } => {
+                    audit.exit(format!("signal {signal_name:?}"));
+                    down_handle
+                        .exit_signal_request(id, signal_name, core_dumped, error_message, lang_tag)
+                        .await
+                        .map_err(|()| russh::Error::SendError)
+                }
                 ChannelMsg::Failure => {
                     // The VM refused a shell, exec or subsystem the gateway
                     // already accepted (see ssh.rs): say so and end it.
@@ -466,6 +475,8 @@ async fn bridge(
 
 /// The client's side of a channel being opened.
 pub struct Down {
+    /// The connection it belongs to (for the audit line).
+    pub session: Arc<audit::Session>,
     pub channel: Channel<Msg>,
     pub reply: ChannelOpenHandle,
     /// The client connection's handle (exit signals go through it).
@@ -498,6 +509,7 @@ pub async fn channel(
     budget: budget::Channel,
 ) {
     let Down {
+        session: conn,
         channel: down,
         reply,
         handle: down_handle,
@@ -539,19 +551,22 @@ pub async fn channel(
                 warn!(to = %dest.label, kind, "relayed channel refused: {e:#}");
                 gw.metrics.channels_refused.with_label_values(&["target"]).inc();
                 reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                audit::Channel::new(&conn, &dest.label, kind).ended(&format!("refused: {e:#}"));
                 return;
             }
         },
         () = cancel.cancelled() => return,
     };
+    let audit = audit::Channel::new(&conn, &dest.label, kind);
     reply.accept().await;
     let gauge = gw.metrics.channels_active.with_label_values(&[kind]);
     gauge.inc();
     let budget = std::sync::Mutex::new(budget);
     tokio::select! {
-        () = bridge(&gw, down, chan, down_handle, matches!(open, Open::Session), &budget) => {}
+        () = bridge(&gw, down, chan, down_handle, matches!(open, Open::Session), &budget, &audit) => {}
         () = cancel.cancelled() => {}
     }
+    audit.ended("closed");
     gauge.dec();
     drop(up);
 }

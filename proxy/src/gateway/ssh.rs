@@ -16,7 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use super::{AuthInfo, Gateway, Limits, budget, direct, relay};
+use super::{AuthInfo, Gateway, Limits, audit, budget, direct, relay};
 use crate::keys::fingerprint;
 use crate::routes::{Destination, Via};
 
@@ -128,6 +128,7 @@ const SERVER_CIPHERS: &[russh::cipher::Name] = &[
 /// One client connection's handler.
 pub struct Conn {
     gw: Arc<Gateway>,
+    session: Arc<audit::Session>,
     peer: SocketAddr,
     dst: IpAddr,
     auth_tx: Option<oneshot::Sender<AuthInfo>>,
@@ -141,16 +142,16 @@ pub struct Conn {
 impl Conn {
     pub fn new(
         gw: Arc<Gateway>,
-        peer: SocketAddr,
-        dst: IpAddr,
+        session: Arc<audit::Session>,
         auth_tx: oneshot::Sender<AuthInfo>,
         cancel: CancellationToken,
     ) -> Self {
         let channels = Arc::new(Semaphore::new(gw.limits.max_channels.max(1)));
         Conn {
             gw,
-            peer,
-            dst,
+            peer: session.src,
+            dst: crate::routes::canonical(session.dst.ip()),
+            session,
             auth_tx: Some(auth_tx),
             cancel,
             authed: None,
@@ -160,9 +161,11 @@ impl Conn {
 
     /// A permit for one more channel, or `None` (counted and logged) when
     /// this connection already holds `max_channels`.
-    fn channel_permit(&self) -> Option<OwnedSemaphorePermit> {
+    fn channel_permit(&self, dest: &Destination, kind: &str) -> Option<OwnedSemaphorePermit> {
         let permit = self.channels.clone().try_acquire_owned().ok();
         if permit.is_none() {
+            audit::Channel::new(&self.session, &dest.label, kind)
+                .ended("refused: too many channels on this connection");
             self.gw
                 .metrics
                 .channels_refused
@@ -175,9 +178,15 @@ impl Conn {
 
     /// Reserves a new channel's windows from the budgets; a refusal is
     /// counted and logged, and its text is what the client is told.
-    fn reserve(&self, dest: &Destination, bytes: u64) -> Result<budget::Channel, String> {
+    fn reserve(
+        &self,
+        dest: &Destination,
+        kind: &str,
+        bytes: u64,
+    ) -> Result<budget::Channel, String> {
         self.gw.budgets.channel(&dest.tenant, bytes).map_err(|r| {
             self.gw.refused(&r);
+            audit::Channel::new(&self.session, &dest.label, kind).ended(&format!("refused: {r}"));
             debug!(peer = %self.peer, to = %dest.label, "channel refused: {r}");
             r.to_string()
         })
@@ -301,7 +310,7 @@ impl russh::server::Handler for Conn {
         let Some(dest) = self.dest() else {
             return Ok(()); // dropping `reply` refuses the channel
         };
-        let Some(permit) = self.channel_permit() else {
+        let Some(permit) = self.channel_permit(&dest, "session") else {
             reply.reject(ChannelOpenFailure::ResourceShortage).await;
             return Ok(());
         };
@@ -311,7 +320,11 @@ impl russh::server::Handler for Conn {
             .map(|a| a.user.clone())
             .unwrap_or_default();
         debug!(peer = %self.peer, %user, to = %dest.label, "session channel");
-        let budget = match self.reserve(&dest, 2 * u64::from(self.gw.limits.window.initial)) {
+        let budget = match self.reserve(
+            &dest,
+            "session",
+            2 * u64::from(self.gw.limits.window.initial),
+        ) {
             Ok(b) => b,
             Err(why) => {
                 spawn_channel(permit, relay::refuse_session(channel, reply, why));
@@ -325,6 +338,7 @@ impl russh::server::Handler for Conn {
                 dest,
                 relay::Open::Session,
                 relay::Down {
+                    session: self.session.clone(),
                     channel,
                     reply,
                     handle: session.handle(),
@@ -349,7 +363,7 @@ impl russh::server::Handler for Conn {
         let Some(dest) = self.dest() else {
             return Ok(());
         };
-        let Some(permit) = self.channel_permit() else {
+        let Some(permit) = self.channel_permit(&dest, "direct-tcpip") else {
             reply.reject(ChannelOpenFailure::ResourceShortage).await;
             return Ok(());
         };
@@ -358,7 +372,7 @@ impl russh::server::Handler for Conn {
             Via::LeaseHash => u64::from(self.gw.limits.window.initial) + direct::COPY_BUF as u64,
             Via::PooledIp | Via::Route => 2 * u64::from(self.gw.limits.window.initial),
         };
-        let Ok(budget) = self.reserve(&dest, bytes) else {
+        let Ok(budget) = self.reserve(&dest, "direct-tcpip", bytes) else {
             reply.reject(ChannelOpenFailure::ResourceShortage).await;
             return Ok(());
         };
@@ -375,6 +389,7 @@ impl russh::server::Handler for Conn {
                         reply,
                         self.cancel.clone(),
                         budget,
+                        self.session.clone(),
                     ),
                 );
             }
@@ -393,6 +408,7 @@ impl russh::server::Handler for Conn {
                             originator_port,
                         },
                         relay::Down {
+                            session: self.session.clone(),
                             channel,
                             reply,
                             handle: session.handle(),
