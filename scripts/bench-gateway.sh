@@ -80,7 +80,8 @@ pids+=($!)
     --forward "$VM_IP:$VMPORT" --metrics-listen "127.0.0.1:$AMPORT" --cache "$W/agent-snapshot.pb" >"$W/agent.log" 2>&1 &
 pids+=($!)
 "$BIN/keyway-proxy" run --local "$W/local" --ssh-listen "$POOL_IP:$GPORT" --metrics-listen "127.0.0.1:$MPORT" \
-    --max-connections 20000 --max-unauthenticated 2048 >"$W/proxy.log" 2>&1 &
+    --max-connections 20000 --max-unauthenticated 2048 --max-connections-per-user 20000 \
+    --handshake-burst-per-source 100000 --max-unauthenticated-per-source 100000 >"$W/proxy.log" 2>&1 &
 proxy_pid=$!
 pids+=($proxy_pid)
 wait_tcp "$VM_IP" "$VMPORT"; wait_tcp "$JUMP_IP" "$JPORT"; wait_tcp "$POOL_IP" "$GPORT"

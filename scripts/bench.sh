@@ -44,6 +44,13 @@ echo "\`KEYWAY_BIN_DIR=target/release cargo bench -p keyway-e2e --bench tunnel\`
 echo >>"$out"
 KEYWAY_BIN_DIR="$PWD/target/release" KEYWAY_BENCH_OUT="$out" cargo bench --locked -p keyway-e2e --bench tunnel
 echo >>"$out"
+# Another tenant's logins while one attack runs (issue 13).
+echo "## Under attack" >>"$out"
+echo >>"$out"
+echo "\`KEYWAY_BIN_DIR=target/release cargo bench -p keyway-e2e --bench attack\`" >>"$out"
+echo >>"$out"
+KEYWAY_BIN_DIR="$PWD/target/release" KEYWAY_BENCH_OUT="$out" cargo bench --locked -p keyway-e2e --bench attack
+echo >>"$out"
 # Cluster mode through the API double, with the release operator binary.
 echo "## Cluster mode (API double)" >>"$out"
 echo >>"$out"

@@ -12,28 +12,6 @@ use std::time::{Duration, Instant};
 
 use keyway_e2e::stack::*;
 
-/// The gateway's resident set, in KiB.
-fn rss_kib(st: &Stack) -> u64 {
-    let pid = st.proxy.as_ref().and_then(|p| p.pid()).unwrap();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap()
-}
-
-/// `ssh <ip> 'cat /dev/zero'` whose stdout nobody reads: the client stops
-/// reading its channel once the pipe and its own window are full.
-fn stalled_reader(st: &Stack, key: &str, ip: &str) -> Child {
-    st.ssh(&[key], &[ip, "cat /dev/zero"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
 /// Runs `echo ok` as `key` on `ip`; returns how long it took.
 fn login(st: &Stack, key: &str, ip: &str, who: &str) -> Duration {
     let started = Instant::now();
@@ -46,25 +24,6 @@ fn login(st: &Stack, key: &str, ip: &str, who: &str) -> Duration {
     );
     eprintln!("{who}: logged in and ran a command in {took:?}");
     took
-}
-
-/// Waits until the stall is complete: the gateway moves no more bytes to
-/// the stalled clients and its footprint stopped growing (it holds what it
-/// will hold). Returns the bytes moved.
-fn wait_for_stall(st: &Stack) -> f64 {
-    let mut last = (-1.0, 0u64);
-    for _ in 0..200 {
-        std::thread::sleep(Duration::from_millis(1000));
-        let now = (
-            st.metric("keyway_ssh_bytes_total", &["downstream"]),
-            rss_kib(st),
-        );
-        if now.0 == last.0 && now.0 > 0.0 && now.1.abs_diff(last.1) < 1024 {
-            return now.0;
-        }
-        last = now;
-    }
-    panic!("the stalled channels never stopped moving data");
 }
 
 #[test]
@@ -92,12 +51,12 @@ fn a_reader_that_stalls_freezes_only_its_own_channels() {
     let other_ip = st.leases["other"].ip.clone();
     // Warm the shared upstream login, then note the resting footprint.
     login(&st, "alice", &ip, "alice before the stall");
-    let rss_before = rss_kib(&st);
+    let rss_before = st.proxy_rss_kib();
 
     // carol, one of the lease's two key holders, stalls 8 channels.
-    let mut stalled: Vec<Child> = (0..8).map(|_| stalled_reader(&st, "carol", &ip)).collect();
-    let moved = wait_for_stall(&st);
-    let rss_stalled = rss_kib(&st);
+    let mut stalled: Vec<Child> = (0..8).map(|_| st.stalled_reader("carol", &ip)).collect();
+    let moved = st.wait_for_stall();
+    let rss_stalled = st.proxy_rss_kib();
     eprintln!(
         "8 stalled channels: {moved} bytes moved, then none; gateway RSS {rss_before} KiB -> {rss_stalled} KiB, window reserved {} bytes, held {} bytes",
         st.metric("keyway_relay_window_reserved_bytes", &[]),
@@ -125,7 +84,7 @@ fn a_reader_that_stalls_freezes_only_its_own_channels() {
     );
 
     // Over the per-user channel cap: a clear message, not a hang.
-    stalled.extend((0..4).map(|_| stalled_reader(&st, "carol", &ip)));
+    stalled.extend((0..4).map(|_| st.stalled_reader("carol", &ip)));
     keyway_e2e::wait_for(Duration::from_secs(30), "12 open channels", || {
         (st.metric("keyway_ssh_channels_active", &["session"]) >= per_user_channels as f64)
             .then_some(())
@@ -156,7 +115,7 @@ fn a_reader_that_stalls_freezes_only_its_own_channels() {
             .then_some(())
     })
     .unwrap();
-    eprintln!("after the stall: gateway RSS {} KiB", rss_kib(&st));
+    eprintln!("after the stall: gateway RSS {} KiB", st.proxy_rss_kib());
     st.proxy.as_mut().unwrap().stop(Duration::from_secs(5));
 }
 
@@ -305,12 +264,7 @@ fn audit_line(st: &Stack, event: &str, needles: &[&str]) -> Option<String> {
 
 #[test]
 fn the_audit_trail_says_who_reached_which_vm_when() {
-    let st = Stack::start(
-        &["127.0.43.1"],
-        &[LeaseSpec::new("web", "alice")],
-        &[],
-    )
-    .unwrap();
+    let st = Stack::start(&["127.0.43.1"], &[LeaseSpec::new("web", "alice")], &[]).unwrap();
     let l = st.leases["web"].clone();
     // A relayed command with an exit status and some output.
     let o = run_with_timeout(

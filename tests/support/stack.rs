@@ -324,6 +324,49 @@ impl Stack {
             .unwrap_or_default()
     }
 
+    /// The gateway's resident set, in KiB.
+    pub fn proxy_rss_kib(&self) -> u64 {
+        let pid = self.proxy.as_ref().and_then(|p| p.pid()).unwrap_or(0);
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// `ssh <ip> 'cat /dev/zero'` as `key`, whose stdout nobody reads: the
+    /// client stops reading its channel once the pipe and its own window
+    /// are full (a paused pager, a suspended ssh).
+    pub fn stalled_reader(&self, key: &str, ip: &str) -> std::process::Child {
+        use std::process::Stdio;
+        self.ssh(&[key], &[ip, "cat /dev/zero"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
+    /// Waits until stalled readers are fully stalled: no more bytes reach
+    /// the clients and the gateway's footprint stopped growing. Returns the
+    /// bytes moved to clients so far.
+    pub fn wait_for_stall(&self) -> f64 {
+        let mut last = (-1.0, 0u64);
+        for _ in 0..200 {
+            std::thread::sleep(Duration::from_millis(1000));
+            let now = (
+                self.metric("keyway_ssh_bytes_total", &["downstream"]),
+                self.proxy_rss_kib(),
+            );
+            if now.0 == last.0 && now.0 > 0.0 && now.1.abs_diff(last.1) < 1024 {
+                return now.0;
+            }
+            last = now;
+        }
+        panic!("the stalled channels never stopped moving data");
+    }
+
     /// Sum of a metric's samples whose line contains every `needle`.
     pub fn metric(&self, name: &str, needles: &[&str]) -> f64 {
         metric_sum(&self.metrics_text(), name, needles)
