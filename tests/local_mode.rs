@@ -475,3 +475,235 @@ fn a_broken_edit_keeps_the_last_good_objects() {
     assert!(msg.contains("spec.accessPublicKeys[0]"), "{msg}");
     assert_eq!(all_ready(&dir, 1), Some(before));
 }
+
+fn lease_row(dir: &Path, name: &str) -> Option<serde_json::Value> {
+    status_json(dir)
+        .ok()?
+        .into_iter()
+        .find(|l| l["name"] == name)
+}
+
+fn problem_with(dir: &Path, file: &str, needle: &str) -> Option<String> {
+    state_json(dir)["problems"]
+        .as_array()?
+        .iter()
+        .filter(|p| p["file"] == file)
+        .filter_map(|p| p["message"].as_str())
+        .find(|m| m.contains(needle))
+        .map(str::to_string)
+}
+
+/// Events the operator recorded about one object, as `reason` strings.
+fn event_reasons(dir: &Path, object: &str) -> Vec<String> {
+    state_json(dir)["events"]
+        .as_array()
+        .map(|evs| {
+            evs.iter()
+                .filter(|e| e["object"] == object)
+                .filter_map(|e| e["reason"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn truncate_then_write_keeps_the_lease() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("local");
+    std::fs::create_dir(&dir).unwrap();
+    let key = new_public_key(tmp.path(), "k");
+    write_file(
+        &dir.join("pool.yaml"),
+        &pool_yaml("p", &["127.0.10.1-127.0.10.2"]),
+    );
+    let good = lease_yaml("vm", "alice", "p", &key, "127.0.0.1:22", false);
+    let file = dir.join("vm.yaml");
+    write_file(&file, &good);
+    let _op = Operator::start(&dir).unwrap();
+    let before = wait_for(WAIT, "vm Ready", || {
+        lease_row(&dir, "vm").filter(|r| r["phase"] == "Ready")
+    })
+    .unwrap();
+    let hash = before["leaseHash"].as_str().unwrap().to_string();
+    let uid = state_json(&dir)["leases"]["default/vm"]["uid"].clone();
+    let events_before = event_reasons(&dir, "VMLease default/vm");
+
+    // `: > vm.yaml`, then the content half a second later, in place.
+    let start = std::time::Instant::now();
+    std::fs::write(&file, "").unwrap();
+    let seen = wait_for(WAIT, "the emptied file reported", || {
+        problem_with(&dir, "vm.yaml", "keeps its last good version")
+    })
+    .unwrap();
+    eprintln!("empty vm.yaml reported after {:?}: {seen}", start.elapsed());
+    std::thread::sleep(Duration::from_millis(500).saturating_sub(start.elapsed()));
+    std::fs::write(&file, &good).unwrap();
+    wait_for(WAIT, "the problem cleared", || {
+        problem_with(&dir, "vm.yaml", "keeps its last good version")
+            .is_none()
+            .then_some(())
+    })
+    .unwrap();
+    eprintln!("content back after {:?}", start.elapsed());
+
+    // Ordinary in-place saves (open with truncate, write) many times over.
+    for _ in 0..100 {
+        std::fs::write(&file, &good).unwrap();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let after = wait_for(WAIT, "vm Ready after the saves", || {
+        lease_row(&dir, "vm").filter(|r| r["phase"] == "Ready")
+    })
+    .unwrap();
+    assert_eq!(
+        after["leaseHash"],
+        hash.as_str(),
+        "the lease was re-created"
+    );
+    assert_eq!(state_json(&dir)["leases"]["default/vm"]["uid"], uid);
+    assert_eq!(after["ip"], before["ip"]);
+    assert_eq!(
+        event_reasons(&dir, "VMLease default/vm"),
+        events_before,
+        "the lease was released or allocated again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deeply_nested_file_is_refused_and_holds_nothing_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("local");
+    std::fs::create_dir(&dir).unwrap();
+    let key = new_public_key(tmp.path(), "k");
+    write_file(
+        &dir.join("pool.yaml"),
+        &pool_yaml("p", &["127.0.10.1-127.0.10.2"]),
+    );
+    write_file(
+        &dir.join("vm.yaml"),
+        &lease_yaml("vm", "alice", "p", &key, "127.0.0.1:22", false),
+    );
+    write_file(
+        &dir.join("other.yaml"),
+        &lease_yaml("other", "bob", "p", &key, "127.0.0.1:22", false),
+    );
+    let op = Operator::start(&dir).unwrap();
+    let (sub, task) = subscriber(&op, &op.token());
+    snapshot_where(&sub, "both leases", |s| lease_names(s) == ["other", "vm"]).await;
+
+    // 400 KB that held the old scan loop for minutes, a large flat file that
+    // is slow to parse but legal to read, then an edit elsewhere.
+    let n = 200_000;
+    let start = std::time::Instant::now();
+    write_file(
+        &dir.join("nested.yaml"),
+        &format!("a: {}{}", "[".repeat(n), "]".repeat(n)),
+    );
+    write_file(
+        &dir.join("big.yaml"),
+        &format!("a:\n{}", "- 1\n".repeat(1_000_000)),
+    );
+    write_file(
+        &dir.join("vm.yaml"),
+        &lease_yaml("vm", "alice", "p", &key, "127.0.0.1:22", true),
+    );
+    snapshot_where(&sub, "vm withdrawn", |s| lease_names(s) == ["other"]).await;
+    let withdrawn = start.elapsed();
+    wait_for(WAIT, "vm Settled", || {
+        lease_row(&dir, "vm").filter(|r| r["phase"] == "Settled")
+    })
+    .unwrap();
+    let settled = start.elapsed();
+    let problem = wait_for(WAIT, "nested.yaml refused", || {
+        problem_with(&dir, "nested.yaml", "nesting deeper than 64 levels")
+    })
+    .unwrap();
+    let refused = start.elapsed();
+    wait_for(WAIT, "big.yaml parsed", || {
+        problem_with(&dir, "big.yaml", "missing kind")
+    })
+    .unwrap();
+    let big = start.elapsed();
+    eprintln!(
+        "nested.yaml ({} bytes) refused after {refused:?}: {problem}\n\
+         settled edit in vm.yaml: out of the snapshot after {withdrawn:?}, phase Settled after {settled:?}\n\
+         big.yaml (4 MB, parsed on its own thread) done after {big:?}",
+        2 * n + 3
+    );
+    // The rest keeps working.
+    assert_eq!(lease_row(&dir, "other").unwrap()["phase"], "Ready");
+    task.abort();
+}
+
+/// Waits on the subscription itself (no polling), so the caller acts the
+/// moment the snapshot arrives.
+async fn next_snapshot_where(
+    sub: &Subscription,
+    what: &str,
+    f: impl Fn(&pb::Snapshot) -> bool,
+) -> Arc<pb::Snapshot> {
+    let mut rx = sub.snapshot.clone();
+    let wait = async {
+        loop {
+            if let Some(s) = rx.borrow_and_update().clone().filter(|s| f(s)) {
+                return s;
+            }
+            if rx.changed().await.is_err() {
+                panic!("subscription ended waiting for {what}");
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, wait)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {WAIT:?} waiting for {what}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_right_after_publishing_keeps_what_was_published() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("local");
+    std::fs::create_dir(&dir).unwrap();
+    let key = new_public_key(tmp.path(), "k");
+    write_file(
+        &dir.join("pool.yaml"),
+        &pool_yaml("p", &["127.0.10.1-127.0.10.8"]),
+    );
+    let mut lost = Vec::new();
+    for i in 0..5 {
+        let mut op = Operator::start(&dir).unwrap();
+        let (sub, task) = subscriber(&op, &op.token());
+        next_snapshot_where(&sub, "the first snapshot", |s| s.leases.len() == i).await;
+        let name = format!("crash-{i}");
+        write_file(
+            &dir.join(format!("{name}.yaml")),
+            &lease_yaml(&name, &format!("user{i}"), "p", &key, "127.0.0.1:22", false),
+        );
+        let snap = next_snapshot_where(&sub, "the new lease", |s| {
+            s.leases.iter().any(|l| l.name == name)
+        })
+        .await;
+        // kill -9 the moment a subscriber holds it.
+        op.proc.kill();
+        task.abort();
+        let published = snap.leases.iter().find(|l| l.name == name).unwrap();
+        let published = (hex::encode(&published.lease_hash), published.ip.clone());
+
+        let _op = Operator::start(&dir).unwrap();
+        let row = wait_for(WAIT, "the lease after the restart", || {
+            lease_row(&dir, &name).filter(|r| r["phase"] == "Ready")
+        })
+        .unwrap();
+        let restored = (
+            row["leaseHash"].as_str().unwrap_or_default().to_string(),
+            row["ip"].as_str().unwrap_or_default().to_string(),
+        );
+        eprintln!("try {i}: published {published:?}, after restart {restored:?}");
+        if restored != published {
+            lost.push(i);
+        }
+    }
+    assert!(
+        lost.is_empty(),
+        "tries {lost:?} of 5 lost the published lease in the crash"
+    );
+}

@@ -42,6 +42,12 @@ enum Command {
         /// Lifetime of the relay certificates proxies mint, in seconds.
         #[arg(long, default_value_t = 300, value_name = "SECS")]
         relay_cert_validity_secs: u32,
+        /// Local mode: seconds a file must stay as it is before the objects it
+        /// lost (it became empty, lost documents, or was removed) are deleted,
+        /// so an editor's truncate-then-write or replace-the-file save keeps
+        /// them. 0 deletes at once.
+        #[arg(long, default_value_t = 2.0, value_name = "SECS")]
+        edit_grace: f64,
         #[command(flatten)]
         cluster: Box<ClusterArgs>,
     },
@@ -190,21 +196,26 @@ async fn main() -> std::process::ExitCode {
             public_ssh_port,
             rescan_secs,
             relay_cert_validity_secs,
+            edit_grace,
             cluster,
         } => {
             init_tracing();
             match local {
-                Some(dir) => {
-                    keyway_operator::local::run(keyway_operator::local::LocalOptions {
-                        dir,
-                        grpc_listen: grpc_listen
-                            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7070))),
-                        public_ssh_port: public_ssh_port.unwrap_or(2222),
-                        rescan: Duration::from_secs(rescan_secs.max(1)),
-                        relay_cert_validity_secs,
-                    })
-                    .await
-                }
+                Some(dir) => match secs("edit-grace", edit_grace) {
+                    Ok(edit_grace) => {
+                        keyway_operator::local::run(keyway_operator::local::LocalOptions {
+                            dir,
+                            grpc_listen: grpc_listen
+                                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7070))),
+                            public_ssh_port: public_ssh_port.unwrap_or(2222),
+                            rescan: Duration::from_secs(rescan_secs.max(1)),
+                            relay_cert_validity_secs,
+                            edit_grace,
+                        })
+                        .await
+                    }
+                    Err(e) => Err(e),
+                },
                 None => match cluster_options(
                     *cluster,
                     grpc_listen,

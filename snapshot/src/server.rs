@@ -77,6 +77,39 @@ impl Published {
     }
 }
 
+/// A snapshot [`Publisher::prepare`] checked, versioned and encoded, not
+/// served yet.
+pub struct Prepared {
+    /// The version current when it was prepared.
+    base: Option<pb::Version>,
+    /// The version it is served as.
+    version: pb::Version,
+    /// `None`: same content as the current snapshot; nothing to serve.
+    next: Option<Arc<Published>>,
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("version", &self.version)
+            .field("changed", &self.next.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Prepared {
+    /// The version it is served as (the current one when nothing changed).
+    pub fn version(&self) -> pb::Version {
+        self.version
+    }
+
+    /// The snapshot as it will be served (version set), or `None` when it
+    /// equals the current one.
+    pub fn snapshot(&self) -> Option<&Arc<pb::Snapshot>> {
+        self.next.as_ref().map(|p| &p.snapshot)
+    }
+}
+
 /// A subscriber as the operator sees it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SubscriberStatus {
@@ -191,14 +224,37 @@ impl Publisher {
     /// and returns every problem found.
     ///
     /// Encodes the snapshot on the calling thread (tens of ms for 100,000
-    /// leases).
-    pub fn publish(&self, mut snapshot: pb::Snapshot) -> Result<pb::Version, PublishError> {
+    /// leases). [`Publisher::prepare`] and [`Publisher::commit`] are the same
+    /// in two steps, for a writer that must persist what it publishes first.
+    pub fn publish(&self, snapshot: pb::Snapshot) -> Result<pb::Version, PublishError> {
+        let _publishing = lock(&self.inner.publishing);
+        let prepared = self.prepare_locked(snapshot)?;
+        self.commit_locked(prepared)
+    }
+
+    /// Checks, versions and encodes a snapshot as [`Publisher::publish`]
+    /// would, without serving it: nobody sees it before
+    /// [`Publisher::commit`].
+    pub fn prepare(&self, snapshot: pb::Snapshot) -> Result<Prepared, PublishError> {
+        let _publishing = lock(&self.inner.publishing);
+        self.prepare_locked(snapshot)
+    }
+
+    /// Serves a prepared snapshot. Fails, serving nothing, when another
+    /// snapshot was published since it was prepared (its version would be
+    /// taken twice).
+    pub fn commit(&self, prepared: Prepared) -> Result<pb::Version, PublishError> {
+        let _publishing = lock(&self.inner.publishing);
+        self.commit_locked(prepared)
+    }
+
+    fn prepare_locked(&self, mut snapshot: pb::Snapshot) -> Result<Prepared, PublishError> {
         if let Err(errors) = check::check(&snapshot) {
             self.inner.refused.fetch_add(1, Ordering::Relaxed);
             return Err(PublishError(errors));
         }
-        let _publishing = lock(&self.inner.publishing);
         let current = self.inner.tx.borrow().clone();
+        let base = current.as_ref().map(|c| c.version);
         let next = pb::Version::new(
             self.inner.epoch,
             current.as_ref().map_or(1, |c| c.version.version + 1),
@@ -226,18 +282,37 @@ impl Publisher {
         if let Some(cur) = &current
             && field.get(content.clone()) == Some(cur.content())
         {
-            return Ok(cur.version);
+            return Ok(Prepared {
+                base,
+                version: cur.version,
+                next: None,
+            });
         }
         field.extend_from_slice(&tail);
         snapshot.version = Some(next);
         snapshot.generated_unix_ms = generated_unix_ms;
-        self.inner.tx.send_replace(Some(Arc::new(Published {
-            snapshot: Arc::new(snapshot),
+        Ok(Prepared {
+            base,
             version: next,
-            field,
-            content,
-        })));
-        Ok(next)
+            next: Some(Arc::new(Published {
+                snapshot: Arc::new(snapshot),
+                version: next,
+                field,
+                content,
+            })),
+        })
+    }
+
+    fn commit_locked(&self, prepared: Prepared) -> Result<pb::Version, PublishError> {
+        if self.current_version() != prepared.base {
+            return Err(PublishError(vec![
+                "another snapshot was published after this one was prepared".into(),
+            ]));
+        }
+        if let Some(next) = prepared.next {
+            self.inner.tx.send_replace(Some(next));
+        }
+        Ok(prepared.version)
     }
 
     /// The version being served, if any.

@@ -4,12 +4,20 @@
 //! several documents. A document that cannot be read becomes an error naming the
 //! file, the document, the object (when it got that far) and the field; it never
 //! stops the other documents or files.
+//!
+//! Reading ([`read_capped`]) and parsing ([`parse`]) are separate so the
+//! scanner can read on a blocking thread and parse each changed file on its
+//! own; [`scan_file`] does both. Text nested deeper than
+//! [`nesting::MAX_NESTING`] levels is refused before the YAML parser sees it.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 use keyway_crds::{API_VERSION, IPPool, SshRoute, VMLease};
 use serde::Deserialize;
+use sha2::Digest as _;
+
+use super::nesting;
 
 /// Largest file local mode reads; anything bigger is refused, not truncated.
 pub const MAX_FILE_BYTES: u64 = 32 * 1024 * 1024;
@@ -127,11 +135,22 @@ impl fmt::Display for Problem {
     }
 }
 
+/// Identity of a file's content (SHA-256 of its bytes, or of its read
+/// error): equal fingerprints, same content.
+pub type Fingerprint = [u8; 32];
+
+/// The fingerprint of `bytes`.
+pub fn fingerprint(bytes: &[u8]) -> Fingerprint {
+    sha2::Sha256::digest(bytes).into()
+}
+
 /// Everything read from one file.
 #[derive(Clone, Debug)]
 pub struct FileScan {
     /// File name relative to the directory.
     pub file: String,
+    /// The content this scan was read from.
+    pub content: Fingerprint,
     /// Documents that became objects.
     pub docs: Vec<Doc>,
     /// Problems found.
@@ -140,6 +159,9 @@ pub struct FileScan {
     /// or a document that could not even be identified). Objects it held before
     /// must be kept rather than treated as deleted.
     pub incomplete: bool,
+    /// Objects a document names but that could not be read (unknown field,
+    /// wrong type, wrong apiVersion): they keep their last good version.
+    pub held: Vec<ObjId>,
 }
 
 /// Lists the YAML files local mode reads, sorted by name.
@@ -162,38 +184,78 @@ pub fn yaml_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Reads one file.
+/// Reads and parses one file.
 pub fn scan_file(dir: &Path, path: &Path) -> FileScan {
     let file = path
         .strip_prefix(dir)
         .unwrap_or(path)
         .to_string_lossy()
         .into_owned();
+    match read_capped(path) {
+        Ok(text) => parse(&file, &text),
+        Err(e) => unreadable(&file, e),
+    }
+}
+
+/// The scan of a file that could not be read: every object it held is kept.
+pub fn unreadable(file: &str, message: String) -> FileScan {
+    FileScan {
+        file: file.to_string(),
+        content: fingerprint(format!("unreadable: {message}").as_bytes()),
+        docs: Vec::new(),
+        problems: vec![Problem {
+            file: file.to_string(),
+            document: None,
+            object: None,
+            field: None,
+            message,
+        }],
+        incomplete: true,
+        held: Vec::new(),
+    }
+}
+
+/// Parses the text of `file` (its name relative to the directory).
+pub fn parse(file: &str, text: &str) -> FileScan {
+    parse_as(file, text, fingerprint(text.as_bytes()))
+}
+
+/// [`parse`] for a caller that already has the text's fingerprint.
+pub fn parse_as(file: &str, text: &str, content: Fingerprint) -> FileScan {
     let mut scan = FileScan {
-        file: file.clone(),
+        file: file.to_string(),
+        content,
         docs: Vec::new(),
         problems: Vec::new(),
         incomplete: false,
+        held: Vec::new(),
     };
     let problem = |document: Option<usize>,
                    object: Option<String>,
                    field: Option<String>,
                    message: String| Problem {
-        file: file.clone(),
+        file: file.to_string(),
         document,
         object,
         field,
         message,
     };
-    let text = match read_capped(path) {
-        Ok(t) => t,
-        Err(e) => {
-            scan.problems.push(problem(None, None, None, e));
-            scan.incomplete = true;
-            return scan;
-        }
-    };
-    for (i, de) in serde_norway::Deserializer::from_str(&text).enumerate() {
+    // Before the YAML parser: its cost grows with the square of the nesting.
+    if let Err(deep) = nesting::check(text, nesting::MAX_NESTING) {
+        scan.problems.push(problem(
+            None,
+            None,
+            None,
+            format!(
+                "nesting deeper than {} levels (line {}); not parsed, its objects keep their last good version",
+                nesting::MAX_NESTING,
+                deep.line
+            ),
+        ));
+        scan.incomplete = true;
+        return scan;
+    }
+    for (i, de) in serde_norway::Deserializer::from_str(text).enumerate() {
         let index = i + 1;
         let value = match serde_norway::Value::deserialize(de) {
             Ok(v) => v,
@@ -215,13 +277,18 @@ pub fn scan_file(dir: &Path, path: &Path) -> FileScan {
         match read_doc(value) {
             Ok((id, object)) => scan.docs.push(Doc { index, id, object }),
             Err(DocError {
-                object,
+                id,
                 field,
                 message,
                 identified,
+                kind,
             }) => {
                 if !identified {
                     scan.incomplete = true;
+                }
+                let object = id.as_ref().map(ToString::to_string).or(kind);
+                if let Some(id) = id {
+                    scan.held.push(*id);
                 }
                 scan.problems
                     .push(problem(Some(index), object, field, message));
@@ -231,7 +298,8 @@ pub fn scan_file(dir: &Path, path: &Path) -> FileScan {
     scan
 }
 
-fn read_capped(path: &Path) -> Result<String, String> {
+/// Reads a file of at most [`MAX_FILE_BYTES`] as UTF-8 text.
+pub fn read_capped(path: &Path) -> Result<String, String> {
     use std::io::Read;
     let f = std::fs::File::open(path).map_err(|e| format!("cannot read: {e}"))?;
     let mut buf = Vec::new();
@@ -247,10 +315,14 @@ fn read_capped(path: &Path) -> Result<String, String> {
 }
 
 struct DocError {
-    object: Option<String>,
+    /// The object, when kind, namespace and name were read: it is kept as it was.
+    id: Option<Box<ObjId>>,
+    /// The kind alone, when that is all that was read.
+    kind: Option<String>,
     field: Option<String>,
     message: String,
-    /// Whether kind and name were read, so the object can be kept as it was.
+    /// Whether the document was read far enough to know what it is (an
+    /// unsupported kind is known not to be ours; a missing name is not).
     identified: bool,
 }
 
@@ -274,7 +346,8 @@ fn valid_object_name(s: &str) -> bool {
 
 fn read_doc(value: serde_norway::Value) -> Result<(ObjId, Object), DocError> {
     let unidentified = |message: String| DocError {
-        object: None,
+        id: None,
+        kind: None,
         field: None,
         message,
         identified: false,
@@ -297,7 +370,8 @@ fn read_doc(value: serde_norway::Value) -> Result<(ObjId, Object), DocError> {
         }
         other => {
             return Err(DocError {
-                object: None,
+                id: None,
+                kind: None,
                 field: Some("kind".into()),
                 message: format!(
                     "unsupported kind {other:?}; local mode reads IPPool, VMLease and SshRoute"
@@ -311,7 +385,8 @@ fn read_doc(value: serde_norway::Value) -> Result<(ObjId, Object), DocError> {
         .to_string();
     if name.is_empty() {
         return Err(DocError {
-            object: Some(kind.to_string()),
+            id: None,
+            kind: Some(kind.to_string()),
             field: Some("metadata.name".into()),
             message: "missing name".into(),
             identified: false,
@@ -329,7 +404,8 @@ fn read_doc(value: serde_norway::Value) -> Result<(ObjId, Object), DocError> {
         name: name.clone(),
     };
     let err = |field: Option<String>, message: String| DocError {
-        object: Some(id.to_string()),
+        id: Some(Box::new(id.clone())),
+        kind: None,
         field,
         message,
         identified: true,
@@ -445,6 +521,69 @@ mod tests {
             "{:?}",
             s.problems
         );
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_before_the_parser() {
+        let n = 200_000;
+        let text = format!("a: {}{}", "[".repeat(n), "]".repeat(n));
+        let start = std::time::Instant::now();
+        let s = parse("deep.yaml", &text);
+        eprintln!(
+            "{} bytes nested {n} deep refused in {:?}",
+            text.len(),
+            start.elapsed()
+        );
+        assert!(s.incomplete);
+        assert_eq!(s.problems.len(), 1);
+        assert!(
+            s.problems[0]
+                .message
+                .contains("nesting deeper than 64 levels (line 1)"),
+            "{:?}",
+            s.problems
+        );
+        // At the limit the YAML parser gets the text, and is quick about it.
+        let text = format!("a: {}{}", "[".repeat(63), "]".repeat(63));
+        let start = std::time::Instant::now();
+        let s = parse("limit.yaml", &text);
+        eprintln!("nested 63 deep parsed in {:?}", start.elapsed());
+        assert!(
+            s.problems
+                .iter()
+                .all(|p| !p.message.contains("nesting") && !p.message.contains("invalid YAML")),
+            "{:?}",
+            s.problems
+        );
+    }
+
+    /// What the pre-scan saves: serde_norway's time on nested input grows
+    /// with the square of the depth. Run with `--ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn measure_serde_norway_on_nested_input() {
+        for n in [2000, 4000, 8000, 16000] {
+            let text = format!("a: {}{}", "[".repeat(n), "]".repeat(n));
+            let start = std::time::Instant::now();
+            let r = serde_norway::from_str::<serde_norway::Value>(&text);
+            eprintln!(
+                "serde_norway, {} bytes nested {n} deep: {:?} ({})",
+                text.len(),
+                start.elapsed(),
+                r.err().map(|e| e.to_string()).unwrap_or_default()
+            );
+        }
+    }
+
+    #[test]
+    fn an_unreadable_document_holds_its_object() {
+        let s = scan(
+            "apiVersion: keyway.dev/v1alpha1\nkind: VMLease\nmetadata: {name: a, namespace: t}\nspec:\n  user: 5\n  setled: true\n",
+        );
+        assert!(!s.incomplete);
+        assert!(s.docs.is_empty());
+        assert_eq!(s.held.len(), 1);
+        assert_eq!(s.held[0].to_string(), "VMLease t/a");
     }
 
     #[test]

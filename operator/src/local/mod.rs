@@ -1,12 +1,19 @@
 //! Local mode: the operator with no cluster. Objects are YAML files in a
 //! directory; status and allocations persist in `DIR/.keyway/state.json`.
 //!
-//! Each round rescans the directory, admits what changed into the [`World`]
-//! (the same pure core cluster mode uses), publishes the routing snapshot and
-//! writes the state file. Rounds run on file-system events, on subscriber
-//! acknowledgements (for `Routed`), and every `rescan` interval as a safety net.
+//! Each round rescans the directory (files are parsed off the loop, see
+//! [`scanner`]), admits what changed into the [`World`] (the same pure core
+//! cluster mode uses), writes the state file, and only then publishes the
+//! routing snapshot, so a subscriber never holds a lease a restart would not
+//! know. Objects a file lost are deleted only after the edit grace ([`edits`]).
+//! Rounds run on file-system events, on finished parses, on subscriber
+//! acknowledgements (for `Routed`), when the edit grace of a kept object runs
+//! out, and every `rescan` interval as a safety net.
 
+pub mod edits;
 pub mod loader;
+pub mod nesting;
+pub mod scanner;
 pub mod state;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -32,6 +39,10 @@ use state::{
 
 /// How many events `status` keeps.
 const MAX_EVENTS: usize = 300;
+/// How long the first round waits for the first parses.
+const STARTUP_PARSE_BUDGET: Duration = Duration::from_secs(5);
+/// How soon a round that could not save the state tries again.
+const SAVE_RETRY: Duration = Duration::from_secs(1);
 
 /// Options of `keyway-operator run --local DIR`.
 #[derive(Clone, Debug)]
@@ -46,6 +57,9 @@ pub struct LocalOptions {
     pub rescan: Duration,
     /// Lifetime of relay certificates.
     pub relay_cert_validity_secs: u32,
+    /// How long a file must stay as it is before objects it lost (it became
+    /// empty, lost documents, or was removed) are deleted; see [`edits`].
+    pub edit_grace: Duration,
 }
 
 fn now_ms() -> u64 {
@@ -132,6 +146,10 @@ pub struct Local {
     /// Problems of the whole directory after the last scan.
     problems: Vec<Problem>,
     first_scan: bool,
+    /// Since when each file has been as scanned, for the edit grace.
+    clocks: edits::FileClocks,
+    /// When the earliest object kept by the edit grace is due for deletion.
+    grace_due_ms: Option<u64>,
 }
 
 impl Local {
@@ -185,7 +203,43 @@ impl Local {
             object_problems: HashMap::new(),
             problems: Vec::new(),
             first_scan: true,
+            clocks: edits::FileClocks::new(edits::DEFAULT_EDIT_GRACE),
+            grace_due_ms: None,
         }
+    }
+
+    /// Sets the edit grace (see [`edits`]).
+    pub fn with_edit_grace(mut self, grace: Duration) -> Self {
+        self.clocks = edits::FileClocks::new(grace);
+        self
+    }
+
+    /// When a scan is next needed to delete objects the edit grace keeps
+    /// (unix ms), if any are kept.
+    pub fn grace_due_ms(&self) -> Option<u64> {
+        self.grace_due_ms
+    }
+
+    /// Every record's identity and the file it was last read from.
+    fn record_files(&self) -> impl Iterator<Item = (ObjId, &str)> {
+        let pools = self
+            .state
+            .pools
+            .values()
+            .map(|r| (obj_id(Kind::IPPool, "", &r.name), r.file.as_str()));
+        let leases = self.state.leases.values().map(|r| {
+            (
+                obj_id(Kind::VMLease, &r.namespace, &r.name),
+                r.file.as_str(),
+            )
+        });
+        let routes = self.state.routes.values().map(|r| {
+            (
+                obj_id(Kind::SshRoute, &r.namespace, &r.name),
+                r.file.as_str(),
+            )
+        });
+        pools.chain(leases).chain(routes)
     }
 
     /// Problems found by the last scan (also in the state file).
@@ -240,7 +294,53 @@ impl Local {
             }
         }
         let first = std::mem::take(&mut self.first_scan);
-        let gone = |file: &str, id: &ObjId| !chosen.contains_key(id) && !incomplete.contains(file);
+
+        // What is missing from every file dies only once its file has stayed
+        // as it is for the edit grace; a file that does not parse, or a
+        // document that names the object but does not read, keeps it.
+        let held: HashSet<&ObjId> = scans.iter().flat_map(|s| s.held.iter()).collect();
+        {
+            let referenced: Vec<String> = self.record_files().map(|(_, f)| f.to_string()).collect();
+            self.clocks.observe(
+                scans.iter().map(|s| (s.file.as_str(), s.content)),
+                referenced.iter().map(String::as_str),
+                now_ms,
+            );
+        }
+        let mut dying: HashSet<ObjId> = HashSet::new();
+        let mut due: Option<u64> = None;
+        let grace = self.clocks.grace();
+        for (id, file) in self.record_files() {
+            if chosen.contains_key(&id) || incomplete.contains(file) || held.contains(&id) {
+                continue;
+            }
+            let at = self.clocks.due_ms(file);
+            if now_ms >= at {
+                dying.insert(id);
+                continue;
+            }
+            due = Some(due.map_or(at, |d| d.min(at)));
+            let message = if self.clocks.gone(file) {
+                format!(
+                    "the file is gone; {id} keeps its last good version until the file has stayed away for {grace:?} \
+                     (an editor may be replacing it), then it is deleted"
+                )
+            } else {
+                format!(
+                    "{id} is no longer in this file; it keeps its last good version until the file has stayed \
+                     unchanged for {grace:?} (an editor may still be writing it), then it is deleted"
+                )
+            };
+            problems.push(Problem {
+                file: file.to_string(),
+                document: None,
+                object: Some(id.to_string()),
+                field: None,
+                message,
+            });
+        }
+        self.grace_due_ms = due;
+        let gone = |_file: &str, id: &ObjId| dying.contains(id);
 
         // Deletions of leases first, so their addresses are free for new leases.
         let dead_leases = dead_keys(&self.state.leases, |r| {
@@ -413,6 +513,14 @@ impl Local {
             self.state.routes.insert(rk, r);
         }
 
+        // Clocks only matter for files that exist or that objects come from.
+        let keep: HashSet<String> = scans
+            .iter()
+            .map(|s| s.file.clone())
+            .chain(self.record_files().map(|(_, f)| f.to_string()))
+            .collect();
+        self.clocks.retain(|f| keep.contains(f));
+
         let mut object_problems: Vec<&Problem> = self.object_problems.values().flatten().collect();
         object_problems.sort_by(|a, b| (&a.file, a.document).cmp(&(&b.file, b.document)));
         problems.extend(object_problems.into_iter().cloned());
@@ -504,15 +612,6 @@ fn acks_of(publisher: &Publisher) -> (Vec<Ack>, Vec<SubscriberRecord>) {
     (acks, records)
 }
 
-fn scan_dir(paths: &Paths) -> Result<Vec<FileScan>> {
-    let files = loader::yaml_files(&paths.dir)
-        .with_context(|| format!("listing {}", paths.dir.display()))?;
-    Ok(files
-        .iter()
-        .map(|f| loader::scan_file(&paths.dir, f))
-        .collect())
-}
-
 /// `keyway-operator run --local DIR`.
 pub async fn run(opts: LocalOptions) -> Result<()> {
     let paths = Paths::new(&opts.dir);
@@ -546,7 +645,7 @@ pub async fn run(opts: LocalOptions) -> Result<()> {
         relay_ca_public_key,
         relay_cert_validity_secs: opts.relay_cert_validity_secs,
     };
-    let mut local = Local::restore(st, settings);
+    let mut local = Local::restore(st, settings).with_edit_grace(opts.edit_grace);
     local.record_notices(Timestamp::now());
 
     let publisher = Publisher::new(epoch);
@@ -598,15 +697,35 @@ pub async fn run(opts: LocalOptions) -> Result<()> {
     )
     .with_context(|| format!("watching {}", paths.dir.display()))?;
 
+    let mut scanner = scanner::Scanner::new(paths.dir.clone());
+    // The first state should reflect the directory, so wait a little for the
+    // first parses; a file slower than that joins a later round.
+    match scanner.prime(STARTUP_PARSE_BUDGET).await {
+        Ok(slow) if !slow.is_empty() => {
+            warn!(files = ?slow, "still parsing at start; their objects join when parsed")
+        }
+        Ok(_) => {}
+        Err(e) => error!("{e:#}"),
+    }
+
     let mut tracker = RoutedTracker::default();
     let mut acks_changed = publisher.acks_changed();
     let mut rescan = true;
     let mut last_saved: Option<StateFile> = None;
+    // Set when a round could not save the state, so it did not publish.
+    let mut retry = false;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     loop {
-        if rescan {
-            match scan_dir(&paths) {
+        // A round: admit the directory, prepare the snapshot, save the state
+        // (with what the snapshot holds), and only then publish, so no proxy
+        // ever routes a lease a restarted operator would not know.
+        let mut prepared = None;
+        if local.grace_due_ms().is_some_and(|due| now_ms() >= due) {
+            rescan = true;
+        }
+        if rescan || retry {
+            match scanner.scan().await {
                 Ok(scans) => local.apply_scan(&scans, now_ms()),
                 Err(e) => error!("{e:#}"),
             }
@@ -614,12 +733,12 @@ pub async fn run(opts: LocalOptions) -> Result<()> {
             let snap = local
                 .world
                 .snapshot(&derived, Timestamp::now().as_millisecond());
-            match publisher.publish(snap) {
-                Ok(v) => {
-                    if let Some(cur) = publisher.current() {
-                        tracker.observe(&cur);
+            match publisher.prepare(snap) {
+                Ok(p) => {
+                    if let Some(s) = p.snapshot() {
+                        tracker.observe(s);
                     }
-                    tracing::debug!(version = %format!("e{}.v{}", v.epoch, v.version), "snapshot published");
+                    prepared = Some(p);
                 }
                 Err(e) => error!("snapshot not published (consistency check failed): {e}"),
             }
@@ -628,22 +747,47 @@ pub async fn run(opts: LocalOptions) -> Result<()> {
         let (acks, subs) = acks_of(&publisher);
         local.update_statuses(&tracker, &acks, now);
         local.record_notices(now);
-        local.state.snapshot = publisher.current().map(|s| SnapshotRecord {
+        let record = |s: &keyway_snapshot::pb::Snapshot| SnapshotRecord {
             version: s
                 .version
                 .map(|v| format!("e{}.v{}", v.epoch, v.version))
                 .unwrap_or_default(),
             leases: s.leases.len(),
             routes: s.routes.len(),
-            subscribers: subs,
-        });
-        if last_saved.as_ref() != Some(&local.state) {
-            match local.state.save(&paths.state()) {
-                Ok(()) => last_saved = Some(local.state.clone()),
-                Err(e) => error!("saving state: {e:#}"),
+            subscribers: subs.clone(),
+        };
+        local.state.snapshot = match prepared.as_ref().and_then(|p| p.snapshot()) {
+            Some(next) => Some(record(next)),
+            None => publisher.current().map(|s| record(&s)),
+        };
+        let saved = last_saved.as_ref() == Some(&local.state)
+            || match local.state.save(&paths.state()) {
+                Ok(()) => {
+                    last_saved = Some(local.state.clone());
+                    true
+                }
+                Err(e) => {
+                    error!("saving state: {e:#}");
+                    false
+                }
+            };
+        retry = false;
+        if let Some(p) = prepared {
+            if saved {
+                match publisher.commit(p) {
+                    Ok(v) => {
+                        tracing::debug!(version = %format!("e{}.v{}", v.epoch, v.version), "snapshot published")
+                    }
+                    Err(e) => error!("snapshot not published: {e}"),
+                }
+            } else {
+                // Publishing what is not saved could hand proxies a lease
+                // (UID, hash, IP) a restart would not know; try again soon.
+                warn!("snapshot not published: the state is not saved");
+                retry = true;
             }
         }
-        if let Some(info) = info_pending.take() {
+        if saved && let Some(info) = info_pending.take() {
             state::write_atomic(
                 &paths.operator_info(),
                 &serde_json::to_vec_pretty(&info)?,
@@ -651,6 +795,15 @@ pub async fn run(opts: LocalOptions) -> Result<()> {
             )?;
             info!(dir = %paths.dir.display(), grpc = %info.grpc, epoch, "local mode started");
         }
+        // Objects the edit grace keeps need a round when it runs out.
+        let grace_wait = local
+            .grace_due_ms()
+            .map(|due| Duration::from_millis(due.saturating_sub(now_ms()) + 1));
+        let wait = if retry {
+            SAVE_RETRY
+        } else {
+            grace_wait.map_or(opts.rescan, |g| g.min(opts.rescan))
+        };
         tokio::select! {
             _ = fs_rx.recv() => {
                 // Debounce: editors write several events per save.
@@ -658,8 +811,9 @@ pub async fn run(opts: LocalOptions) -> Result<()> {
                 while fs_rx.try_recv().is_ok() {}
                 rescan = true;
             }
+            () = scanner.done() => { rescan = true; }
             _ = acks_changed.changed() => { rescan = false; }
-            _ = tokio::time::sleep(opts.rescan) => { rescan = true; }
+            _ = tokio::time::sleep(wait) => { rescan = true; }
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
         }
@@ -675,4 +829,215 @@ pub async fn run(opts: LocalOptions) -> Result<()> {
     // operator.json stays: proxies keep retrying that address until a new run
     // rewrites it.
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const KEY: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFx4mPJ8vXNP0mpdOyFHBdpYyQrF0O1IDtDrjVEtNfQu t";
+    const GRACE: u64 = 2000;
+
+    fn pool() -> String {
+        "apiVersion: keyway.dev/v1alpha1\nkind: IPPool\nmetadata: {name: p}\nspec: {addresses: [127.0.10.1-127.0.10.4]}\n".into()
+    }
+
+    fn lease(name: &str) -> String {
+        format!(
+            "apiVersion: keyway.dev/v1alpha1\nkind: VMLease\nmetadata: {{name: {name}}}\nspec:\n  user: alice\n  accessPublicKeys: ['{KEY}']\n  poolRef: p\n  target: {{address: '127.0.0.1:22'}}\n"
+        )
+    }
+
+    fn local() -> Local {
+        let settings = Settings {
+            public_ssh_port: 2222,
+            relay_ca_public_key: KEY.into(),
+            relay_cert_validity_secs: 300,
+        };
+        Local::restore(
+            StateFile {
+                format: state::FORMAT,
+                ..Default::default()
+            },
+            settings,
+        )
+        .with_edit_grace(Duration::from_millis(GRACE))
+    }
+
+    /// Scans `files` (name, text) at `now`, and returns the leases' UIDs.
+    fn scan(l: &mut Local, files: &[(&str, &str)], now: u64) -> BTreeMap<String, String> {
+        let scans: Vec<FileScan> = files.iter().map(|(f, t)| loader::parse(f, t)).collect();
+        l.apply_scan(&scans, now);
+        l.state
+            .leases
+            .iter()
+            .map(|(k, r)| (k.clone(), r.uid.clone()))
+            .collect()
+    }
+
+    fn kept_problem(l: &Local, file: &str) -> bool {
+        l.problems()
+            .iter()
+            .any(|p| p.file == file && p.message.contains("keeps its last good version"))
+    }
+
+    #[test]
+    fn truncate_then_write_keeps_the_lease() {
+        let mut l = local();
+        let p = pool();
+        let a = lease("a");
+        let before = scan(&mut l, &[("p.yaml", &p), ("a.yaml", &a)], 1000);
+        assert_eq!(before.len(), 1);
+        // Truncated: kept, and the problem says so.
+        assert_eq!(
+            scan(&mut l, &[("p.yaml", &p), ("a.yaml", "")], 1100),
+            before
+        );
+        assert!(kept_problem(&l, "a.yaml"), "{:?}", l.problems());
+        assert_eq!(l.grace_due_ms(), Some(1100 + GRACE));
+        // Written back half a second later: same lease, nothing reported.
+        assert_eq!(
+            scan(&mut l, &[("p.yaml", &p), ("a.yaml", &a)], 1600),
+            before
+        );
+        assert!(l.problems().is_empty(), "{:?}", l.problems());
+        assert_eq!(l.grace_due_ms(), None);
+        assert_eq!(
+            scan(&mut l, &[("p.yaml", &p), ("a.yaml", &a)], 9000),
+            before
+        );
+    }
+
+    #[test]
+    fn a_file_that_stays_empty_loses_its_objects_after_the_grace() {
+        let mut l = local();
+        let p = pool();
+        let two = format!("{}---\n{}", lease("a"), lease("b"));
+        scan(&mut l, &[("p.yaml", &p), ("ab.yaml", &two)], 1000);
+        // Half written: the first document only. Then a different half, which
+        // restarts the clock; then it stays.
+        let half = lease("a");
+        let uids = scan(&mut l, &[("p.yaml", &p), ("ab.yaml", &half)], 1100);
+        assert_eq!(uids.len(), 2);
+        assert!(kept_problem(&l, "ab.yaml"));
+        let half2 = format!("{}---\n", lease("a"));
+        assert_eq!(
+            scan(&mut l, &[("p.yaml", &p), ("ab.yaml", &half2)], 2500).len(),
+            2
+        );
+        assert_eq!(l.grace_due_ms(), Some(2500 + GRACE));
+        assert_eq!(
+            scan(
+                &mut l,
+                &[("p.yaml", &p), ("ab.yaml", &half2)],
+                2500 + GRACE - 1
+            )
+            .len(),
+            2
+        );
+        let after = scan(&mut l, &[("p.yaml", &p), ("ab.yaml", &half2)], 2500 + GRACE);
+        assert_eq!(after.keys().collect::<Vec<_>>(), ["default/a"]);
+        assert!(l.problems().is_empty(), "{:?}", l.problems());
+        assert_eq!(l.grace_due_ms(), None);
+    }
+
+    #[test]
+    fn a_removed_file_is_deleted_after_the_grace_and_a_replaced_one_is_not() {
+        let mut l = local();
+        let p = pool();
+        let a = lease("a");
+        let before = scan(&mut l, &[("p.yaml", &p), ("a.yaml", &a)], 1000);
+        // An editor moves the file away and writes the new one: same lease.
+        assert_eq!(scan(&mut l, &[("p.yaml", &p)], 1100), before);
+        assert!(
+            l.problems()
+                .iter()
+                .any(|p| p.file == "a.yaml" && p.message.contains("the file is gone")),
+            "{:?}",
+            l.problems()
+        );
+        assert_eq!(
+            scan(&mut l, &[("p.yaml", &p), ("a.yaml", &a)], 1200),
+            before
+        );
+        // Really removed: gone once it stayed away for the grace.
+        assert_eq!(scan(&mut l, &[("p.yaml", &p)], 2000).len(), 1);
+        assert_eq!(scan(&mut l, &[("p.yaml", &p)], 2000 + GRACE).len(), 0);
+        assert!(l.problems().is_empty(), "{:?}", l.problems());
+        // Nothing tracked for the deleted file any more.
+        assert_eq!(l.clocks.len(), 1);
+    }
+
+    #[test]
+    fn a_rename_is_immediate() {
+        let mut l = local();
+        let p = pool();
+        let a = lease("a");
+        let before = scan(&mut l, &[("p.yaml", &p), ("a.yaml", &a)], 1000);
+        assert_eq!(
+            scan(&mut l, &[("p.yaml", &p), ("b.yaml", &a)], 1100),
+            before
+        );
+        assert_eq!(l.state.leases["default/a"].file, "b.yaml");
+        assert!(l.problems().is_empty(), "{:?}", l.problems());
+        assert_eq!(l.grace_due_ms(), None);
+    }
+
+    #[test]
+    fn broken_files_and_unreadable_documents_keep_objects_past_the_grace() {
+        let mut l = local();
+        let p = pool();
+        let a = lease("a");
+        let before = scan(&mut l, &[("p.yaml", &p), ("a.yaml", &a)], 1000);
+        let broken = format!("{a}  oops: [\n");
+        assert_eq!(
+            scan(&mut l, &[("p.yaml", &p), ("a.yaml", &broken)], 1100),
+            before
+        );
+        assert_eq!(
+            scan(&mut l, &[("p.yaml", &p), ("a.yaml", &broken)], 60_000),
+            before
+        );
+        // A misspelled field: the document names the lease, so it is kept.
+        let typo = a.replace("poolRef: p", "poolRef: p\n  setled: true");
+        assert_eq!(
+            scan(&mut l, &[("p.yaml", &p), ("a.yaml", &typo)], 61_000),
+            before
+        );
+        assert_eq!(
+            scan(&mut l, &[("p.yaml", &p), ("a.yaml", &typo)], 120_000),
+            before
+        );
+        assert!(
+            l.problems()
+                .iter()
+                .any(|p| p.field.as_deref() == Some("spec.setled")),
+            "{:?}",
+            l.problems()
+        );
+        // Too deep to parse: kept, and reported.
+        let n = 200_000;
+        let deep = format!("a: {}{}", "[".repeat(n), "]".repeat(n));
+        assert_eq!(
+            scan(&mut l, &[("p.yaml", &p), ("a.yaml", &deep)], 121_000),
+            before
+        );
+        assert!(
+            l.problems()
+                .iter()
+                .any(|p| p.message.contains("nesting deeper than 64 levels")),
+            "{:?}",
+            l.problems()
+        );
+    }
+
+    #[test]
+    fn zero_grace_deletes_at_once() {
+        let mut l = local().with_edit_grace(Duration::ZERO);
+        let p = pool();
+        scan(&mut l, &[("p.yaml", &p), ("a.yaml", &lease("a"))], 1000);
+        assert!(scan(&mut l, &[("p.yaml", &p), ("a.yaml", "")], 1100).is_empty());
+    }
 }
