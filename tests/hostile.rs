@@ -341,3 +341,60 @@ fn the_audit_trail_says_who_reached_which_vm_when() {
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", st.proxy_log()));
 }
+
+#[test]
+fn a_stalled_channel_of_a_multiplexed_connection_leaves_its_siblings_alone() {
+    let st = Stack::start(&["127.0.44.1"], &[LeaseSpec::new("vm", "alice")], &[]).unwrap();
+    let ip = st.leases["vm"].ip.clone();
+    let sock = st.tmp.path().join("mux.sock");
+    let mux = |extra: &[&str]| {
+        let mut c = st.ssh(
+            &["alice"],
+            &["-o", &format!("ControlPath={}", sock.display())],
+        );
+        c.args(extra);
+        c
+    };
+    // One client connection, the OpenSSH ControlMaster, carries them all.
+    let mut master = mux(&["-o", "ControlMaster=yes", "-N", &ip])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    keyway_e2e::wait_for(Duration::from_secs(30), "the control socket", || {
+        sock.exists().then_some(())
+    })
+    .unwrap();
+    let stalled: Vec<Child> = (0..4)
+        .map(|_| {
+            mux(&[&ip, "cat /dev/zero"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    st.wait_for_stall();
+    assert_eq!(st.metric("keyway_ssh_sessions_active", &[]), 1.0);
+    for i in 0..3 {
+        let started = Instant::now();
+        let o = run_with_timeout(mux(&[&ip, "echo ok"]), Duration::from_secs(60));
+        assert!(
+            o.status.success() && stdout(&o) == "ok",
+            "{o:?}\n{}",
+            st.proxy_log()
+        );
+        eprintln!(
+            "sibling session {i} through the stalled master: {:?}",
+            started.elapsed()
+        );
+    }
+    for mut c in stalled {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let _ = master.kill();
+    let _ = master.wait();
+}

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use keyway_snapshot::client::subscribe;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -342,12 +342,22 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let addrs: Vec<String> = args.ssh_listen.iter().map(|a| a.to_string()).collect();
     info!(ssh = %addrs.join(","), metrics = %args.metrics_listen, "keyway-proxy gateway started");
     let signals = on_signal(stop.clone());
+    // The data plane (every SSH and CONNECT connection, key exchanges and
+    // TLS handshakes included) runs on a runtime of its own: whatever peers
+    // make handshakes cost, the control plane on this one (/metrics,
+    // /readyz, applying snapshots, settling withdrawn leases) keeps threads
+    // of its own for the OS to schedule.
+    let data_plane = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("keyway-conn")
+        .build()
+        .context("starting the connection runtime")?;
     let connect_task = connect.map(|(listeners, tls)| {
         let gw = gw.clone();
         let stop = stop.clone();
         let lease_domain = args.lease_domain.clone();
         let require_fresh_upgrade_proofs = args.require_fresh_upgrade_proofs;
-        tokio::spawn(async move {
+        data_plane.spawn(async move {
             let config = gateway::connect::ConnectConfig {
                 tls,
                 lease_domain,
@@ -356,10 +366,19 @@ pub async fn run(args: RunArgs) -> Result<()> {
             gw.serve_connect(listeners, config, stop).await;
         })
     });
-    gw.serve(listeners, stop.clone()).await;
+    let ssh = {
+        let gw = gw.clone();
+        let stop = stop.clone();
+        data_plane.spawn(async move { gw.serve(listeners, stop).await })
+    };
+    if let Err(e) = ssh.await {
+        warn!("the SSH listener task failed: {e}");
+    }
     if let Some(t) = connect_task {
         t.abort();
     }
+    // Dropping a runtime may block; this one has finished its work.
+    data_plane.shutdown_background();
     stop.cancel();
     signals.abort();
     apply.abort();
