@@ -46,6 +46,12 @@ pub struct Metrics {
     pub settled_closed: prometheus::IntCounter,
     /// CONNECT requests on the HTTPS listener by result.
     pub connect_requests: IntCounterVec,
+    /// HTTPS listener connections by what happened to them; its own
+    /// series, because its caps are its own (a flood there is not the SSH
+    /// listener's business).
+    pub https_connections: IntCounterVec,
+    /// Open TCP connections on the HTTPS listener (tunnels included).
+    pub https_connections_open: IntGauge,
     pub snapshot_epoch: IntGauge,
     pub snapshot_version: IntGauge,
     pub snapshot_leases: IntGauge,
@@ -161,6 +167,17 @@ impl Metrics {
                 ),
                 &["result"],
             )?,
+            https_connections: IntCounterVec::new(
+                Opts::new(
+                    "keyway_https_connections_total",
+                    "HTTPS (CONNECT) listener connections by result",
+                ),
+                &["result"],
+            )?,
+            https_connections_open: IntGauge::new(
+                "keyway_https_connections_open",
+                "Open TCP connections on the HTTPS (CONNECT) listener, tunnels included",
+            )?,
             settled_closed: prometheus::IntCounter::new(
                 "keyway_ssh_settled_closed_total",
                 "Connections closed because their lease or route was withdrawn",
@@ -208,6 +225,8 @@ impl Metrics {
         reg.register(Box::new(m.upstream_connect_seconds.clone()))?;
         reg.register(Box::new(m.settled_closed.clone()))?;
         reg.register(Box::new(m.connect_requests.clone()))?;
+        reg.register(Box::new(m.https_connections.clone()))?;
+        reg.register(Box::new(m.https_connections_open.clone()))?;
         // Series that exist from the start, so dashboards see zeros, not gaps.
         for r in [
             "accepted",
@@ -222,6 +241,12 @@ impl Metrics {
             "settled",
         ] {
             m.connections.with_label_values(&[r]);
+        }
+        for r in crate::gateway::connect::REQUEST_RESULTS {
+            m.connect_requests.with_label_values(&[r]);
+        }
+        for r in crate::gateway::connect::CONNECTION_RESULTS {
+            m.https_connections.with_label_values(&[r]);
         }
         for mode in ["relay", "jump"] {
             m.sessions_active.with_label_values(&[mode]);

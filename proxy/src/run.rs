@@ -143,10 +143,30 @@ pub struct RunArgs {
     /// VM for the lease's own keys.
     #[arg(long, value_name = "DOMAIN")]
     lease_domain: Option<String>,
-    /// Refuse the plain (replayable) `X-Signature` on `POST /tunnel/{hash}/tcp`;
-    /// accept only fresh `Proxy-Authorization: Keyway-SSHSIG` proofs.
+    /// Also accept the plain `X-Signature` on `POST /tunnel/{hash}/tcp`. It
+    /// is the same bytes every time, so a captured header opens tunnels for
+    /// as long as the key stays on the lease; by default only fresh,
+    /// single-use `Proxy-Authorization: Keyway-SSHSIG` proofs are accepted.
     #[arg(long)]
+    allow_replayable_upgrade_proofs: bool,
+    /// Deprecated no-op: fresh upgrade proofs are required by default now
+    /// (see --allow-replayable-upgrade-proofs). Kept so old command lines
+    /// still start.
+    #[arg(long, hide = true)]
     require_fresh_upgrade_proofs: bool,
+    /// Open connections on the HTTPS (CONNECT) listener, tunnels included;
+    /// beyond it new ones are closed. Separate from --max-connections, so a
+    /// flood on one listener never refuses logins on the other.
+    #[arg(long, default_value_t = 1000)]
+    https_max_connections: usize,
+    /// HTTPS connections without an admitted request yet (handshaking, or
+    /// sending their request); beyond it the oldest is evicted.
+    #[arg(long, default_value_t = 256)]
+    https_max_unauthenticated: usize,
+    /// Seconds from accept to a complete request head on the HTTPS listener
+    /// (PROXY header, TLS handshake and request together).
+    #[arg(long, default_value_t = 10)]
+    https_handshake_timeout_secs: u64,
 }
 
 /// KiB to bytes, kept within what SSH windows can say (at least 1 KiB).
@@ -157,10 +177,22 @@ fn kib(k: u32) -> u32 {
 pub async fn run(args: RunArgs) -> Result<()> {
     // Every connection is a socket, and relays add one upstream: lift the
     // soft descriptor limit to the hard one so --max-connections is reachable.
+    if args.require_fresh_upgrade_proofs {
+        warn!(
+            "--require-fresh-upgrade-proofs is deprecated and does nothing: fresh upgrade proofs \
+             are required by default (--allow-replayable-upgrade-proofs turns X-Signature back on)"
+        );
+    }
+    // Each HTTPS tunnel is two sockets as well.
+    let sockets = args
+        .max_connections
+        .saturating_mul(2)
+        .saturating_add(args.https_max_connections.saturating_mul(2));
     match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(n) if (n as usize) < args.max_connections.saturating_mul(2) => warn!(
+        Ok(n) if (n as usize) < sockets => warn!(
             limit = n,
-            "the open-file limit is below 2 x --max-connections; raise it (LimitNOFILE / ulimit -n)"
+            "the open-file limit is below 2 x (--max-connections + --https-max-connections); \
+             raise it (LimitNOFILE / ulimit -n)"
         ),
         Ok(_) => {}
         Err(e) => warn!("could not raise the open-file limit: {e}"),
@@ -356,12 +388,18 @@ pub async fn run(args: RunArgs) -> Result<()> {
         let gw = gw.clone();
         let stop = stop.clone();
         let lease_domain = args.lease_domain.clone();
-        let require_fresh_upgrade_proofs = args.require_fresh_upgrade_proofs;
+        let allow_replayable_upgrade_proofs = args.allow_replayable_upgrade_proofs;
+        let limits = gateway::connect::HttpsLimits {
+            max_connections: args.https_max_connections.max(1),
+            max_unauthenticated: args.https_max_unauthenticated.max(1),
+            handshake_timeout: Duration::from_secs(args.https_handshake_timeout_secs.max(1)),
+        };
         data_plane.spawn(async move {
             let config = gateway::connect::ConnectConfig {
                 tls,
                 lease_domain,
-                require_fresh_upgrade_proofs,
+                allow_replayable_upgrade_proofs,
+                limits,
             };
             gw.serve_connect(listeners, config, stop).await;
         })

@@ -286,6 +286,10 @@ def test_load_balancer_mode_one_shared_service_per_pool_ip_and_the_edge():
     assert budgets["--relay-buffer-budget-mib"] == ["1024"]
     assert budgets["--user-relay-buffer-mib"] == ["128"]
     assert budgets["--kex-algorithms"] == ["curve25519-sha256,diffie-hellman-group14-sha256"]
+    https = {k: v for k, v in flags(container(deploy, "proxy")).items()
+             if k.startswith("--https-max-") or k.startswith("--https-handshake") or "upgrade-proofs" in k}
+    assert https == {"--https-max-connections": ["2000"], "--https-max-unauthenticated": ["128"],
+                     "--https-handshake-timeout-secs": ["5"], "--allow-replayable-upgrade-proofs": [""]}
     # With the default ipField, the MetalLB annotation names the IP instead.
     objs = docs(kc.render({"proxy": {"poolIPs": ["203.0.113.7"], "loadBalancer": {"edge": {"enabled": False}}}}))
     svc = next(s for s in find(objs, "Service") if s["spec"].get("type") == "LoadBalancer")

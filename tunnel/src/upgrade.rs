@@ -8,7 +8,8 @@
 //!   key is allowed: it proves possession once, not now.
 //! - `Proxy-Authorization: Keyway-SSHSIG …` (see [`crate::proof`]) over the
 //!   authority `tunnel/<leaseHash>`: fresh (timestamp window) and single-use
-//!   (nonce). Deployments can require it and refuse the plain signature.
+//!   (nonce). The gateway accepts only this one unless started with
+//!   `--allow-replayable-upgrade-proofs`.
 
 use ssh_key::{HashAlg, PrivateKey, PublicKey};
 

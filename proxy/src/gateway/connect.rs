@@ -2,13 +2,30 @@
 //! network only lets them out on 443. The CONNECT authority is matched
 //! against `tcp+https://host:port` SshRoutes and, under `--lease-domain`,
 //! `<lease>.<namespace>.<domain>`; routes with `allowPublicKeys` need a
-//! proof of key possession (`keyway_tunnel::proof`). Unknown → 404,
-//! unauthorized → 403, backend down → 502, each with a one-line reason.
+//! proof of key possession (`keyway_tunnel::proof`).
+//!
+//! Without a valid proof every name gets the same 403 and the same work
+//! (the proof is checked against an empty key set when nothing routes the
+//! name), so the answer says nothing about which routes or leases exist;
+//! only after a valid proof can 502 (backend down) appear.
+//! `allowUnauthenticated` routes answer without a proof, by design.
+//!
+//! The listener has caps of its own, apart from the SSH listener's:
+//! `--https-max-connections` open connections (tunnels included),
+//! `--https-max-unauthenticated` connections that have not yet had a
+//! request admitted (the oldest is evicted for a new one), and
+//! `--https-handshake-timeout-secs` for the PROXY header, TLS handshake and
+//! request head together. A flood of idle sockets here therefore neither
+//! takes the SSH listener's `--max-connections` nor locks out CONNECT users
+//! (a real client finishes its handshake in milliseconds).
 
+use std::collections::{HashSet, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use http_body_util::Full;
@@ -19,11 +36,50 @@ use keyway_tunnel::proof::{self, ReplayCache};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use super::{Gateway, backend, proxy_header};
+use crate::metrics::Metrics;
 use crate::routes::ConnectDecision;
+
+/// `result` labels of `keyway_connect_requests_total`: what a request got.
+pub const REQUEST_RESULTS: [&str; 5] =
+    ["ok", "not_found", "forbidden", "bad_request", "bad_gateway"];
+
+/// `result` labels of `keyway_https_connections_total`: what happened to a
+/// connection before (or instead of) a request being decided.
+pub const CONNECTION_RESULTS: [&str; 6] = [
+    "accepted",
+    "refused_limit",
+    "evicted_unauthenticated",
+    "handshake_timeout",
+    "tls_failed",
+    "proxy_header_refused",
+];
+
+/// The HTTPS listener's own caps and deadline (flags `--https-…`).
+#[derive(Clone, Debug)]
+pub struct HttpsLimits {
+    /// Open connections, tunnels included; beyond it new ones are closed.
+    pub max_connections: usize,
+    /// Connections with no request admitted yet; when full, a new one
+    /// evicts the oldest.
+    pub max_unauthenticated: usize,
+    /// PROXY header, TLS handshake and request head, from accept.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for HttpsLimits {
+    fn default() -> Self {
+        HttpsLimits {
+            max_connections: 1000,
+            max_unauthenticated: 256,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
 
 /// Loads the listener's certificate chain and key (PEM).
 pub fn tls_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>> {
@@ -50,16 +106,86 @@ pub struct ConnectConfig {
     pub tls: Arc<rustls::ServerConfig>,
     /// Domain under which `<lease>.<namespace>.<domain>` names a lease.
     pub lease_domain: Option<String>,
-    /// Refuse the replayable plain `X-Signature` on the upgrade endpoint.
-    pub require_fresh_upgrade_proofs: bool,
+    /// Accept the replayable plain `X-Signature` on the upgrade endpoint
+    /// (off by default: a captured header would open tunnels for as long
+    /// as the key stays on the lease).
+    pub allow_replayable_upgrade_proofs: bool,
+    /// The listener's caps.
+    pub limits: HttpsLimits,
+}
+
+/// Where a connection is in its life, for the eviction queue.
+const PENDING: u8 = 0;
+/// A request was admitted (tunnel): never evicted.
+const ADMITTED: u8 = 1;
+/// Evicted by a newer connection.
+const EVICTED: u8 = 2;
+/// Ended without an admitted request.
+const ENDED: u8 = 3;
+
+/// A connection in the eviction queue.
+struct Pending {
+    state: Arc<AtomicU8>,
+    evict: CancellationToken,
+}
+
+/// An HTTPS connection's place under `--https-max-connections` and in the
+/// open gauge; shared by the connection and the tunnel it becomes, so the
+/// place is held until the last of them ends.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    metrics: Arc<Metrics>,
+}
+
+impl Slot {
+    fn new(permit: OwnedSemaphorePermit, metrics: Arc<Metrics>) -> Arc<Self> {
+        metrics.https_connections_open.inc();
+        Arc::new(Slot {
+            _permit: permit,
+            metrics,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.metrics.https_connections_open.dec();
+    }
+}
+
+/// What a request handler knows of its connection.
+struct ConnCtx {
+    slot: Arc<Slot>,
+    state: Arc<AtomicU8>,
+    /// Cancelled when a request head has arrived: the handshake deadline
+    /// no longer applies.
+    head: CancellationToken,
+}
+
+impl ConnCtx {
+    /// Takes the connection out of the eviction queue once a request is
+    /// admitted; false when it was evicted first.
+    fn admit(&self) -> bool {
+        match self
+            .state
+            .compare_exchange(PENDING, ADMITTED, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => true,
+            Err(now) => now == ADMITTED,
+        }
+    }
 }
 
 struct Shared {
     gw: Arc<Gateway>,
     tls: tokio_rustls::TlsAcceptor,
     lease_domain: Option<String>,
-    require_fresh: bool,
+    allow_replayable: bool,
     replay: Mutex<ReplayCache>,
+    limits: HttpsLimits,
+    /// This listener's connection cap (never the SSH listener's).
+    total: Arc<Semaphore>,
+    pending: Mutex<VecDeque<Pending>>,
 }
 
 type Reply = Response<Full<Bytes>>;
@@ -74,6 +200,15 @@ impl Shared {
             .inc();
     }
 
+    /// Counts a connection outcome.
+    fn count_conn(&self, result: &str) {
+        self.gw
+            .metrics
+            .https_connections
+            .with_label_values(&[result])
+            .inc();
+    }
+
     /// Counts `result` and answers `status` with a one-line reason.
     fn refuse(&self, result: &str, status: StatusCode, reason: impl Into<String>) -> Reply {
         self.count(result);
@@ -82,18 +217,44 @@ impl Shared {
         r
     }
 
-    /// Checks a fresh `Keyway-SSHSIG` proof for `authority`.
+    /// Checks a fresh `Keyway-SSHSIG` proof for `authority` against
+    /// `allow` (empty when nothing routes the name: the same checks run).
     fn check_fresh(
         &self,
         header: &str,
         authority: &str,
-        allow: &std::collections::HashSet<String>,
+        allow: &HashSet<String>,
     ) -> Result<String, proof::ProofError> {
         let p = proof::parse(header)?;
         let mut replay = self.replay.lock().unwrap_or_else(|e| e.into_inner());
         proof::verify(&p, authority, proof::unix_now(), allow, &mut replay)
     }
+
+    /// Queues a new connection, evicting the oldest unadmitted ones while
+    /// the queue is at its cap (the SSH listener's rule, on its own queue).
+    fn admit_unauthenticated(&self, new: Pending) {
+        let mut q = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        q.retain(|p| p.state.load(Ordering::Acquire) == PENDING);
+        while q.len() >= self.limits.max_unauthenticated.max(1) {
+            let Some(old) = q.pop_front() else { break };
+            // Only a connection still pending is evicted (one admitted a
+            // moment ago keeps its tunnel).
+            if old
+                .state
+                .compare_exchange(PENDING, EVICTED, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                self.count_conn("evicted_unauthenticated");
+                old.evict.cancel();
+            }
+        }
+        q.push_back(new);
+    }
 }
+
+/// The answer to a request that names nothing routed here and to one whose
+/// proof does not admit it when something is: one status for both.
+const DENIED: StatusCode = StatusCode::FORBIDDEN;
 
 impl Gateway {
     /// Serves CONNECT on `listeners` until `stop`.
@@ -103,16 +264,26 @@ impl Gateway {
         config: ConnectConfig,
         stop: CancellationToken,
     ) {
+        let limits = config.limits;
         let shared = Arc::new(Shared {
             gw: self.clone(),
             tls: tokio_rustls::TlsAcceptor::from(config.tls),
             lease_domain: config.lease_domain,
-            require_fresh: config.require_fresh_upgrade_proofs,
+            allow_replayable: config.allow_replayable_upgrade_proofs,
             replay: Mutex::new(ReplayCache::new(100_000)),
+            total: Arc::new(Semaphore::new(limits.max_connections.max(1))),
+            pending: Mutex::new(VecDeque::new()),
+            limits,
         });
         let mut accepts = tokio::task::JoinSet::new();
         for l in listeners {
-            info!(addr = ?l.local_addr().ok(), "CONNECT listener (HTTPS)");
+            info!(
+                addr = ?l.local_addr().ok(),
+                max_connections = shared.limits.max_connections,
+                max_unauthenticated = shared.limits.max_unauthenticated,
+                handshake_timeout = ?shared.limits.handshake_timeout,
+                "CONNECT listener (HTTPS)"
+            );
             let shared = shared.clone();
             let stop = stop.clone();
             accepts.spawn(async move { accept_loop(shared, l, stop).await });
@@ -123,24 +294,50 @@ impl Gateway {
 
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, stop: CancellationToken) {
     while let Some((tcp, peer)) = super::accept(&listener, &stop).await {
-        let Ok(permit) = shared.gw.total.clone().try_acquire_owned() else {
-            shared.count("refused_limit");
+        let Ok(permit) = shared.total.clone().try_acquire_owned() else {
+            // Closed at once: a full HTTPS listener costs nothing more.
+            shared.count_conn("refused_limit");
+            drop(tcp);
             continue;
         };
+        shared.count_conn("accepted");
+        let state = Arc::new(AtomicU8::new(PENDING));
+        let evict = CancellationToken::new();
+        shared.admit_unauthenticated(Pending {
+            state: state.clone(),
+            evict: evict.clone(),
+        });
+        let ctx = Arc::new(ConnCtx {
+            slot: Slot::new(permit, shared.gw.metrics.clone()),
+            state,
+            head: CancellationToken::new(),
+        });
         let shared = shared.clone();
         let kill = shared.gw.kill.child_token();
         tokio::spawn(async move {
+            let state = ctx.state.clone();
             tokio::select! {
-                () = serve_conn(shared, tcp, peer) => {}
+                () = serve_conn(shared, tcp, peer, ctx) => {}
+                () = evict.cancelled() => {
+                    debug!(%peer, "evicted: the oldest HTTPS connection without an admitted request");
+                }
                 () = kill.cancelled() => {}
             }
-            drop(permit);
+            // Leaves the queue unless admitted (its tunnel lives on).
+            let _ = state.compare_exchange(PENDING, ENDED, Ordering::AcqRel, Ordering::Acquire);
         });
     }
 }
 
-async fn serve_conn(shared: Arc<Shared>, mut tcp: TcpStream, mut peer: SocketAddr) {
-    let deadline = tokio::time::Instant::now() + shared.gw.limits.auth_timeout;
+async fn serve_conn(
+    shared: Arc<Shared>,
+    mut tcp: TcpStream,
+    mut peer: SocketAddr,
+    ctx: Arc<ConnCtx>,
+) {
+    // One deadline for the PROXY header, the TLS handshake and the request
+    // head: an idle socket holds its slot this long at most.
+    let deadline = tokio::time::Instant::now() + shared.limits.handshake_timeout;
     let _ = tcp.set_nodelay(true);
     if shared.gw.limits.trusted_proxies.contains(peer.ip()) {
         let limit = shared.gw.limits.proxy_header_timeout;
@@ -149,7 +346,7 @@ async fn serve_conn(shared: Arc<Shared>, mut tcp: TcpStream, mut peer: SocketAdd
             Ok(None) => {}
             Err(e) => {
                 proxy_header::log_refusal(peer, &e);
-                shared.count("proxy_header_refused");
+                shared.count_conn("proxy_header_refused");
                 return;
             }
         }
@@ -158,33 +355,66 @@ async fn serve_conn(shared: Arc<Shared>, mut tcp: TcpStream, mut peer: SocketAdd
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             debug!(%peer, "TLS handshake failed: {e}");
-            shared.count("tls_failed");
+            shared.count_conn("tls_failed");
             return;
         }
         Err(_) => {
-            shared.count("timeout");
+            debug!(%peer, "no TLS handshake before the HTTPS handshake deadline");
+            shared.count_conn("handshake_timeout");
             return;
         }
     };
     let svc_shared = shared.clone();
+    let svc_ctx = ctx.clone();
     let service = hyper::service::service_fn(move |req| {
         let shared = svc_shared.clone();
-        async move { Ok::<_, Infallible>(handle(shared, peer, req).await) }
+        let ctx = svc_ctx.clone();
+        async move {
+            ctx.head.cancel();
+            Ok::<_, Infallible>(handle(shared, peer, req, ctx).await)
+        }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(shared.gw.limits.auth_timeout)
+        .header_read_timeout(shared.limits.handshake_timeout)
+        // One request per connection: it becomes a tunnel or gets its
+        // answer and is closed, so a refused client cannot sit on an
+        // admitted-looking connection and retry forever.
+        .keep_alive(false)
+        // Answers carry nothing that varies per request (no Date), so two
+        // refusals are byte-identical whatever they were for.
+        .auto_date_header(false)
         .max_buf_size(64 * 1024)
         .serve_connection(TokioIo::new(tls), service)
         .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        r = &mut conn => {
+            if let Err(e) = r {
+                debug!(%peer, "HTTPS connection: {e}");
+            }
+            return;
+        }
+        () = ctx.head.cancelled() => {}
+        () = tokio::time::sleep_until(deadline) => {
+            debug!(%peer, "no request head before the HTTPS handshake deadline");
+            shared.count_conn("handshake_timeout");
+            return;
+        }
+    }
     if let Err(e) = conn.await {
         debug!(%peer, "HTTPS connection: {e}");
     }
 }
 
-async fn handle(shared: Arc<Shared>, peer: SocketAddr, req: Request<Incoming>) -> Reply {
+async fn handle(
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+    ctx: Arc<ConnCtx>,
+) -> Reply {
     if req.method() == Method::POST && req.uri().path().starts_with("/tunnel/") {
-        return handle_upgrade(&shared, peer, req).await;
+        return handle_upgrade(&shared, peer, req, &ctx).await;
     }
     if req.method() != Method::CONNECT {
         return shared.refuse(
@@ -205,41 +435,54 @@ async fn handle(shared: Arc<Shared>, peer: SocketAddr, req: Request<Incoming>) -
         );
     };
     let authority = format!("{host}:{port}");
-    let Some(d) = shared
+    let d = shared
         .gw
         .table()
-        .connect(&host, port, shared.lease_domain.as_deref())
-    else {
-        return shared.refuse(
-            "not_found",
-            StatusCode::NOT_FOUND,
-            format!("no route for {authority}"),
-        );
-    };
-    if !d.allow_unauthenticated {
-        let header = req
-            .headers()
-            .get(hyper::header::PROXY_AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default();
-        match shared.check_fresh(header, &authority, &d.allow) {
-            Ok(fp) => debug!(%peer, %authority, key = %fp, "CONNECT proof accepted"),
-            Err(e) => {
-                info!(%peer, %authority, "CONNECT refused: {e}");
-                return shared.refuse(
-                    "forbidden",
-                    StatusCode::FORBIDDEN,
-                    format!("not allowed: {e}"),
-                );
-            }
+        .connect(&host, port, shared.lease_domain.as_deref());
+    if let Some(d) = d.as_ref().filter(|d| d.allow_unauthenticated) {
+        // An open route, by its owner's explicit choice: no proof.
+        return admit_and_open(&shared, peer, &authority, d, req, false, &ctx).await;
+    }
+    // From here an unknown name and a known one take the same path: the
+    // proof is parsed, its time and signature checked, and its key looked
+    // up in the route's keys, or in none.
+    let none = HashSet::new();
+    let header = req
+        .headers()
+        .get(hyper::header::PROXY_AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let checked = shared.check_fresh(header, &authority, d.as_ref().map_or(&none, |d| &d.allow));
+    match (checked, &d) {
+        (Ok(fp), Some(d)) => {
+            debug!(%peer, %authority, key = %fp, "CONNECT proof accepted");
+            admit_and_open(&shared, peer, &authority, d, req, false, &ctx).await
+        }
+        (checked, _) => {
+            // Only the log (the operator's) tells the two apart.
+            let result = if d.is_some() {
+                "forbidden"
+            } else {
+                "not_found"
+            };
+            let why = match &checked {
+                Ok(_) => proof::ProofError::Missing,
+                Err(e) => e.clone(),
+            };
+            info!(%peer, %authority, routed = d.is_some(), "CONNECT refused: {why}");
+            shared.refuse(result, DENIED, format!("not allowed: {why}"))
         }
     }
-    open_tunnel(&shared, peer, &authority, &d, req, false).await
 }
 
-/// `POST /tunnel/{leaseHash}/tcp`: a fresh proof (`Proxy-Authorization`) or,
-/// unless `--require-fresh-upgrade-proofs`, the plain `X-Signature`.
-async fn handle_upgrade(shared: &Arc<Shared>, peer: SocketAddr, req: Request<Incoming>) -> Reply {
+/// `POST /tunnel/{leaseHash}/tcp`: a fresh proof (`Proxy-Authorization`),
+/// or with `--allow-replayable-upgrade-proofs` also the plain `X-Signature`.
+async fn handle_upgrade(
+    shared: &Arc<Shared>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+    ctx: &Arc<ConnCtx>,
+) -> Reply {
     use keyway_tunnel::upgrade;
     let Some(hash) = upgrade::parse_path(req.uri().path()) else {
         return shared.refuse(
@@ -249,35 +492,70 @@ async fn handle_upgrade(shared: &Arc<Shared>, peer: SocketAddr, req: Request<Inc
         );
     };
     let hash_hex = hex::encode(hash);
-    let Some((d, keys)) = shared.gw.table().upgrade(&hash) else {
-        return shared.refuse(
-            "not_found",
-            StatusCode::NOT_FOUND,
-            format!("no lease {hash_hex}"),
-        );
-    };
+    let found = shared.gw.table().upgrade(&hash);
     let authority = upgrade::authority(&hash_hex);
+    // Like CONNECT: an unknown hash is checked against no keys, so it gets
+    // the answer a live lease gives the same request.
+    let none = HashSet::new();
+    let (allow, keys) = match &found {
+        Some((d, keys)) => (&d.allow, keys.as_slice()),
+        None => (&none, &[][..]),
+    };
     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
     let checked = match (header("proxy-authorization"), header("x-signature")) {
-        (Some(p), _) => shared.check_fresh(p, &authority, &d.allow),
-        (None, Some(_)) if shared.require_fresh => Err(proof::ProofError::Malformed(
-            "this gateway requires a fresh proof (Proxy-Authorization), not X-Signature".into(),
+        (Some(p), _) => shared.check_fresh(p, &authority, allow),
+        (None, Some(_)) if !shared.allow_replayable => Err(proof::ProofError::Malformed(
+            "this gateway requires a fresh proof (Proxy-Authorization: Keyway-SSHSIG), \
+             not the replayable X-Signature"
+                .into(),
         )),
-        (None, Some(sig)) => upgrade::verify_plain(&hash, sig, &keys),
+        (None, Some(sig)) => upgrade::verify_plain(&hash, sig, keys),
         (None, None) => Err(proof::ProofError::Missing),
     };
-    match checked {
-        Ok(fp) => debug!(%peer, lease = %d.label, key = %fp, "upgrade proof accepted"),
-        Err(e) => {
-            info!(%peer, lease = %d.label, "upgrade refused: {e}");
-            return shared.refuse(
-                "forbidden",
-                StatusCode::FORBIDDEN,
-                format!("not allowed: {e}"),
-            );
+    match (checked, &found) {
+        (Ok(fp), Some((d, _))) => {
+            debug!(%peer, lease = %d.label, key = %fp, "upgrade proof accepted");
+            admit_and_open(shared, peer, &authority, d, req, true, ctx).await
+        }
+        (checked, _) => {
+            let result = if found.is_some() {
+                "forbidden"
+            } else {
+                "not_found"
+            };
+            let why = match &checked {
+                Ok(_) => proof::ProofError::Missing,
+                Err(e) => e.clone(),
+            };
+            let lease = found.as_ref().map_or("(none)", |(d, _)| d.label.as_str());
+            info!(%peer, %lease, hash = %hash_hex, "upgrade refused: {why}");
+            shared.refuse(result, DENIED, format!("not allowed: {why}"))
         }
     }
-    open_tunnel(shared, peer, &authority, &d, req, true).await
+}
+
+/// The request is allowed: the connection leaves the eviction queue (its
+/// place under `--https-max-connections` goes with the tunnel), then the
+/// tunnel opens.
+async fn admit_and_open(
+    shared: &Arc<Shared>,
+    peer: SocketAddr,
+    authority: &str,
+    d: &ConnectDecision,
+    req: Request<Incoming>,
+    upgrade: bool,
+    ctx: &Arc<ConnCtx>,
+) -> Reply {
+    if !ctx.admit() {
+        // Evicted between the head and the decision (counted then); the
+        // socket is closing anyway.
+        let mut r = Response::new(Full::new(Bytes::from_static(
+            b"the gateway is overloaded; retry\n",
+        )));
+        *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        return r;
+    }
+    open_tunnel(shared, peer, authority, d, req, upgrade, ctx.slot.clone()).await
 }
 
 /// Dials the backend, answers (200 for CONNECT, 101 for the upgrade) and
@@ -290,6 +568,7 @@ async fn open_tunnel(
     d: &ConnectDecision,
     mut req: Request<Incoming>,
     upgrade: bool,
+    slot: Arc<Slot>,
 ) -> Reply {
     let upstream = match backend::dial(&shared.gw, &d.target).await {
         Ok(u) => u,
@@ -303,6 +582,8 @@ async fn open_tunnel(
     let gw = shared.gw.clone();
     let (id, cancel) = gw.register_tunnel(d.key.clone(), d.label.clone());
     tokio::spawn(async move {
+        // The tunnel holds the connection's place until it ends.
+        let _slot = slot;
         let up = match hyper::upgrade::on(&mut req).await {
             Ok(up) => up,
             Err(e) => {

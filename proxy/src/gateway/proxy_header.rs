@@ -1,4 +1,4 @@
-//! PROXY protocol v1/v2 on the SSH listener: behind an L4 edge (HAProxy
+//! PROXY protocol v1/v2 on both listeners: behind an L4 edge (HAProxy
 //! `send-proxy-v2`, a cloud load balancer) the destination the user dialed
 //! is only in the header, and routing needs it. Parsing is the `ppp` crate's;
 //! this module reads exactly one header off the socket (never a byte of the
@@ -131,7 +131,7 @@ pub async fn read<R: AsyncRead + Unpin>(r: &mut R) -> Result<Addresses, HeaderEr
 /// Interprets one complete header.
 pub fn parse(bytes: &[u8]) -> Result<Addresses, HeaderError> {
     use ppp::v1::Addresses as V1;
-    use ppp::v2::{Addresses as V2, Command};
+    use ppp::v2::{Addresses as V2, Command, Protocol};
     let v4 = |a: &ppp::v1::IPv4| {
         Some((
             SocketAddr::from((a.source_address, a.source_port)),
@@ -150,13 +150,27 @@ pub fn parse(bytes: &[u8]) -> Result<Addresses, HeaderError> {
             V1::Tcp6(a) => v6(a),
             V1::Unknown => None,
         }),
-        HeaderResult::V2(Ok(h)) => match (h.command, &h.addresses) {
-            (Command::Local, _) => Ok(None),
-            (Command::Proxy, V2::IPv4(a)) => Ok(v4(a)),
-            (Command::Proxy, V2::IPv6(a)) => Ok(v6(a)),
-            (Command::Proxy, V2::Unspecified) => Ok(None),
-            (Command::Proxy, V2::Unix(_)) => Err(HeaderError::Malformed(
-                "a UNIX-socket address cannot be routed".into(),
+        HeaderResult::V2(Ok(h)) => match (h.command, h.protocol, &h.addresses) {
+            // LOCAL: the edge's own connection (a health check); the spec
+            // says to ignore the family and keep the socket's addresses.
+            (Command::Local, _, _) => Ok(None),
+            // Keyway routes TCP only: a header that says the client spoke
+            // UDP (or anything but a stream) describes a connection this
+            // gateway never saw, so it is refused rather than routed
+            // (LESSONS: refuse non-TCP families, CVE-2024-35175).
+            (Command::Proxy, Protocol::Datagram, _) => Err(HeaderError::Malformed(
+                "the transport is DGRAM (UDP); only STREAM (TCP) is accepted".into(),
+            )),
+            (Command::Proxy, _, V2::Unix(_)) => Err(HeaderError::Malformed(
+                "a UNIX-socket address cannot be routed; only TCP over IPv4/IPv6 is accepted"
+                    .into(),
+            )),
+            (Command::Proxy, Protocol::Stream, V2::IPv4(a)) => Ok(v4(a)),
+            (Command::Proxy, Protocol::Stream, V2::IPv6(a)) => Ok(v6(a)),
+            // AF_UNSPEC: like v1 UNKNOWN, the socket's addresses stand.
+            (Command::Proxy, _, V2::Unspecified) => Ok(None),
+            (Command::Proxy, Protocol::Unspecified, _) => Err(HeaderError::Malformed(
+                "an IP address with an unspecified transport; only TCP (STREAM) is accepted".into(),
             )),
         },
         HeaderResult::V1(Err(e)) => Err(HeaderError::Malformed(e.to_string())),
@@ -224,6 +238,49 @@ mod tests {
                 String::from_utf8_lossy(&c)
             );
         }
+    }
+
+    #[tokio::test]
+    async fn headers_for_anything_but_tcp_are_refused() {
+        // Raw bytes, so the test does not depend on what the builder allows:
+        // signature, version 2 + PROXY, family/transport, length, payload.
+        let header = |fam: u8, payload: &[u8]| {
+            let mut h = V2_SIGNATURE.to_vec();
+            h.extend_from_slice(&[0x21, fam]);
+            h.extend_from_slice(&u16::try_from(payload.len()).unwrap().to_be_bytes());
+            h.extend_from_slice(payload);
+            h
+        };
+        let v4 = [198, 51, 100, 7, 203, 0, 113, 9, 0xc3, 0x50, 0, 22];
+        let v6 = [[0x20u8; 16], [0x20; 16]].concat();
+        let v6 = [v6.as_slice(), &[0xc3, 0x50, 0, 22]].concat();
+        let unix = [0u8; 216];
+        // UDP over IPv4 (0x12) and IPv6 (0x22), UNIX stream (0x31) and
+        // datagram (0x32), IPv4 with an unspecified transport (0x10).
+        for (fam, payload, why) in [
+            (0x12, &v4[..], "DGRAM (UDP)"),
+            (0x22, &v6[..], "DGRAM (UDP)"),
+            (0x31, &unix[..], "UNIX"),
+            (0x32, &unix[..], "DGRAM"),
+            (0x10, &v4[..], "unspecified transport"),
+        ] {
+            let h = header(fam, payload);
+            let e = read(&mut &h[..]).await.unwrap_err();
+            assert!(
+                matches!(e, HeaderError::Malformed(_)) && e.to_string().contains(why),
+                "family {fam:#x}: {e}"
+            );
+        }
+        // The same addresses over TCP (0x11, 0x21) route.
+        let tcp = header(0x11, &v4);
+        let got = read(&mut &tcp[..]).await.unwrap().unwrap();
+        assert_eq!(got.1, "203.0.113.9:22".parse().unwrap());
+        assert!(read(&mut &header(0x21, &v6)[..]).await.unwrap().is_some());
+        // AF_UNSPEC with PROXY, and LOCAL over UDP: the socket's addresses.
+        assert_eq!(read(&mut &header(0x00, &[])[..]).await.unwrap(), None);
+        let mut local = header(0x12, &v4);
+        local[12] = 0x20;
+        assert_eq!(read(&mut &local[..]).await.unwrap(), None);
     }
 
     #[test]
