@@ -608,9 +608,12 @@ fn an_idle_socket_flood_on_https_locks_out_neither_ssh_nor_connect_users() {
     let ssh_refused0 =
         c.st.metric("keyway_ssh_connections_total", &["refused_limit"]);
 
+    // From 30 addresses, 10 sockets each: a spread-out flood, within the
+    // per-source limits, so only the listener's own caps stand against it.
+    let dst: std::net::SocketAddr = https_addr(&c).parse().unwrap();
     let t0 = Instant::now();
     let flood: Vec<TcpStream> = (0..FLOOD)
-        .map(|_| TcpStream::connect(https_addr(&c)).unwrap())
+        .map(|i| connect_from(&format!("127.0.1.{}", i % 30 + 1), dst))
         .collect();
     // Every flood socket accepted or refused by the gateway.
     wait_for(
@@ -688,4 +691,88 @@ fn an_idle_socket_flood_on_https_locks_out_neither_ssh_nor_connect_users() {
     );
     assert!(timeouts >= 1.0);
     drop(flood);
+}
+
+#[test]
+fn one_source_cannot_hold_or_churn_the_https_listener() {
+    // One source holds idle sockets, another opens and drops connections
+    // in a loop; each is cut off by its own per-source limit, and users
+    // elsewhere (the CONNECT client and ssh, from 127.0.0.1) get in.
+    rlimit::increase_nofile_limit(4096).unwrap();
+    const HOLDER: &str = "127.0.2.1";
+    const CHURNER: &str = "127.0.2.2";
+    let c = start_with(&[
+        "--handshake-burst-per-source",
+        "40",
+        "--handshakes-per-source-per-sec",
+        "1",
+        "--max-unauthenticated-per-source",
+        "32",
+    ]);
+    let ip = c.st.leases["alice-1"].ip.clone();
+    let dst: std::net::SocketAddr = https_addr(&c).parse().unwrap();
+    let https = |r: &str| {
+        c.st.metric("keyway_https_connections_total", &[&format!("\"{r}\"")])
+    };
+    let (pending0, rate0) = (
+        https("refused_source_pending"),
+        https("refused_source_rate"),
+    );
+
+    // 100 idle sockets from one address: 32 wait for the handshake
+    // deadline, the rest are closed before any TLS work.
+    let held: Vec<TcpStream> = (0..100).map(|_| connect_from(HOLDER, dst)).collect();
+    wait_for(
+        Duration::from_secs(60),
+        "the holder's sockets past its pending cap refused",
+        || (https("refused_source_pending") - pending0 >= 68.0).then_some(()),
+    )
+    .unwrap();
+    // 100 connections opened and dropped from another: its bucket of 40
+    // (refilling at 1/s) runs dry.
+    for _ in 0..100 {
+        drop(connect_from(CHURNER, dst));
+    }
+    wait_for(
+        Duration::from_secs(60),
+        "the churner refused by its handshake rate",
+        || (https("refused_source_rate") - rate0 >= 1.0).then_some(()),
+    )
+    .unwrap();
+    let (pending, rate) = (
+        https("refused_source_pending") - pending0,
+        https("refused_source_rate") - rate0,
+    );
+    eprintln!(
+        "one source holding 100 idle sockets, another churning 100: refused_source_pending {pending}, \
+         refused_source_rate {rate}, HTTPS open {}",
+        c.st.metric("keyway_https_connections_open", &[])
+    );
+    assert_eq!(pending, 68.0, "the holder keeps exactly its 32 pending");
+    // The SSH listener's table is its own: nothing was refused there.
+    assert_eq!(
+        c.st.metric("keyway_ssh_connections_total", &["refused_source_pending"])
+            + c.st
+                .metric("keyway_ssh_connections_total", &["refused_source_rate"]),
+        0.0
+    );
+    // Others get in through both listeners.
+    let o = c.ssh("alice", "vm.example");
+    assert_eq!(stdout(&o), "alice-1", "{o:?}\n{}", c.st.proxy_log());
+    let o = c.st.ssh_output(&["alice"], &[&ip, "echo $KEYWAY_VM"]);
+    assert_eq!(stdout(&o), "alice-1", "{o:?}\n{}", c.st.proxy_log());
+    // The holder itself still gets a place once one of its sockets goes.
+    drop(held);
+    wait_for(
+        Duration::from_secs(30),
+        "the holder's sockets closed",
+        || (c.st.metric("keyway_https_connections_open", &[]) == 0.0).then_some(()),
+    )
+    .unwrap();
+    let mut tls = tls_over(&c, connect_from(HOLDER, dst));
+    tls.write_all(b"CONNECT open.example:22 HTTP/1.1\r\nHost: open.example:22\r\n\r\n")
+        .unwrap();
+    let mut b = [0u8; 12];
+    tls.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"HTTP/1.1 200");
 }

@@ -102,9 +102,10 @@ pub struct RunArgs {
         default_value = "mlkem768x25519-sha256,curve25519-sha256,curve25519-sha256@libssh.org"
     )]
     kex_algorithms: Vec<String>,
-    /// New unauthenticated SSH connections per second one source (an IPv4
+    /// New unauthenticated connections per second one source (an IPv4
     /// address or an IPv6 /64) may start, sustained; beyond it they are
-    /// closed before the handshake.
+    /// closed before the handshake. The SSH and HTTPS listeners each apply
+    /// it (and the two below) in a table of their own.
     #[arg(long, default_value_t = 20.0)]
     handshakes_per_source_per_sec: f64,
     /// How many one source may start at once after a quiet spell.
@@ -393,6 +394,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
             max_connections: args.https_max_connections.max(1),
             max_unauthenticated: args.https_max_unauthenticated.max(1),
             handshake_timeout: Duration::from_secs(args.https_handshake_timeout_secs.max(1)),
+            // The same per-source flags as SSH, counted apart.
+            sources: gw.limits.sources,
         };
         data_plane.spawn(async move {
             let config = gateway::connect::ConnectConfig {

@@ -17,7 +17,12 @@
 //! `--https-handshake-timeout-secs` for the PROXY header, TLS handshake and
 //! request head together. A flood of idle sockets here therefore neither
 //! takes the SSH listener's `--max-connections` nor locks out CONNECT users
-//! (a real client finishes its handshake in milliseconds).
+//! (a real client finishes its handshake in milliseconds). One source (an
+//! IPv4 address or IPv6 /64, after the PROXY header) may start only so many
+//! TLS handshakes per second and hold only so many connections without an
+//! admitted request (`sources.rs`, the SSH listener's per-source flags, in a
+//! table of this listener's own); beyond that it is closed before the TLS
+//! handshake, so a handshake loop cannot spend the listener's CPU.
 
 use std::collections::{HashSet, VecDeque};
 use std::convert::Infallible;
@@ -50,9 +55,11 @@ pub const REQUEST_RESULTS: [&str; 5] =
 
 /// `result` labels of `keyway_https_connections_total`: what happened to a
 /// connection before (or instead of) a request being decided.
-pub const CONNECTION_RESULTS: [&str; 6] = [
+pub const CONNECTION_RESULTS: [&str; 8] = [
     "accepted",
     "refused_limit",
+    "refused_source_rate",
+    "refused_source_pending",
     "evicted_unauthenticated",
     "handshake_timeout",
     "tls_failed",
@@ -69,6 +76,10 @@ pub struct HttpsLimits {
     pub max_unauthenticated: usize,
     /// PROXY header, TLS handshake and request head, from accept.
     pub handshake_timeout: Duration,
+    /// Per-source admission of TLS handshakes: the same limits as the SSH
+    /// listener's, in a table of this listener's own, so a source flooding
+    /// one listener uses up nothing on the other.
+    pub sources: super::sources::SourceLimits,
 }
 
 impl Default for HttpsLimits {
@@ -77,6 +88,7 @@ impl Default for HttpsLimits {
             max_connections: 1000,
             max_unauthenticated: 256,
             handshake_timeout: Duration::from_secs(10),
+            sources: super::sources::SourceLimits::default(),
         }
     }
 }
@@ -186,6 +198,8 @@ struct Shared {
     /// This listener's connection cap (never the SSH listener's).
     total: Arc<Semaphore>,
     pending: Mutex<VecDeque<Pending>>,
+    /// Per-source admission of handshakes (this listener's own table).
+    sources: Arc<super::sources::Sources>,
 }
 
 type Reply = Response<Full<Bytes>>;
@@ -273,6 +287,7 @@ impl Gateway {
             replay: Mutex::new(ReplayCache::new(100_000)),
             total: Arc::new(Semaphore::new(limits.max_connections.max(1))),
             pending: Mutex::new(VecDeque::new()),
+            sources: super::sources::Sources::new(limits.sources),
             limits,
         });
         let mut accepts = tokio::task::JoinSet::new();
@@ -351,6 +366,15 @@ async fn serve_conn(
             }
         }
     }
+    // One source may start only so many TLS handshakes (sources.rs).
+    let mut source = match shared.sources.admit(peer.ip(), std::time::Instant::now()) {
+        Ok(p) => p,
+        Err(r) => {
+            debug!(%peer, "closing: too many HTTPS handshakes from this source ({r:?})");
+            shared.count_conn(r.metric_label());
+            return;
+        }
+    };
     let tls = match tokio::time::timeout_at(deadline, shared.tls.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -395,7 +419,8 @@ async fn serve_conn(
             }
             return;
         }
-        () = ctx.head.cancelled() => {}
+        // A request head arrived: no longer this source's pending handshake.
+        () = ctx.head.cancelled() => source.done(),
         () = tokio::time::sleep_until(deadline) => {
             debug!(%peer, "no request head before the HTTPS handshake deadline");
             shared.count_conn("handshake_timeout");
