@@ -432,6 +432,21 @@ async fn serve_conn(
     }
 }
 
+/// The metric label and the reason for a refused proof: `forbidden` when
+/// something routes the name, else `not_found` (the answer is the same 403
+/// either way; only the metric and the log tell them apart).
+fn refusal<T>(
+    routed: bool,
+    checked: &Result<T, proof::ProofError>,
+) -> (&'static str, proof::ProofError) {
+    let result = if routed { "forbidden" } else { "not_found" };
+    let why = match checked {
+        Ok(_) => proof::ProofError::Missing,
+        Err(e) => e.clone(),
+    };
+    (result, why)
+}
+
 async fn handle(
     shared: Arc<Shared>,
     peer: SocketAddr,
@@ -485,15 +500,7 @@ async fn handle(
         }
         (checked, _) => {
             // Only the log (the operator's) tells the two apart.
-            let result = if d.is_some() {
-                "forbidden"
-            } else {
-                "not_found"
-            };
-            let why = match &checked {
-                Ok(_) => proof::ProofError::Missing,
-                Err(e) => e.clone(),
-            };
+            let (result, why) = refusal(d.is_some(), &checked);
             info!(%peer, %authority, routed = d.is_some(), "CONNECT refused: {why}");
             shared.refuse(result, DENIED, format!("not allowed: {why}"))
         }
@@ -543,15 +550,7 @@ async fn handle_upgrade(
             admit_and_open(shared, peer, &authority, d, req, true, ctx).await
         }
         (checked, _) => {
-            let result = if found.is_some() {
-                "forbidden"
-            } else {
-                "not_found"
-            };
-            let why = match &checked {
-                Ok(_) => proof::ProofError::Missing,
-                Err(e) => e.clone(),
-            };
+            let (result, why) = refusal(found.is_some(), &checked);
             let lease = found.as_ref().map_or("(none)", |(d, _)| d.label.as_str());
             info!(%peer, %lease, hash = %hash_hex, "upgrade refused: {why}");
             shared.refuse(result, DENIED, format!("not allowed: {why}"))
