@@ -58,6 +58,13 @@ echo "\`KEYWAY_BIN_DIR=target/release cargo bench -p keyway-e2e --bench cluster\
 echo >>"$out"
 KEYWAY_BIN_DIR="$PWD/target/release" KEYWAY_BENCH_OUT="$out" cargo bench --locked -p keyway-e2e --bench cluster
 echo >>"$out"
+# Local mode at 10,000 and 100,000 leases (issue 14).
+echo "## Local mode at scale" >>"$out"
+echo >>"$out"
+echo "\`KEYWAY_BIN_DIR=target/release cargo bench -p keyway-e2e --bench scale\`" >>"$out"
+echo >>"$out"
+KEYWAY_BIN_DIR="$PWD/target/release" KEYWAY_BENCH_OUT="$out" cargo bench --locked -p keyway-e2e --bench scale
+echo >>"$out"
 
 mv "$out" BENCHMARKS.md
 trap - EXIT

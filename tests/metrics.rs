@@ -141,6 +141,14 @@ async fn the_operator_scrape_matches_the_reference_and_passes_promtool() {
         .await
         .unwrap();
     let op = env.operator("op-a", &[]).unwrap();
+    // A subscribed proxy, so the per-subscriber families have a series.
+    let proxy_metrics: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let ssh = format!("127.0.0.1:{}", free_port());
+    let _proxy = Proc::spawn(
+        env.proxy_command(&op.endpoint(), &ssh, proxy_metrics),
+        &env.dir.path().join("proxy.log"),
+    )
+    .unwrap();
     let want = documented("## Operator (cluster mode)");
     let scrape = wait_for(
         Duration::from_secs(60),

@@ -23,7 +23,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::pb::snapshot_service_client::SnapshotServiceClient;
 use crate::pb::{self, SnapshotResponse, SubscribeRequest};
-use crate::{check, version};
+use crate::{check, delta, version};
 
 /// Shortest reconnect delay, whatever the config says (zero would spin).
 const MIN_BACKOFF: Duration = Duration::from_millis(10);
@@ -311,6 +311,7 @@ async fn stream(shared: &Shared, streams: &mut u64, delivered: &mut bool) -> Res
         response_nonce,
         error_detail,
         role: config.role.clone(),
+        accepts_deltas: true,
     };
     // One answer per response and we wait for the next response before
     // answering again, so the queue never holds more than the hello + one.
@@ -336,14 +337,15 @@ async fn stream(shared: &Shared, streams: &mut u64, delivered: &mut bool) -> Res
     while let Some(resp) = inbound.message().await.context("receiving a snapshot")? {
         *delivered = true;
         let nonce = resp.nonce.clone();
-        let held = shared.held();
+        let held_snapshot = shared.snap_tx.borrow().clone();
+        let held = held_snapshot.as_ref().and_then(|s| s.version);
         let offered = resp.version;
         // Check, validate and persist off the async threads: for 100,000
         // leases each takes a while, and `validate` is the caller's code.
         let job = {
             let validate = shared.validate.clone();
             let cache = config.cache_path.clone();
-            move || judge(resp, held, &*validate, cache.as_deref())
+            move || judge(resp, held_snapshot.as_deref(), &*validate, cache.as_deref())
         };
         let verdict = match tokio::task::spawn_blocking(job).await {
             Ok(v) => v,
@@ -407,22 +409,19 @@ enum Verdict {
     Refuse(String),
 }
 
-/// Decides on one response; runs on a blocking thread.
+/// Decides on one response; runs on a blocking thread. `held` is the
+/// snapshot served now (a delta applies to it).
 fn judge(
     resp: SnapshotResponse,
-    held: Option<pb::Version>,
+    held: Option<&pb::Snapshot>,
     validate: &Validate,
     cache: Option<&Path>,
 ) -> Verdict {
-    let (Some(v), Some(mut s)) = (resp.version, resp.snapshot) else {
-        return Verdict::Refuse("response without a version or a snapshot".into());
+    let Some(v) = resp.version else {
+        return Verdict::Refuse("response without a version".into());
     };
-    if let Some(inner) = s.version
-        && inner != v
-    {
-        return Verdict::Refuse(format!("response says {v} but its snapshot says {inner}"));
-    }
-    if let Some(h) = held {
+    let held_version = held.and_then(|h| h.version);
+    if let Some(h) = held_version {
         if h.is_newer_than(&v) {
             return Verdict::Refuse(format!("stale: {v} is older than the applied {h}"));
         }
@@ -430,6 +429,38 @@ fn judge(
             return Verdict::Same(v);
         }
     }
+    let mut s = match (resp.snapshot, resp.delta) {
+        (Some(s), None) => {
+            if let Some(inner) = s.version
+                && inner != v
+            {
+                return Verdict::Refuse(format!("response says {v} but its snapshot says {inner}"));
+            }
+            s
+        }
+        (None, Some(d)) => {
+            if d.version != Some(v) {
+                return Verdict::Refuse(format!(
+                    "response says {v} but its delta leads to {}",
+                    version::show_opt(d.version.as_ref())
+                ));
+            }
+            let Some(base) = held else {
+                return Verdict::Refuse(format!(
+                    "a delta from {} but no snapshot is held",
+                    version::show_opt(d.base.as_ref())
+                ));
+            };
+            match delta::apply(base, &d) {
+                Ok(s) => s,
+                Err(e) => return Verdict::Refuse(format!("delta not applicable: {e}")),
+            }
+        }
+        (Some(_), Some(_)) => {
+            return Verdict::Refuse("response carries both a snapshot and a delta".into());
+        }
+        (None, None) => return Verdict::Refuse("response without a snapshot or a delta".into()),
+    };
     if let Err(errors) = check::check(&s) {
         return Verdict::Refuse(format!("consistency check failed: {}", summarize(&errors)));
     }
@@ -572,6 +603,21 @@ mod tests {
                 leases: (1..=n).map(lease).collect(),
                 ..Default::default()
             }),
+            ..Default::default()
+        }
+    }
+
+    fn delta_response(base: pb::Version, v: pb::Version, n: u8) -> SnapshotResponse {
+        SnapshotResponse {
+            version: Some(v),
+            nonce: "n".into(),
+            delta: Some(pb::SnapshotDelta {
+                base: Some(base),
+                version: Some(v),
+                upserted_leases: vec![lease(n)],
+                ..Default::default()
+            }),
+            ..Default::default()
         }
     }
 
@@ -589,7 +635,8 @@ mod tests {
 
     #[test]
     fn older_versions_are_refused_epoch_first() {
-        let held = Some(pb::Version::new(5, 1));
+        let h = response(pb::Version::new(5, 1), 1).snapshot.unwrap();
+        let held = Some(&h);
         let e = refused(judge(response(pb::Version::new(4, 9), 1), held, &ok, None));
         assert!(
             e.contains("stale: e4.v9 is older than the applied e5.v1"),
@@ -603,6 +650,47 @@ mod tests {
             judge(response(pb::Version::new(6, 1), 1), held, &ok, None),
             Verdict::Apply { .. }
         ));
+    }
+
+    #[test]
+    fn a_delta_applies_to_the_held_snapshot_and_only_to_it() {
+        let (v1, v2) = (pb::Version::new(5, 1), pb::Version::new(5, 2));
+        let h = response(v1, 1).snapshot.unwrap();
+        let Verdict::Apply {
+            snapshot, version, ..
+        } = judge(delta_response(v1, v2, 2), Some(&h), &ok, None)
+        else {
+            panic!("not applied");
+        };
+        assert_eq!(version, v2);
+        assert_eq!(snapshot.version, Some(v2));
+        assert_eq!(snapshot.leases, vec![lease(1), lease(2)]);
+        // From a version we do not hold, or with nothing held: refused.
+        let e = refused(judge(
+            delta_response(pb::Version::new(5, 0), v2, 2),
+            Some(&h),
+            &ok,
+            None,
+        ));
+        assert!(e.contains("delta not applicable"), "{e}");
+        let e = refused(judge(delta_response(v1, v2, 2), None, &ok, None));
+        assert!(e.contains("no snapshot is held"), "{e}");
+        // A delta whose result fails the check is refused like a snapshot.
+        let mut bad = delta_response(v1, v2, 2);
+        bad.delta.as_mut().unwrap().upserted_leases[0].lease_hash = vec![1; 32];
+        let e = refused(judge(bad, Some(&h), &ok, None));
+        assert!(e.contains("consistency check failed"), "{e}");
+        // Both or a mismatched version: refused.
+        let mut both = delta_response(v1, v2, 2);
+        both.snapshot = response(v2, 2).snapshot;
+        assert!(refused(judge(both, Some(&h), &ok, None)).contains("both"));
+        let mut off = delta_response(v1, v2, 2);
+        off.version = Some(pb::Version::new(5, 3));
+        assert!(refused(judge(off, Some(&h), &ok, None)).contains("leads to"));
+        // The empty delta to the held version is a no-op.
+        let mut same = delta_response(v1, v1, 2);
+        same.delta.as_mut().unwrap().upserted_leases.clear();
+        assert!(matches!(judge(same, Some(&h), &ok, None), Verdict::Same(_)));
     }
 
     #[test]

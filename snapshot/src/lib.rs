@@ -4,6 +4,7 @@
 
 pub mod check;
 pub mod client;
+pub mod delta;
 pub mod server;
 pub mod version;
 

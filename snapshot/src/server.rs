@@ -1,35 +1,42 @@
 //! The operator side: [`Publisher`] versions snapshots and [`serve`] streams
 //! them to subscribers, one unacknowledged response at a time.
 //!
-//! Protocol decisions (see also the proto file):
+//! Protocol decisions (see also the proto file and docs/snapshot-protocol.md):
 //! - The call is authenticated before anything else by `authorization: Bearer
 //!   <token>` metadata, compared in constant time. A refused caller is never
 //!   registered and never sees a snapshot.
 //! - The hello must arrive within [`HELLO_DEADLINE`]; request messages are
 //!   capped at [`MAX_REQUEST_BYTES`] (they carry a node id and a short error).
-//! - The current snapshot is sent right after the hello, even when the hello
-//!   says the subscriber already holds that exact version: it acks it as a
-//!   no-op, and the protocol stays one rule ("the first response is the full
-//!   state"). The cost is one transfer per reconnect to the same writer.
+//! - Each publish diffs the new snapshot against the current one and keeps
+//!   the delta, encoded once, in a bounded history ([`HISTORY_MAX_STEPS`],
+//!   [`HISTORY_MAX_BYTES`]). A subscriber that accepts deltas gets the changes
+//!   from the version it holds (the hello's, then the one it last ACKed) to
+//!   the newest, merged into one delta; it gets the whole snapshot only when
+//!   those changes are gone from the history, belong to another epoch, would
+//!   be bigger than the snapshot, or after it NACKed a delta.
+//! - A response is sent right after the hello even when the subscriber holds
+//!   the current version: an empty delta (or, for a subscriber without
+//!   deltas, the full snapshot), which it acks as a no-op. So the first
+//!   answer always tells the subscriber where it stands.
 //! - After each response the stream waits for the answer carrying its nonce
 //!   (messages with other nonces are ignored), then sends whatever is newest
-//!   at that moment: versions published meanwhile are skipped (latest wins).
-//!   A NACKed version is recorded and never resent; the next response is the
-//!   next newer version.
-//! - Each snapshot is encoded once, when it is published; every response
-//!   copies those bytes instead of cloning and re-encoding the snapshot per
-//!   subscriber (100,000 leases are tens of MB).
+//!   at that moment: versions published meanwhile conflate (latest wins, and
+//!   for deltas the changes merge per key). A NACKed version is recorded and
+//!   never resent; the next response is for a newer version.
+//! - Full snapshots are encoded once per version, and only when a subscriber
+//!   needs one; building any response (encoding, merging) runs on a blocking
+//!   thread, never on the async workers.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use prost::Message;
-use prost::bytes::BufMut;
+use prost::bytes::{BufMut, Bytes};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::codec::{Codec, EncodeBuf, Encoder};
@@ -39,7 +46,7 @@ use tonic::{Status, Streaming};
 use tracing::{debug, info, warn};
 
 use crate::pb::{self, SnapshotResponse, SubscribeRequest};
-use crate::{check, version};
+use crate::{check, delta, version};
 
 /// How long a subscriber may take to send its hello.
 pub const HELLO_DEADLINE: Duration = Duration::from_secs(10);
@@ -48,6 +55,10 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 /// Disconnected subscribers stay listed this long (unless the same node
 /// reconnects sooner), so status can show who went away.
 pub const FORGET_AFTER: Duration = Duration::from_secs(600);
+/// Published deltas kept for subscribers catching up, at most this many…
+pub const HISTORY_MAX_STEPS: usize = 4096;
+/// …and at most this many encoded bytes in all.
+pub const HISTORY_MAX_BYTES: usize = 64 * 1024 * 1024;
 /// NACK error texts are kept up to this many bytes.
 const MAX_ERROR_BYTES: usize = 1024;
 const SUBSCRIBE_PATH: &str = "/keyway.snapshot.v1.SnapshotService/Subscribe";
@@ -57,24 +68,105 @@ const SUBSCRIBE_PATH: &str = "/keyway.snapshot.v1.SnapshotService/Subscribe";
 #[error("snapshot failed the consistency check: {}", .0.join("; "))]
 pub struct PublishError(pub Vec<String>);
 
-/// A published snapshot with its wire encoding, shared by every stream.
+/// A published snapshot, shared by every stream.
 struct Published {
+    /// In canonical order ([`delta::normalize`]), `version` set.
     snapshot: Arc<pb::Snapshot>,
     version: pb::Version,
-    /// `SnapshotResponse.snapshot` as encoded on the wire: field key, length,
-    /// then the snapshot's bytes. The snapshot's bytes are its content (every
-    /// field but version and generated_unix_ms) followed by those two fields;
-    /// protobuf merges concatenated encodings, so this decodes to the whole
-    /// snapshot.
-    field: Vec<u8>,
-    /// Where the content bytes sit in `field`: equal bytes = same content.
-    content: std::ops::Range<usize>,
+    /// `SnapshotResponse.snapshot` as encoded on the wire (field key, length,
+    /// the snapshot's bytes), built the first time a subscriber needs the
+    /// whole snapshot.
+    full: OnceLock<Bytes>,
 }
 
 impl Published {
-    fn content(&self) -> &[u8] {
-        self.field.get(self.content.clone()).unwrap_or_default()
+    fn full(&self) -> Bytes {
+        self.full
+            .get_or_init(|| field_bytes(3, &*self.snapshot))
+            .clone()
     }
+
+    fn objects(&self) -> usize {
+        self.snapshot.leases.len() + self.snapshot.routes.len()
+    }
+}
+
+/// One published change: the delta from the previous version, encoded once
+/// (`SnapshotResponse.delta`: field key, length, the delta's bytes).
+struct Step {
+    base: pb::Version,
+    version: pb::Version,
+    delta: pb::SnapshotDelta,
+    wire: Bytes,
+}
+
+impl Step {
+    fn new(base: pb::Version, delta: pb::SnapshotDelta) -> Self {
+        let wire = field_bytes(4, &delta);
+        let version = delta.version.unwrap_or(base);
+        Step {
+            base,
+            version,
+            delta,
+            wire,
+        }
+    }
+}
+
+/// `msg` encoded as field `tag` of a message: key, length, bytes.
+fn field_bytes(tag: u32, msg: &impl Message) -> Bytes {
+    let len = msg.encoded_len();
+    let mut out = Vec::with_capacity(len + 16);
+    prost::encoding::encode_key(tag, prost::encoding::WireType::LengthDelimited, &mut out);
+    prost::encoding::encode_varint(len as u64, &mut out);
+    // Encoding into a Vec cannot run out of room.
+    msg.encode_raw(&mut out);
+    Bytes::from(out)
+}
+
+/// The published deltas, oldest first, consecutive.
+#[derive(Default)]
+struct History {
+    steps: VecDeque<Arc<Step>>,
+    bytes: usize,
+}
+
+impl History {
+    fn push(&mut self, step: Arc<Step>) {
+        self.bytes += step.wire.len();
+        self.steps.push_back(step);
+        while self.steps.len() > HISTORY_MAX_STEPS || self.bytes > HISTORY_MAX_BYTES {
+            match self.steps.pop_front() {
+                Some(old) => self.bytes -= old.wire.len(),
+                None => break,
+            }
+        }
+    }
+
+    /// The steps from `held` to `target`, if every one is still here.
+    fn between(&self, held: pb::Version, target: pb::Version) -> Option<Vec<Arc<Step>>> {
+        let first = self.steps.iter().position(|s| s.base == held)?;
+        let mut out = Vec::new();
+        let mut at = held;
+        for step in self.steps.iter().skip(first) {
+            if at == target {
+                break;
+            }
+            if step.base != at {
+                return None;
+            }
+            at = step.version;
+            out.push(step.clone());
+        }
+        (at == target).then_some(out)
+    }
+}
+
+/// What one response carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Full,
+    Delta,
 }
 
 /// A snapshot [`Publisher::prepare`] checked, versioned and encoded, not
@@ -86,6 +178,8 @@ pub struct Prepared {
     version: pb::Version,
     /// `None`: same content as the current snapshot; nothing to serve.
     next: Option<Arc<Published>>,
+    /// The change from the current snapshot (none for the first one).
+    step: Option<Arc<Step>>,
 }
 
 impl std::fmt::Debug for Prepared {
@@ -138,13 +232,29 @@ pub struct SubscriberStatus {
     pub last_nack_error: Option<String>,
     /// The version it last refused.
     pub last_nack_version: Option<pb::Version>,
+    /// Its hello said it applies deltas.
+    pub accepts_deltas: bool,
+    /// Full snapshots sent to it on this stream.
+    pub full_sent: u64,
+    /// Deltas sent to it on this stream.
+    pub deltas_sent: u64,
+    /// Response bytes sent to this node (protobuf message bytes, before
+    /// gRPC framing), summed over its streams for as long as it is listed:
+    /// a reconnect carries the count over.
+    pub bytes_sent: u64,
 }
 
 /// Counters since the publisher was created, for metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Totals {
-    /// Responses (snapshots) sent.
+    /// Responses sent (full snapshots and deltas).
     pub sent: u64,
+    /// Of those, full snapshots.
+    pub full_sent: u64,
+    /// Of those, deltas.
+    pub deltas_sent: u64,
+    /// Response bytes sent to every subscriber (protobuf message bytes).
+    pub bytes_sent: u64,
     /// ACKs received.
     pub acks: u64,
     /// NACKs received.
@@ -158,10 +268,17 @@ struct Inner {
     /// Serializes publishers so two never assign the same version.
     publishing: Mutex<()>,
     tx: watch::Sender<Option<Arc<Published>>>,
+    /// Deltas for subscribers catching up; appended before a version is
+    /// served, so every step up to the current version is here unless it
+    /// was evicted.
+    history: Mutex<History>,
     subscribers: Mutex<HashMap<u64, SubscriberStatus>>,
     next_conn: AtomicU64,
     acks: watch::Sender<u64>,
     sent: AtomicU64,
+    full_sent: AtomicU64,
+    deltas_sent: AtomicU64,
+    bytes_sent: AtomicU64,
     ack_count: AtomicU64,
     nack_count: AtomicU64,
     refused: AtomicU64,
@@ -199,10 +316,14 @@ impl Publisher {
                 epoch,
                 publishing: Mutex::new(()),
                 tx,
+                history: Mutex::new(History::default()),
                 subscribers: Mutex::new(HashMap::new()),
                 next_conn: AtomicU64::new(1),
                 acks,
                 sent: AtomicU64::new(0),
+                full_sent: AtomicU64::new(0),
+                deltas_sent: AtomicU64::new(0),
+                bytes_sent: AtomicU64::new(0),
                 ack_count: AtomicU64::new(0),
                 nack_count: AtomicU64::new(0),
                 refused: AtomicU64::new(0),
@@ -223,9 +344,10 @@ impl Publisher {
     /// snapshot too. A snapshot failing [`check::check`] publishes nothing
     /// and returns every problem found.
     ///
-    /// Encodes the snapshot on the calling thread (tens of ms for 100,000
-    /// leases). [`Publisher::prepare`] and [`Publisher::commit`] are the same
-    /// in two steps, for a writer that must persist what it publishes first.
+    /// Checks and diffs the snapshot against the current one on the calling
+    /// thread (linear in its size; the wire carries only the diff).
+    /// [`Publisher::prepare`] and [`Publisher::commit`] are the same in two
+    /// steps, for a writer that must persist what it publishes first.
     pub fn publish(&self, snapshot: pb::Snapshot) -> Result<pb::Version, PublishError> {
         let _publishing = lock(&self.inner.publishing);
         let prepared = self.prepare_locked(snapshot)?;
@@ -253,53 +375,38 @@ impl Publisher {
             self.inner.refused.fetch_add(1, Ordering::Relaxed);
             return Err(PublishError(errors));
         }
+        delta::normalize(&mut snapshot);
         let current = self.inner.tx.borrow().clone();
         let base = current.as_ref().map(|c| c.version);
         let next = pb::Version::new(
             self.inner.epoch,
             current.as_ref().map_or(1, |c| c.version.version + 1),
         );
-        // Encode the content alone (no clone of the snapshot: the two fields
-        // are taken out and put back).
-        snapshot.version = None;
-        let generated_unix_ms = std::mem::take(&mut snapshot.generated_unix_ms);
-        let tail = pb::Snapshot {
-            version: Some(next),
-            generated_unix_ms,
-            ..Default::default()
-        }
-        .encode_to_vec();
-        let content_len = snapshot.encoded_len();
-        let mut field = Vec::with_capacity(content_len + tail.len() + 16);
-        prost::encoding::encode_key(3, prost::encoding::WireType::LengthDelimited, &mut field);
-        prost::encoding::encode_varint((content_len + tail.len()) as u64, &mut field);
-        let start = field.len();
-        // A Vec grows as needed; encoding into it cannot run out of room.
-        snapshot
-            .encode(&mut field)
-            .map_err(|e| PublishError(vec![format!("encoding the snapshot: {e}")]))?;
-        let content = start..field.len();
-        if let Some(cur) = &current
-            && field.get(content.clone()) == Some(cur.content())
-        {
-            return Ok(Prepared {
-                base,
-                version: cur.version,
-                next: None,
-            });
-        }
-        field.extend_from_slice(&tail);
         snapshot.version = Some(next);
-        snapshot.generated_unix_ms = generated_unix_ms;
+        let step = match &current {
+            Some(cur) => {
+                let d = delta::diff(&cur.snapshot, &snapshot);
+                if delta::is_empty(&d) {
+                    return Ok(Prepared {
+                        base,
+                        version: cur.version,
+                        next: None,
+                        step: None,
+                    });
+                }
+                Some(Arc::new(Step::new(cur.version, d)))
+            }
+            None => None,
+        };
         Ok(Prepared {
             base,
             version: next,
             next: Some(Arc::new(Published {
                 snapshot: Arc::new(snapshot),
                 version: next,
-                field,
-                content,
+                full: OnceLock::new(),
             })),
+            step,
         })
     }
 
@@ -310,9 +417,60 @@ impl Publisher {
             ]));
         }
         if let Some(next) = prepared.next {
+            if let Some(step) = prepared.step {
+                lock(&self.inner.history).push(step);
+            }
             self.inner.tx.send_replace(Some(next));
         }
         Ok(prepared.version)
+    }
+
+    /// What to send a subscriber that holds `held` (a version of ours, or
+    /// `None`) so it reaches `target`: the merged delta when it accepts
+    /// deltas and the history still has every step, else the full snapshot.
+    /// Can be expensive (merging, encoding a full snapshot): call it on a
+    /// blocking thread.
+    fn response_body(
+        &self,
+        held: Option<pb::Version>,
+        target: &Published,
+        deltas: bool,
+    ) -> (Kind, Bytes) {
+        if deltas
+            && let Some(held) = held
+            && let Some(body) = self.delta_body(held, target)
+        {
+            return (Kind::Delta, body);
+        }
+        (Kind::Full, target.full())
+    }
+
+    fn delta_body(&self, held: pb::Version, target: &Published) -> Option<Bytes> {
+        if held == target.version {
+            let empty = pb::SnapshotDelta {
+                base: Some(held),
+                version: Some(held),
+                generated_unix_ms: target.snapshot.generated_unix_ms,
+                ..Default::default()
+            };
+            return Some(field_bytes(4, &empty));
+        }
+        if held.epoch != self.inner.epoch || held > target.version {
+            return None;
+        }
+        let steps = lock(&self.inner.history).between(held, target.version)?;
+        match steps.as_slice() {
+            [] => None,
+            [one] => Some(one.wire.clone()),
+            [first, rest @ ..] => {
+                let mut merged = first.delta.clone();
+                for step in rest {
+                    merged = delta::merge(&merged, &step.delta).ok()?;
+                }
+                // Past this size the whole snapshot is the smaller message.
+                (delta::changes(&merged) <= target.objects()).then(|| field_bytes(4, &merged))
+            }
+        }
     }
 
     /// The version being served, if any.
@@ -361,6 +519,9 @@ impl Publisher {
     pub fn totals(&self) -> Totals {
         Totals {
             sent: self.inner.sent.load(Ordering::Relaxed),
+            full_sent: self.inner.full_sent.load(Ordering::Relaxed),
+            deltas_sent: self.inner.deltas_sent.load(Ordering::Relaxed),
+            bytes_sent: self.inner.bytes_sent.load(Ordering::Relaxed),
             acks: self.inner.ack_count.load(Ordering::Relaxed),
             nacks: self.inner.nack_count.load(Ordering::Relaxed),
             refused: self.inner.refused.load(Ordering::Relaxed),
@@ -379,8 +540,16 @@ impl Publisher {
         {
             let mut subs = lock(&self.inner.subscribers);
             forget_old(&mut subs);
-            // A node that reconnects replaces its old, disconnected entry.
-            subs.retain(|_, s| s.connected || s.node_id != hello.node_id);
+            // A node that reconnects replaces its old, disconnected entry,
+            // keeping its byte count (a counter across its streams).
+            let mut carried = 0;
+            subs.retain(|_, s| {
+                let replaced = !s.connected && s.node_id == hello.node_id;
+                if replaced {
+                    carried += s.bytes_sent;
+                }
+                !replaced
+            });
             subs.insert(
                 conn,
                 SubscriberStatus {
@@ -395,6 +564,10 @@ impl Publisher {
                     nack_count: 0,
                     last_nack_error: None,
                     last_nack_version: None,
+                    accepts_deltas: hello.accepts_deltas,
+                    full_sent: 0,
+                    deltas_sent: 0,
+                    bytes_sent: carried,
                 },
             );
         }
@@ -603,21 +776,25 @@ where
 }
 
 /// One response on the wire: its small header (version, nonce) and the
-/// published snapshot's shared bytes.
+/// body (a full snapshot or a delta), whose bytes are shared.
 struct Outgoing {
     head: Vec<u8>,
-    published: Arc<Published>,
+    body: Bytes,
 }
 
 impl Outgoing {
-    fn new(published: Arc<Published>, nonce: String) -> Self {
+    fn new(version: pb::Version, nonce: String, body: Bytes) -> Self {
         let head = SnapshotResponse {
-            version: Some(published.version),
+            version: Some(version),
             nonce,
-            snapshot: None,
+            ..Default::default()
         }
         .encode_to_vec();
-        Outgoing { head, published }
+        Outgoing { head, body }
+    }
+
+    fn len(&self) -> usize {
+        self.head.len() + self.body.len()
     }
 }
 
@@ -646,9 +823,9 @@ impl Encoder for OutgoingEncoder {
     type Error = Status;
 
     fn encode(&mut self, item: Outgoing, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.reserve(item.head.len() + item.published.field.len());
+        dst.reserve(item.len());
         dst.put_slice(&item.head);
-        dst.put_slice(&item.published.field);
+        dst.put_slice(&item.body);
         Ok(())
     }
 }
@@ -755,14 +932,19 @@ async fn serve_stream(
     tx: &Tx,
 ) -> Result<(), Status> {
     let mut rx = publisher.inner.tx.subscribe();
+    // What the subscriber holds, as far as we know: deltas start there.
+    let mut held = publisher.ours(hello.applied);
     let mut last_sent: Option<pb::Version> = None;
+    // After a NACKed delta the next response is a full snapshot.
+    let mut force_full = false;
     loop {
         // Latest wins: whatever is current when we are free to send goes
-        // out; versions published while the subscriber was busy are skipped.
+        // out; versions published while the subscriber was busy conflate.
+        // The first response goes out even if the subscriber holds it.
         let published = loop {
             let current = rx.borrow_and_update().clone();
             if let Some(p) = current
-                && version::is_newer(&p.version, last_sent.as_ref())
+                && (last_sent.is_none() || version::is_newer(&p.version, last_sent.as_ref()))
             {
                 break p;
             }
@@ -776,16 +958,37 @@ async fn serve_stream(
             }
         };
         let v = published.version;
+        let deltas = hello.accepts_deltas && !force_full;
+        // Merging deltas or encoding a full snapshot can take a while for a
+        // big world: off the async workers.
+        let (kind, body) = {
+            let publisher = publisher.clone();
+            let published = published.clone();
+            tokio::task::spawn_blocking(move || publisher.response_body(held, &published, deltas))
+                .await
+                .map_err(|e| Status::internal(format!("building the response: {e}")))?
+        };
         let nonce = hex::encode(rand::random::<[u8; 16]>());
-        if tx
-            .send(Ok(Outgoing::new(published, nonce.clone())))
-            .await
-            .is_err()
-        {
+        let out = Outgoing::new(v, nonce.clone(), body);
+        let bytes = out.len() as u64;
+        if tx.send(Ok(out)).await.is_err() {
             return Ok(());
         }
-        publisher.inner.sent.fetch_add(1, Ordering::Relaxed);
-        publisher.update_quietly(conn, |s| s.sent = Some(v));
+        let inner = &publisher.inner;
+        inner.sent.fetch_add(1, Ordering::Relaxed);
+        inner.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
+        match kind {
+            Kind::Full => inner.full_sent.fetch_add(1, Ordering::Relaxed),
+            Kind::Delta => inner.deltas_sent.fetch_add(1, Ordering::Relaxed),
+        };
+        publisher.update_quietly(conn, |s| {
+            s.sent = Some(v);
+            s.bytes_sent += bytes;
+            match kind {
+                Kind::Full => s.full_sent += 1,
+                Kind::Delta => s.deltas_sent += 1,
+            }
+        });
         last_sent = Some(v);
         // At most one unacknowledged response: wait for the answer to this
         // nonce before looking at the publisher again.
@@ -799,16 +1002,21 @@ async fn serve_stream(
             debug!(node = %hello.node_id, "ignoring an answer to an earlier response");
         };
         if answer.error_detail.is_empty() {
-            publisher.inner.ack_count.fetch_add(1, Ordering::Relaxed);
-            debug!(node = %hello.node_id, version = %v, "snapshot acknowledged");
+            inner.ack_count.fetch_add(1, Ordering::Relaxed);
+            debug!(node = %hello.node_id, version = %v, ?kind, "snapshot acknowledged");
+            held = Some(v);
+            force_full = false;
             publisher.update(conn, |s| s.acked = Some(v));
         } else {
             // Counted and recorded; never resent: the loop above waits for a
-            // version newer than `v`.
-            publisher.inner.nack_count.fetch_add(1, Ordering::Relaxed);
+            // version newer than `v`. The subscriber says what it kept; the
+            // next response starts from nothing it might not hold.
+            inner.nack_count.fetch_add(1, Ordering::Relaxed);
             let error = truncate(&answer.error_detail, MAX_ERROR_BYTES);
-            warn!(node = %hello.node_id, version = %v, kept = %version::show_opt(answer.applied.as_ref()), "snapshot refused by subscriber: {error}");
+            warn!(node = %hello.node_id, version = %v, ?kind, kept = %version::show_opt(answer.applied.as_ref()), "snapshot refused by subscriber: {error}");
             let kept = publisher.ours(answer.applied);
+            held = kept;
+            force_full = kind == Kind::Delta;
             publisher.update(conn, |s| {
                 s.nack_count += 1;
                 s.last_nack_error = Some(error);
@@ -903,19 +1111,70 @@ mod tests {
         assert_eq!(p.publish(snap(3, 0)).unwrap(), pb::Version::new(1, 2));
     }
 
+    fn decode(out: Outgoing) -> SnapshotResponse {
+        let mut bytes = out.head.clone();
+        bytes.extend_from_slice(&out.body);
+        SnapshotResponse::decode(bytes.as_slice()).unwrap()
+    }
+
+    fn body(p: &Publisher, held: Option<pb::Version>, deltas: bool) -> (Kind, SnapshotResponse) {
+        let published = p.inner.tx.borrow().clone().unwrap();
+        let (kind, body) = p.response_body(held, &published, deltas);
+        (
+            kind,
+            decode(Outgoing::new(published.version, "abc".into(), body)),
+        )
+    }
+
     #[test]
     fn the_wire_bytes_decode_to_the_published_snapshot() {
         let p = Publisher::new(2);
         p.publish(snap(3, 1234)).unwrap();
-        let published = p.inner.tx.borrow().clone().unwrap();
-        let out = Outgoing::new(published, "abc".into());
-        let mut bytes = out.head.clone();
-        bytes.extend_from_slice(&out.published.field);
-        let decoded = SnapshotResponse::decode(bytes.as_slice()).unwrap();
+        let (kind, decoded) = body(&p, None, true);
+        assert_eq!(kind, Kind::Full);
         assert_eq!(decoded.version, Some(pb::Version::new(2, 1)));
         assert_eq!(decoded.nonce, "abc");
         assert_eq!(decoded.snapshot.as_ref(), Some(&*p.current().unwrap()));
         assert_eq!(decoded.snapshot.unwrap().generated_unix_ms, 1234);
+        assert!(decoded.delta.is_none());
+    }
+
+    #[test]
+    fn a_subscriber_behind_gets_the_merged_changes_and_one_without_deltas_the_whole() {
+        let p = Publisher::new(2);
+        let v1 = p.publish(snap(3, 0)).unwrap();
+        p.publish(snap(4, 0)).unwrap();
+        let mut s = snap(4, 0);
+        s.leases.remove(0);
+        let v3 = p.publish(s).unwrap();
+        let (kind, r) = body(&p, Some(v1), true);
+        assert_eq!(kind, Kind::Delta);
+        let d = r.delta.unwrap();
+        assert_eq!((d.base, d.version), (Some(v1), Some(v3)));
+        assert_eq!(d.upserted_leases.len(), 1);
+        assert_eq!(d.removed_leases.len(), 1);
+        assert!(r.snapshot.is_none());
+        // Holding the current version: an empty delta.
+        let (kind, r) = body(&p, Some(v3), true);
+        assert_eq!(kind, Kind::Delta);
+        assert!(delta::is_empty(&r.delta.unwrap()));
+        // No deltas, another epoch, or a version we never had: the whole.
+        assert_eq!(body(&p, Some(v1), false).0, Kind::Full);
+        assert_eq!(body(&p, Some(pb::Version::new(1, 1)), true).0, Kind::Full);
+        assert_eq!(body(&p, Some(pb::Version::new(2, 9)), true).0, Kind::Full);
+    }
+
+    #[test]
+    fn evicted_history_falls_back_to_the_whole_snapshot() {
+        let p = Publisher::new(2);
+        let v1 = p.publish(snap(1, 0)).unwrap();
+        for i in 0..HISTORY_MAX_STEPS + 1 {
+            p.publish(snap(if i % 2 == 0 { 2 } else { 1 }, 0)).unwrap();
+        }
+        assert_eq!(lock(&p.inner.history).steps.len(), HISTORY_MAX_STEPS);
+        assert_eq!(body(&p, Some(v1), true).0, Kind::Full);
+        let recent = pb::Version::new(2, p.current_version().unwrap().version - 1);
+        assert_eq!(body(&p, Some(recent), true).0, Kind::Delta);
     }
 
     #[test]

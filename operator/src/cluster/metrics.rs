@@ -2,10 +2,14 @@
 //! leads and has restored its state, so a Service in front of the snapshot
 //! port only sends proxies to the leader).
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
+use keyway_snapshot::server::Publisher;
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -37,6 +41,8 @@ pub struct Metrics {
     /// Per pool: addresses, leases holding one, users, the busiest user's
     /// leases, and leases waiting for an address.
     pub pool: PoolGauges,
+    /// Snapshot responses and bytes, read from the publisher at scrape.
+    traffic: Arc<SnapshotTraffic>,
     ready: AtomicBool,
 }
 
@@ -133,6 +139,7 @@ impl Metrics {
                     &["pool"],
                 )?,
             },
+            traffic: Arc::new(SnapshotTraffic::new()?),
             registry,
             ready: AtomicBool::new(false),
         };
@@ -152,7 +159,16 @@ impl Metrics {
         m.registry
             .register(Box::new(m.pool.max_leases_per_user.clone()))?;
         m.registry.register(Box::new(m.pool.pending.clone()))?;
+        m.registry
+            .register(Box::new(SharedCollector(m.traffic.clone())))?;
         Ok(Arc::new(m))
+    }
+
+    /// Reports this publisher's traffic from now on (set once leading).
+    pub fn watch_publisher(&self, publisher: &Publisher) {
+        if let Ok(mut p) = self.traffic.publisher.lock() {
+            *p = Some(publisher.clone());
+        }
     }
 
     /// Marks the replica ready (leader, state restored) or not.
@@ -166,6 +182,85 @@ impl Metrics {
             tracing::warn!("encoding metrics: {e}");
         }
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// `keyway_operator_snapshot_responses_total{kind}` and
+/// `keyway_operator_snapshot_bytes_sent_total{node}`, built from the
+/// publisher's own counters when scraped (nothing to keep in step).
+struct SnapshotTraffic {
+    publisher: Mutex<Option<Publisher>>,
+    descs: Vec<Desc>,
+}
+
+const RESPONSES: (&str, &str) = (
+    "keyway_operator_snapshot_responses_total",
+    "Snapshot responses sent to subscribers, by kind (full snapshot or delta)",
+);
+const BYTES_SENT: (&str, &str) = (
+    "keyway_operator_snapshot_bytes_sent_total",
+    "Snapshot response bytes (protobuf, before gRPC framing) sent, by subscriber node",
+);
+
+impl SnapshotTraffic {
+    fn new() -> Result<Self> {
+        let descs = [(RESPONSES, "kind"), (BYTES_SENT, "node")]
+            .into_iter()
+            .map(|((name, help), label)| {
+                Desc::new(
+                    name.into(),
+                    help.into(),
+                    vec![label.into()],
+                    Default::default(),
+                )
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(SnapshotTraffic {
+            publisher: Mutex::new(None),
+            descs,
+        })
+    }
+
+    fn families(&self) -> Result<Vec<MetricFamily>, prometheus::Error> {
+        let Some(publisher) = self.publisher.lock().ok().and_then(|p| p.clone()) else {
+            return Ok(Vec::new());
+        };
+        let responses = IntCounterVec::new(Opts::new(RESPONSES.0, RESPONSES.1), &["kind"])?;
+        let totals = publisher.totals();
+        responses
+            .with_label_values(&["full"])
+            .inc_by(totals.full_sent);
+        responses
+            .with_label_values(&["delta"])
+            .inc_by(totals.deltas_sent);
+        let bytes = IntCounterVec::new(Opts::new(BYTES_SENT.0, BYTES_SENT.1), &["node"])?;
+        // Two streams may carry one node id: one series per node.
+        let mut per_node = BTreeMap::<String, u64>::new();
+        for s in publisher.subscribers() {
+            *per_node.entry(s.node_id).or_default() += s.bytes_sent;
+        }
+        for (node, n) in per_node {
+            bytes.with_label_values(&[node.as_str()]).inc_by(n);
+        }
+        let mut out = responses.collect();
+        out.extend(bytes.collect());
+        Ok(out)
+    }
+}
+
+/// Registers an `Arc`'d collector (the registry wants ownership).
+struct SharedCollector(Arc<SnapshotTraffic>);
+
+impl Collector for SharedCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.0.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        self.0.families().unwrap_or_else(|e| {
+            tracing::warn!("snapshot traffic metrics: {e}");
+            Vec::new()
+        })
     }
 }
 

@@ -446,6 +446,7 @@ async fn lead(
         "restored allocations from status"
     );
     let publisher = Publisher::new(epoch);
+    metrics.watch_publisher(&publisher);
     let recorder = Recorder::new(
         client.clone(),
         Reporter {

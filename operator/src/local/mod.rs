@@ -607,6 +607,7 @@ fn acks_of(publisher: &Publisher) -> (Vec<Ack>, Vec<SubscriberRecord>) {
             acked: s.acked.map(|v| format!("e{}.v{}", v.epoch, v.version)),
             nacks: s.nack_count,
             last_error: s.last_nack_error,
+            bytes_sent: s.bytes_sent,
         })
         .collect();
     (acks, records)

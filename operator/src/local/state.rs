@@ -164,6 +164,9 @@ pub struct SubscriberRecord {
     /// Its last NACK's error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// Snapshot bytes sent to it (full snapshots and deltas).
+    #[serde(default)]
+    pub bytes_sent: u64,
 }
 
 /// The routing snapshot as last published.

@@ -1,0 +1,270 @@
+//! Local mode at provider scale (issue 14's measurement): one IPPool /24, N
+//! leases of N users in one multi-document file, `keyway-proxy run --local`
+//! subscribed; then edits of one lease in a second, small file, each timed
+//! from the write to the proxy's `keyway_snapshot_version` changing. Also
+//! cold starts, RSS of both processes, the state file's size and the
+//! snapshot bytes the operator sent. Real release binaries
+//! (`KEYWAY_BIN_DIR`); run by `make bench`, figures go to BENCHMARKS.md.
+//!
+//! `KEYWAY_SCALE_LEASES` (comma-separated counts, default `10000,100000`)
+//! and `KEYWAY_SCALE_EDITS` (default 10) change the run.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use keyway_e2e::cluster::hex_key;
+use keyway_e2e::stack::{free_port, http_get};
+use keyway_e2e::*;
+
+/// Generous: the baseline takes tens of seconds per step at 100,000 leases.
+const SLOW: Duration = Duration::from_secs(1800);
+
+fn fmt(d: Duration) -> String {
+    if d >= Duration::from_secs(1) {
+        format!("{:.2} s", d.as_secs_f64())
+    } else {
+        format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+    }
+}
+
+fn mib(kib: u64) -> String {
+    if kib >= 1024 * 1024 {
+        format!("{:.2} GiB", kib as f64 / (1024.0 * 1024.0))
+    } else {
+        format!("{} MiB", kib / 1024)
+    }
+}
+
+fn bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / f64::from(1 << 20)),
+        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n => format!("{n} B"),
+    }
+}
+
+fn rss_kib(pid: Option<u32>) -> u64 {
+    let Some(pid) = pid else { return 0 };
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
+    let (_, body) = http_get(addr, "/metrics").ok()?;
+    body.lines()
+        .find(|l| l.split_whitespace().next() == Some(name))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn lease_doc(i: usize, user: &str, target: &str) -> String {
+    format!(
+        "---\napiVersion: keyway.dev/v1alpha1\nkind: VMLease\nmetadata:\n  name: {}\nspec:\n  user: {user}\n  poolRef: bench\n  accessPublicKeys:\n    - \"{}\"\n  target:\n    address: \"{target}\"\n",
+        if i == usize::MAX {
+            "edited".to_string()
+        } else {
+            format!("vm-{i:07}")
+        },
+        hex_key(u32::try_from(i % (1 << 31)).unwrap_or(0)),
+    )
+}
+
+/// Bytes the operator says it sent each subscriber (from its state file;
+/// `None` where the operator does not record them).
+fn bytes_sent(dir: &Path) -> Option<u64> {
+    let state = state_json(dir);
+    let subs = state["snapshot"]["subscribers"].as_array()?;
+    subs.iter()
+        .map(|s| s["bytesSent"].as_u64())
+        .sum::<Option<u64>>()
+}
+
+struct Run {
+    leases: usize,
+    operator_first_snapshot: Duration,
+    proxy_first: Duration,
+    proxy_restart: Duration,
+    samples: Vec<Duration>,
+    op_rss: (u64, u64),
+    proxy_rss: (u64, u64),
+    state_bytes: u64,
+    sent_per_edit: Option<u64>,
+}
+
+fn proxy(dir: &Path, metrics: SocketAddr, log: &Path) -> Proc {
+    let mut cmd = Command::new(bin("keyway-proxy"));
+    cmd.arg("run")
+        .arg("--local")
+        .arg(dir)
+        .args(["--ssh-listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--metrics-listen", &metrics.to_string()])
+        .env("RUST_LOG", "warn");
+    Proc::spawn_append(cmd, log).unwrap()
+}
+
+fn wait_leases(p: &mut Proc, metrics: SocketAddr, n: usize, what: &str) {
+    wait_for(SLOW, what, || {
+        assert!(p.running(), "keyway-proxy exited:\n{}", p.output());
+        (metric(metrics, "keyway_snapshot_leases")? as usize == n).then_some(())
+    })
+    .unwrap();
+}
+
+fn run(n: usize, edits: usize) -> Run {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("leases");
+    std::fs::create_dir_all(&dir).unwrap();
+    write_file(
+        &dir.join("pool.yaml"),
+        &pool_yaml("bench", &["127.0.61.0/24"]),
+    );
+    let mut all = String::with_capacity(n * 230);
+    for i in 0..n {
+        all.push_str(&lease_doc(i, &format!("user-{i}"), "127.0.0.1:22"));
+    }
+    write_file(&dir.join("leases.yaml"), &all);
+    drop(all);
+    let edit_path = dir.join("edit.yaml");
+    write_file(
+        &edit_path,
+        &lease_doc(usize::MAX, "editor", "127.0.0.1:2000"),
+    );
+    let total = n + 1;
+
+    let t0 = Instant::now();
+    let mut cmd = Command::new(bin("keyway-operator"));
+    cmd.args(["run", "--local"])
+        .arg(&dir)
+        .args(["--grpc-listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn");
+    let log = tmp.path().join("operator.log");
+    let mut op = Proc::spawn(cmd, &log).unwrap();
+    // The state file is big at this scale: parse it only when it changed.
+    let state_path = dir.join(".keyway/state.json");
+    let mut seen = None;
+    wait_for(SLOW, "the operator's first snapshot", || {
+        assert!(op.running(), "keyway-operator exited:\n{}", op.output());
+        let stamp = std::fs::metadata(&state_path)
+            .ok()
+            .map(|m| (m.modified().ok(), m.len()));
+        if stamp.is_none() || stamp == seen {
+            return None;
+        }
+        seen = stamp;
+        let state = state_json(&dir);
+        (state["snapshot"]["leases"].as_u64()? as usize == total).then_some(())
+    })
+    .unwrap();
+    let operator_first_snapshot = t0.elapsed();
+
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let plog = tmp.path().join("proxy.log");
+    let t0 = Instant::now();
+    let mut px = proxy(&dir, metrics, &plog);
+    wait_leases(&mut px, metrics, total, "the proxy to hold every lease");
+    let proxy_first = t0.elapsed();
+    let op_start = rss_kib(op.pid());
+    let proxy_start = rss_kib(px.pid());
+    let sent_before = bytes_sent(&dir);
+
+    let mut samples = Vec::with_capacity(edits);
+    for e in 0..edits {
+        let version = metric(metrics, "keyway_snapshot_version").unwrap();
+        let text = lease_doc(usize::MAX, "editor", &format!("127.0.0.1:{}", 2001 + e));
+        let t0 = Instant::now();
+        write_file(&edit_path, &text);
+        wait_for(SLOW, "the proxy to apply the edit", || {
+            (metric(metrics, "keyway_snapshot_version")? != version).then_some(())
+        })
+        .unwrap();
+        samples.push(t0.elapsed());
+    }
+    // The operator records the bytes once the last ACK is in.
+    std::thread::sleep(Duration::from_millis(500));
+    let sent_per_edit = bytes_sent(&dir)
+        .zip(sent_before)
+        .map(|(after, before)| after.saturating_sub(before) / edits.max(1) as u64);
+    let op_after = rss_kib(op.pid());
+    let proxy_after = rss_kib(px.pid());
+    let state_bytes = std::fs::metadata(dir.join(".keyway/state.json"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+
+    // A proxy restart: its disk copy, then the operator's answer.
+    px.stop(Duration::from_secs(10));
+    let t0 = Instant::now();
+    let mut px = proxy(&dir, metrics, &plog);
+    wait_leases(
+        &mut px,
+        metrics,
+        total,
+        "the restarted proxy to hold every lease",
+    );
+    let proxy_restart = t0.elapsed();
+    px.stop(Duration::from_secs(10));
+    op.stop(Duration::from_secs(30));
+    samples.sort();
+    Run {
+        leases: n,
+        operator_first_snapshot,
+        proxy_first,
+        proxy_restart,
+        samples,
+        op_rss: (op_start, op_after),
+        proxy_rss: (proxy_start, proxy_after),
+        state_bytes,
+        sent_per_edit,
+    }
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let counts: Vec<usize> = std::env::var("KEYWAY_SCALE_LEASES")
+        .unwrap_or_else(|_| "10000,100000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let edits: usize = std::env::var("KEYWAY_SCALE_EDITS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    let mut table = format!(
+        "| leases (+1 edited, one /24 pool, local mode) | edit → proxy applied, min / median / max ({edits} edits) | snapshot bytes sent per edit | operator RSS start → after | proxy RSS start → after | state.json | operator: start → first snapshot | proxy: start → all leases (first / restart) |\n|---|---|---|---|---|---|---|---|\n"
+    );
+    for n in counts {
+        let r = run(n, edits);
+        let s = &r.samples;
+        table.push_str(&format!(
+            "| {} | {} / {} / {} | {} | {} → {} | {} → {} | {} | {} | {} / {} |\n",
+            r.leases,
+            fmt(s[0]),
+            fmt(s[s.len() / 2]),
+            fmt(s[s.len() - 1]),
+            r.sent_per_edit.map_or("not recorded".into(), bytes),
+            mib(r.op_rss.0),
+            mib(r.op_rss.1),
+            mib(r.proxy_rss.0),
+            mib(r.proxy_rss.1),
+            bytes(r.state_bytes),
+            fmt(r.operator_first_snapshot),
+            fmt(r.proxy_first),
+            fmt(r.proxy_restart),
+        ));
+        eprintln!("{n} leases done");
+    }
+    bench_report(&table);
+}
