@@ -10,16 +10,74 @@
 //! changes. [`Scanner::done`] resolves when a parse finishes, so the caller
 //! scans again and admits it. One slow file therefore delays its own objects
 //! and nothing else.
+//!
+//! A file is read again only when its [`Stamp`] (device, inode, size, mtime,
+//! ctime) changed, or when it was last read so soon after its last change
+//! that a same-size rewrite within the file system's timestamp granularity
+//! could hide (git's "racy" rule): so a rescan of an unchanged directory
+//! costs one `stat` per file, not a read of every byte.
 
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
 use tokio::sync::mpsc;
 
 use super::loader::{self, FileScan, Fingerprint};
+
+/// A change to a file within this long of reading it may not show in its
+/// stamp (coarse timestamps): such a file is read again next time.
+const RACY: Duration = Duration::from_secs(2);
+
+/// What `stat` says of a file; equal stamps (taken long enough after the
+/// last change) mean equal content.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(path: &Path) -> Option<Stamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(Stamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
+    }
+
+    /// The last change was at least [`RACY`] before `read_at`.
+    fn settled_before(&self, read_at: SystemTime) -> bool {
+        let Ok(at) = read_at.duration_since(SystemTime::UNIX_EPOCH) else {
+            return false;
+        };
+        let limit = at.saturating_sub(RACY).as_secs();
+        let newest = self.mtime.0.max(self.ctime.0);
+        // One second is the coarsest timestamp; compare whole seconds.
+        u64::try_from(newest).is_ok_and(|t| t < limit)
+    }
+}
+
+/// One file as the reader found it.
+enum Read {
+    /// Same stamp as the last read, which was settled: content unchanged.
+    Unchanged,
+    /// Read now; `trusted` when its stamp may be relied on next time.
+    Text {
+        text: Result<String, String>,
+        stamp: Option<Stamp>,
+        trusted: bool,
+    },
+}
 
 /// What the scanner knows of one file.
 #[derive(Default)]
@@ -27,6 +85,8 @@ struct Entry {
     /// The text last read and its fingerprint: an unchanged file is compared,
     /// not hashed again, each round.
     last: Option<(Arc<str>, Fingerprint)>,
+    /// The stamp of the last read, when it can tell "unchanged" next time.
+    trusted_stamp: Option<Stamp>,
     /// The last finished parse.
     parsed: Option<Arc<FileScan>>,
     /// Content being parsed now.
@@ -45,6 +105,7 @@ pub struct Scanner {
     files: HashMap<String, Entry>,
     tx: mpsc::UnboundedSender<Done>,
     rx: mpsc::UnboundedReceiver<Done>,
+    reads: u64,
 }
 
 impl Scanner {
@@ -56,14 +117,26 @@ impl Scanner {
             files: HashMap::new(),
             tx,
             rx,
+            reads: 0,
         }
+    }
+
+    /// Files read so far (an unchanged file is not read again).
+    pub fn reads(&self) -> u64 {
+        self.reads
     }
 
     /// Reads every file and starts parses for changed ones; returns what is
     /// known of each file now (see the module comment).
     pub async fn scan(&mut self) -> Result<Vec<FileScan>> {
         let dir = self.dir.clone();
-        let read = tokio::task::spawn_blocking(move || -> Result<Vec<(String, _)>> {
+        let known: HashMap<String, Stamp> = self
+            .files
+            .iter()
+            .filter(|(_, e)| e.last.is_some())
+            .filter_map(|(f, e)| Some((f.clone(), e.trusted_stamp?)))
+            .collect();
+        let read = tokio::task::spawn_blocking(move || -> Result<Vec<(String, Read)>> {
             let files =
                 loader::yaml_files(&dir).with_context(|| format!("listing {}", dir.display()))?;
             Ok(files
@@ -74,7 +147,21 @@ impl Scanner {
                         .unwrap_or(p)
                         .to_string_lossy()
                         .into_owned();
-                    (name, loader::read_capped(p))
+                    let stamp = Stamp::of(p);
+                    if stamp.is_some() && known.get(&name) == stamp.as_ref() {
+                        return (name, Read::Unchanged);
+                    }
+                    let read_at = SystemTime::now();
+                    let text = loader::read_capped(p);
+                    let trusted = stamp.is_some_and(|s| s.settled_before(read_at));
+                    (
+                        name,
+                        Read::Text {
+                            text,
+                            stamp,
+                            trusted,
+                        },
+                    )
                 })
                 .collect())
         })
@@ -83,23 +170,47 @@ impl Scanner {
 
         let mut out = Vec::with_capacity(read.len());
         let mut listed = HashSet::with_capacity(read.len());
-        for (file, text) in read {
+        for (file, read) in read {
             listed.insert(file.clone());
-            let text = match text {
-                Ok(t) => t,
-                Err(e) => {
-                    out.push(loader::unreadable(&file, e));
+            let entry = self.files.entry(file.clone()).or_default();
+            let (text, content) = match (read, &entry.last) {
+                // `known` only lists files with a last reading.
+                (Read::Unchanged, Some((text, content))) => (text.clone(), *content),
+                (Read::Unchanged, None) => {
+                    entry.trusted_stamp = None;
+                    out.push(loader::unreadable(
+                        &file,
+                        "changed while being scanned; it is read again next round".into(),
+                    ));
                     continue;
                 }
-            };
-            let entry = self.files.entry(file.clone()).or_default();
-            let (text, content) = match &entry.last {
-                Some((last, content)) if **last == *text => (last.clone(), *content),
-                _ => {
-                    let content = loader::fingerprint(text.as_bytes());
-                    let text: Arc<str> = text.into();
-                    entry.last = Some((text.clone(), content));
-                    (text, content)
+                (
+                    Read::Text {
+                        text,
+                        stamp,
+                        trusted,
+                    },
+                    last,
+                ) => {
+                    self.reads += 1;
+                    let text = match text {
+                        Ok(t) => t,
+                        Err(e) => {
+                            entry.trusted_stamp = None;
+                            out.push(loader::unreadable(&file, e));
+                            continue;
+                        }
+                    };
+                    entry.trusted_stamp = stamp.filter(|_| trusted);
+                    match last {
+                        Some((last, content)) if **last == *text => (last.clone(), *content),
+                        _ => {
+                            let content = loader::fingerprint(text.as_bytes());
+                            let text: Arc<str> = text.into();
+                            entry.last = Some((text.clone(), content));
+                            (text, content)
+                        }
+                    }
                 }
             };
             match &entry.parsed {
@@ -234,5 +345,34 @@ mod tests {
         // A removed file is gone from the scan.
         std::fs::remove_file(dir.path().join("new.yaml")).unwrap();
         assert_eq!(s.scan().await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_unchanged_file_is_not_read_again_and_a_rewrite_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pool.yaml");
+        std::fs::write(&path, POOL).unwrap();
+        let mut s = Scanner::new(dir.path().to_path_buf());
+        s.prime(Duration::from_secs(30)).await.unwrap();
+        // Just written: too fresh to trust its stamp, so read every time.
+        s.scan().await.unwrap();
+        assert_eq!(s.reads(), 2);
+        // Once its last change is older than the racy window, a stat is
+        // enough: rescans read nothing.
+        tokio::time::sleep(RACY + Duration::from_millis(1100)).await;
+        s.scan().await.unwrap();
+        let settled = s.reads();
+        for _ in 0..5 {
+            let scans = s.scan().await.unwrap();
+            assert_eq!(scans[0].docs[0].id.name, "p");
+        }
+        assert_eq!(s.reads(), settled);
+        // A same-size rewrite in place (new mtime/ctime) is read and parsed.
+        std::fs::write(&path, POOL.replace("name: p", "name: q")).unwrap();
+        s.scan().await.unwrap();
+        assert_eq!(s.reads(), settled + 1);
+        s.done().await;
+        let scans = s.scan().await.unwrap();
+        assert_eq!(scans[0].docs[0].id.name, "q");
     }
 }
