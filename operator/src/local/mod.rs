@@ -595,6 +595,32 @@ impl Local {
     }
 }
 
+/// Times the phases of one round.
+struct Phases {
+    last: std::time::Instant,
+    done: Vec<(&'static str, Duration)>,
+}
+
+impl Phases {
+    fn start() -> Self {
+        Phases {
+            last: std::time::Instant::now(),
+            done: Vec::new(),
+        }
+    }
+
+    fn mark(&mut self, phase: &'static str) {
+        let now = std::time::Instant::now();
+        self.done.push((phase, now - self.last));
+        self.last = now;
+    }
+
+    fn log(&self) {
+        let total: Duration = self.done.iter().map(|(_, d)| *d).sum();
+        tracing::debug!(?total, phases = ?self.done, "round");
+    }
+}
+
 fn acks_of(publisher: &Publisher) -> (Vec<Ack>, Vec<SubscriberRecord>) {
     let subs = publisher.subscribers();
     let acks = crate::routed::acks(&subs);
@@ -725,16 +751,26 @@ pub async fn run(opts: LocalOptions) -> Result<()> {
         if local.grace_due_ms().is_some_and(|due| now_ms() >= due) {
             rescan = true;
         }
+        // Where a round's time goes, for `RUST_LOG=keyway_operator=debug`.
+        let mut phases = Phases::start();
         if rescan || retry {
             match scanner.scan().await {
-                Ok(scans) => local.apply_scan(&scans, now_ms()),
+                Ok(scans) => {
+                    phases.mark("scan");
+                    local.apply_scan(&scans, now_ms());
+                    phases.mark("admit");
+                }
                 Err(e) => error!("{e:#}"),
             }
             let derived = local.world.derive();
+            phases.mark("derive");
             let snap = local
                 .world
                 .snapshot(&derived, Timestamp::now().as_millisecond());
-            match publisher.prepare(snap) {
+            phases.mark("build snapshot");
+            let prepared_now = publisher.prepare(snap);
+            phases.mark("check and diff snapshot");
+            match prepared_now {
                 Ok(p) => {
                     if let Some(s) = p.snapshot() {
                         tracker.observe(s);
@@ -748,6 +784,7 @@ pub async fn run(opts: LocalOptions) -> Result<()> {
         let (acks, subs) = acks_of(&publisher);
         local.update_statuses(&tracker, &acks, now);
         local.record_notices(now);
+        phases.mark("statuses");
         let record = |s: &keyway_snapshot::pb::Snapshot| SnapshotRecord {
             version: s
                 .version
@@ -772,6 +809,7 @@ pub async fn run(opts: LocalOptions) -> Result<()> {
                     false
                 }
             };
+        phases.mark("save state");
         retry = false;
         if let Some(p) = prepared {
             if saved {
@@ -788,6 +826,8 @@ pub async fn run(opts: LocalOptions) -> Result<()> {
                 retry = true;
             }
         }
+        phases.mark("publish");
+        phases.log();
         if saved && let Some(info) = info_pending.take() {
             state::write_atomic(
                 &paths.operator_info(),
