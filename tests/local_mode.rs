@@ -707,3 +707,232 @@ async fn a_crash_right_after_publishing_keeps_what_was_published() {
         "tries {lost:?} of 5 lost the published lease in the crash"
     );
 }
+
+/// `keyway-proxy run --local dir` with its metrics on `metrics`.
+fn local_proxy(dir: &Path, metrics: std::net::SocketAddr, log: &Path) -> Proc {
+    let mut cmd = std::process::Command::new(bin("keyway-proxy"));
+    cmd.args(["run", "--local"])
+        .arg(dir)
+        .args([
+            "--ssh-listen",
+            &format!("127.0.0.1:{}", keyway_e2e::stack::free_port()),
+        ])
+        .args(["--metrics-listen", &metrics.to_string()])
+        .env("RUST_LOG", "info");
+    Proc::spawn_append(cmd, log).unwrap()
+}
+
+fn proxy_metric(metrics: std::net::SocketAddr, name: &str) -> Option<f64> {
+    let (_, body) = keyway_e2e::stack::http_get(metrics, "/metrics").ok()?;
+    body.lines()
+        .find(|l| l.split_whitespace().next() == Some(name))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// What a subscriber saw across a crash: each lease's first (hash, IP), any
+/// lease that later showed another, and every version with its lease count.
+#[derive(Default)]
+struct Seen {
+    leases: BTreeMap<String, (String, String)>,
+    moved: Vec<String>,
+    versions: BTreeMap<(u64, u64), usize>,
+}
+
+/// kill -9 of a proxy and then of the operator in the middle of a burst of
+/// edits (new leases and edited ones, written 60 ms apart, the burst going on
+/// while the operator is down): no allocation a subscriber ever saw moves or
+/// is lost; the proxy restarted with the operator away serves its disk copy,
+/// a version the operator published; once the operator is back, the proxy
+/// converges to exactly its state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_in_a_burst_of_edits_loses_no_allocation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("local");
+    std::fs::create_dir(&dir).unwrap();
+    let key = new_public_key(tmp.path(), "k");
+    write_file(
+        &dir.join("pool.yaml"),
+        &pool_yaml("p", &["127.0.10.1-127.0.10.8"]),
+    );
+    let lease = |i: usize, port: u16| {
+        lease_yaml(
+            &format!("burst-{i}"),
+            // At most 200 steps make 134 leases: 7 per user, the pool has 8.
+            &format!("user{}", i % 20),
+            "p",
+            &key,
+            &format!("127.0.0.1:{port}"),
+            false,
+        )
+    };
+    write_file(&dir.join("burst-0.yaml"), &lease(0, 22));
+    // A fixed port, so the subscriber and a restarted operator meet again.
+    let grpc = format!("127.0.0.1:{}", keyway_e2e::stack::free_port());
+    let flags = ["--grpc-listen", grpc.as_str()];
+    let mut op = Operator::start_with(&dir, &flags).unwrap();
+    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", keyway_e2e::stack::free_port())
+        .parse()
+        .unwrap();
+    let plog = tmp.path().join("proxy.log");
+    let mut px = local_proxy(&dir, metrics, &plog);
+    wait_for(WAIT, "the proxy's first snapshot", || {
+        (proxy_metric(metrics, "keyway_snapshot_leases")? >= 1.0).then_some(())
+    })
+    .unwrap();
+
+    let (sub, task) = subscriber(&op, &op.token());
+    let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
+    let recorder = {
+        let seen = seen.clone();
+        let mut rx = sub.snapshot.clone();
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let Some(s) = rx.borrow_and_update().clone() else {
+                    continue;
+                };
+                let mut seen = seen.lock().unwrap();
+                seen.versions.insert(version(&s), s.leases.len());
+                for l in &s.leases {
+                    let now = (hex::encode(&l.lease_hash), l.ip.clone());
+                    match seen.leases.get(&l.name) {
+                        None => {
+                            seen.leases.insert(l.name.clone(), now);
+                        }
+                        Some(first) if *first != now => seen.moved.push(l.name.clone()),
+                        Some(_) => {}
+                    }
+                }
+            }
+        })
+    };
+
+    // The burst: a new lease on two steps of three, an edit of the last one
+    // (another target port) on the third. The proxy dies once it has applied
+    // a few deltas, the operator once it has published a few versions more;
+    // the burst goes on while the operator is down.
+    let mut created = 1;
+    let (mut px_killed, mut op_killed) = (false, false);
+    let mut step = 0;
+    while step < 45 || !op_killed {
+        step += 1;
+        assert!(step < 200, "the burst never reached its kill points");
+        if step % 3 == 0 {
+            write_file(
+                &dir.join(format!("burst-{}.yaml", created - 1)),
+                &lease(created - 1, 2000 + step),
+            );
+        } else {
+            write_file(
+                &dir.join(format!("burst-{created}.yaml")),
+                &lease(created, 22),
+            );
+            created += 1;
+        }
+        std::thread::sleep(Duration::from_millis(60));
+        if !px_killed
+            && step >= 15
+            && proxy_metric(metrics, "keyway_snapshot_leases").unwrap_or(0.0) >= 3.0
+        {
+            px.kill();
+            px_killed = true;
+        }
+        if px_killed && !op_killed && step >= 30 && seen.lock().unwrap().versions.len() > 4 {
+            op.proc.kill();
+            op_killed = true;
+        }
+    }
+
+    // The proxy again, with the operator away: it serves what it kept.
+    let mut px = local_proxy(&dir, metrics, &plog);
+    let (disk_version, disk_leases) = wait_for(WAIT, "the proxy serving its disk copy", || {
+        assert!(px.running(), "keyway-proxy exited:\n{}", px.output());
+        let leases = proxy_metric(metrics, "keyway_snapshot_leases")?;
+        let epoch = proxy_metric(metrics, "keyway_snapshot_epoch")?;
+        let v = proxy_metric(metrics, "keyway_snapshot_version")?;
+        (leases >= 1.0).then_some(((epoch as u64, v as u64), leases as usize))
+    })
+    .unwrap();
+    {
+        let seen = seen.lock().unwrap();
+        // The proxy died after applying deltas, not on its first snapshot.
+        assert!(disk_leases >= 3, "disk copy of {disk_leases} leases");
+        assert_eq!(
+            seen.versions.get(&disk_version),
+            Some(&disk_leases),
+            "the proxy's disk copy {disk_version:?} ({disk_leases} leases) is not a version \
+             the operator published: {:?}",
+            seen.versions
+        );
+    }
+
+    // The operator again: every lease Ready, nothing a subscriber saw moved.
+    let op2 = Operator::start_with(&dir, &flags).unwrap();
+    let rows = wait_for(WAIT, "every burst lease Ready", || {
+        let rows = status_json(&dir).ok()?;
+        (rows.len() == created && rows.iter().all(|r| r["phase"] == "Ready")).then_some(rows)
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: {:#?}\n{}",
+            status_json(&dir).unwrap_or_default(),
+            status_table(&dir).unwrap_or_default()
+        )
+    });
+    let now: BTreeMap<String, (String, String)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["name"].as_str().unwrap().to_string(),
+                (
+                    r["leaseHash"].as_str().unwrap().to_string(),
+                    r["ip"].as_str().unwrap().to_string(),
+                ),
+            )
+        })
+        .collect();
+    let mut per_user: BTreeMap<String, Vec<&String>> = BTreeMap::new();
+    for r in &rows {
+        per_user
+            .entry(r["user"].as_str().unwrap().to_string())
+            .or_default()
+            .push(&now[r["name"].as_str().unwrap()].1);
+    }
+    for (user, ips) in &mut per_user {
+        let n = ips.len();
+        ips.sort();
+        ips.dedup();
+        assert_eq!(ips.len(), n, "{user} holds one IP twice: {now:?}");
+    }
+    let final_version = wait_for(WAIT, "the subscriber to see every lease", || {
+        let s = sub.snapshot.borrow().clone()?;
+        (s.leases.len() == created).then(|| version(&s))
+    })
+    .unwrap();
+    let seen = seen.lock().unwrap();
+    assert!(seen.moved.is_empty(), "leases moved: {:?}", seen.moved);
+    for (name, first) in &seen.leases {
+        assert_eq!(
+            now.get(name),
+            Some(first),
+            "{name} changed across the crash"
+        );
+    }
+    drop(seen);
+    wait_for(WAIT, "the restarted proxy to converge", || {
+        assert!(px.running(), "keyway-proxy exited:\n{}", px.output());
+        let epoch = proxy_metric(metrics, "keyway_snapshot_epoch")? as u64;
+        let v = proxy_metric(metrics, "keyway_snapshot_version")? as u64;
+        let leases = proxy_metric(metrics, "keyway_snapshot_leases")? as usize;
+        ((epoch, v) >= final_version && leases == created).then_some(())
+    })
+    .unwrap();
+    eprintln!(
+        "{created} leases; proxy disk copy {disk_version:?} with {disk_leases}; final {final_version:?}"
+    );
+    recorder.abort();
+    task.abort();
+    drop(op2);
+}

@@ -1,5 +1,5 @@
 //! Where `keyway ssh` and `keyway config` find leases: a local-mode directory
-//! (its state file) or the cluster (VMLease status through the API).
+//! (its state database) or the cluster (VMLease status through the API).
 
 use std::path::Path;
 
@@ -17,16 +17,15 @@ pub struct Lease {
 
 /// Leases of a local-mode directory.
 pub fn local(dir: &Path) -> Result<Vec<Lease>> {
-    let paths = keyway_operator::local::state::Paths::new(dir);
-    if !paths.state().exists() {
+    let paths = keyway_state::Paths::new(dir);
+    let Some(state) = keyway_state::read(&paths)? else {
         bail!(
             "{} has no state yet; is `keyway-operator run --local {}` running?",
             dir.display(),
             dir.display()
         );
-    }
-    let state = keyway_operator::local::state::StateFile::load(&paths.state())?;
-    Ok(keyway_operator::report::rows(&state)
+    };
+    Ok(keyway_state::rows(&state)
         .into_iter()
         .map(|r| Lease {
             namespace: r.namespace,

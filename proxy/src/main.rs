@@ -127,21 +127,9 @@ impl Source {
                 .to_string())
         };
         if let Some(dir) = &self.local {
-            let info_path = dir.join(".keyway/operator.json");
-            let info: serde_json::Value =
-                serde_json::from_slice(&std::fs::read(&info_path).with_context(|| {
-                    format!(
-                        "reading {}; is `keyway-operator run --local {}` running?",
-                        info_path.display(),
-                        dir.display()
-                    )
-                })?)
-                .with_context(|| format!("parsing {}", info_path.display()))?;
-            let endpoint = info["grpc"]
-                .as_str()
-                .with_context(|| format!("{} has no grpc address", info_path.display()))?
-                .to_string();
-            return Ok((endpoint, read_token(&dir.join(".keyway/token"))?));
+            let paths = keyway_state::Paths::new(dir);
+            let endpoint = keyway_state::OperatorInfo::load(&paths)?.grpc;
+            return Ok((endpoint, read_token(&paths.token())?));
         }
         match (&self.endpoint, &self.token_file) {
             (Some(e), Some(t)) => Ok((e.clone(), read_token(t)?)),

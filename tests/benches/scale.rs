@@ -2,7 +2,7 @@
 //! leases of N users in one multi-document file, `keyway-proxy run --local`
 //! subscribed; then edits of one lease in a second, small file, each timed
 //! from the write to the proxy's `keyway_snapshot_version` changing. Also
-//! cold starts, RSS of both processes, the state file's size and the
+//! cold starts, RSS of both processes, the state database's size and the
 //! snapshot bytes the operator sent. Real release binaries
 //! (`KEYWAY_BIN_DIR`); run by `make bench`, figures go to BENCHMARKS.md.
 //!
@@ -81,7 +81,7 @@ fn lease_doc(i: usize, user: &str, target: &str) -> String {
     )
 }
 
-/// Bytes the operator says it sent each subscriber (from its state file;
+/// Bytes the operator says it sent each subscriber (from its state;
 /// `None` where the operator does not record them).
 fn bytes_sent(dir: &Path) -> Option<u64> {
     let state = state_json(dir);
@@ -151,18 +151,19 @@ fn run(n: usize, edits: usize) -> Run {
         .env("RUST_LOG", "warn");
     let log = tmp.path().join("operator.log");
     let mut op = Proc::spawn(cmd, &log).unwrap();
-    // The state file is big at this scale: parse it only when it changed.
-    let state_path = dir.join(".keyway/state.json");
+    // The state is big at this scale: read it only when the database changed.
     let mut seen = None;
     wait_for(SLOW, "the operator's first snapshot", || {
         assert!(op.running(), "keyway-operator exited:\n{}", op.output());
-        let stamp = std::fs::metadata(&state_path)
-            .ok()
-            .map(|m| (m.modified().ok(), m.len()));
-        if stamp.is_none() || stamp == seen {
+        let stamp = ["state.db", "state.db-wal"].map(|f| {
+            std::fs::metadata(dir.join(".keyway").join(f))
+                .ok()
+                .map(|m| (m.modified().ok(), m.len()))
+        });
+        if stamp[0].is_none() || Some(stamp) == seen {
             return None;
         }
-        seen = stamp;
+        seen = Some(stamp);
         let state = state_json(&dir);
         (state["snapshot"]["leases"].as_u64()? as usize == total).then_some(())
     })
@@ -205,9 +206,11 @@ fn run(n: usize, edits: usize) -> Run {
         .map(|(after, before)| after.saturating_sub(before) / edits.max(1) as u64);
     let op_after = rss_kib(op.pid());
     let proxy_after = rss_kib(px.pid());
-    let state_bytes = std::fs::metadata(dir.join(".keyway/state.json"))
+    let state_bytes: u64 = ["state.db", "state.db-wal"]
+        .iter()
+        .filter_map(|f| std::fs::metadata(dir.join(".keyway").join(f)).ok())
         .map(|m| m.len())
-        .unwrap_or(0);
+        .sum();
 
     // A proxy restart: its disk copy, then the operator's answer.
     px.stop(Duration::from_secs(10));
@@ -250,7 +253,7 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(10);
     let mut table = format!(
-        "| leases (+1 edited, one /24 pool, local mode) | edit → proxy applied, min / median / max ({edits} edits) | snapshot bytes sent per edit | operator RSS start → after | proxy RSS start → after | state.json | operator: start → first snapshot | proxy: start → all leases (first / restart) |\n|---|---|---|---|---|---|---|---|\n"
+        "| leases (+1 edited, one /24 pool, local mode) | edit → proxy applied, min / median / max ({edits} edits) | snapshot bytes sent per edit | operator RSS start → after | proxy RSS start → after | state.db (+ WAL) | operator: start → first snapshot | proxy: start → all leases (first / restart) |\n|---|---|---|---|---|---|---|---|\n"
     );
     for n in counts {
         let r = run(n, edits);

@@ -178,8 +178,11 @@ impl Operator {
         let mut cmd = Command::new(bin("keyway-operator"));
         cmd.args(["run", "--local"])
             .arg(dir)
-            .args(["--grpc-listen", "127.0.0.1:0", "--rescan-secs", "5"])
-            .args(extra)
+            .args(["--rescan-secs", "5"]);
+        if !extra.contains(&"--grpc-listen") {
+            cmd.args(["--grpc-listen", "127.0.0.1:0"]);
+        }
+        cmd.args(extra)
             .env("RUST_LOG", "info,keyway_operator=debug");
         let log = dir.with_extension(format!("operator-{}.log", std::process::id()));
         let mut proc = Proc::spawn(cmd, &log)?;
@@ -187,7 +190,7 @@ impl Operator {
             if !proc.running() {
                 return Some(());
             }
-            (info.exists() && dir.join(".keyway/state.json").exists()).then_some(())
+            (info.exists() && dir.join(".keyway/state.db").exists()).then_some(())
         })?;
         if !proc.running() {
             bail!("operator exited at start:\n{}", proc.output());
@@ -240,11 +243,13 @@ pub fn status_table(dir: &Path) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// The state file as JSON.
+/// The local-mode state (from `.keyway/state.db`) as JSON; `Null` when there
+/// is none yet.
 pub fn state_json(dir: &Path) -> serde_json::Value {
-    std::fs::read(dir.join(".keyway/state.json"))
+    keyway_state::read(&keyway_state::Paths::new(dir))
         .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
+        .flatten()
+        .and_then(|st| serde_json::to_value(st).ok())
         .unwrap_or(serde_json::Value::Null)
 }
 

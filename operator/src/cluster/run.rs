@@ -210,7 +210,7 @@ fn relay_ca_public(path: &std::path::Path) -> Result<String> {
         .with_context(|| format!("reading the relay CA {}", path.display()))?;
     let public = crate::relay_ca::public_key(&text)
         .with_context(|| format!("the relay CA {}", path.display()))?;
-    crate::local::state::trust_line(&public)
+    crate::local::secrets::trust_line(&public)
 }
 
 async fn read_token(client: &Client, namespace: &str, source: &TokenSource) -> Result<String> {

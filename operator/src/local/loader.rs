@@ -100,40 +100,7 @@ pub struct Doc {
     pub object: Object,
 }
 
-/// Where a problem was found, and what it is.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Problem {
-    /// File name relative to the directory.
-    pub file: String,
-    /// 1-based document number, if the problem is in one document.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub document: Option<usize>,
-    /// `Kind namespace/name`, when known.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub object: Option<String>,
-    /// Field path, when known.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub field: Option<String>,
-    /// What is wrong.
-    pub message: String,
-}
-
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.file)?;
-        if let Some(d) = self.document {
-            write!(f, " (document {d})")?;
-        }
-        if let Some(o) = &self.object {
-            write!(f, ": {o}")?;
-        }
-        if let Some(field) = &self.field {
-            write!(f, ": {field}")?;
-        }
-        write!(f, ": {}", self.message)
-    }
-}
+pub use keyway_state::Problem;
 
 /// Identity of a file's content (SHA-256 of its bytes, or of its read
 /// error): equal fingerprints, same content.

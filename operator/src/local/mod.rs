@@ -1,9 +1,11 @@
 //! Local mode: the operator with no cluster. Objects are YAML files in a
-//! directory; status and allocations persist in `DIR/.keyway/state.json`.
+//! directory; status and allocations persist in the SQLite database
+//! `DIR/.keyway/state.db` (the `keyway-state` crate).
 //!
 //! Each round rescans the directory (files are parsed off the loop, see
 //! [`scanner`]), admits what changed into the [`World`] (the same pure core
-//! cluster mode uses), writes the state file, and only then publishes the
+//! cluster mode uses), commits the rows that changed ([`Changes`]) in one
+//! transaction, and only then publishes the
 //! routing snapshot, so a subscriber never holds a lease a restart would not
 //! know. Objects a file lost are deleted only after the edit grace ([`edits`]).
 //! Rounds run on file-system events, on finished parses, on subscriber
@@ -14,7 +16,7 @@ pub mod edits;
 pub mod loader;
 pub mod nesting;
 pub mod scanner;
-pub mod state;
+pub mod secrets;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -31,11 +33,11 @@ use tracing::{error, info, warn};
 use crate::allocator::LeaseKey;
 use crate::routed::{Ack, RoutedKind, RoutedTracker};
 use crate::world::{LeaseObject, PoolObject, RouteObject, Settings, Severity, World};
-use loader::{FileScan, Kind, ObjId, Object, Problem};
-use state::{
-    EventRecord, LeaseRecord, Paths, PoolRecord, RouteRecord, SnapshotRecord, StateFile,
-    SubscriberRecord,
+use keyway_state::{
+    Changes, EventRecord, LeaseRecord, Paths, PoolRecord, RouteRecord, SnapshotRecord, StateFile,
+    Store, SubscriberRecord,
 };
+use loader::{FileScan, Kind, ObjId, Object, Problem};
 
 /// How many events `status` keeps.
 const MAX_EVENTS: usize = 300;
@@ -150,6 +152,8 @@ pub struct Local {
     clocks: edits::FileClocks,
     /// When the earliest object kept by the edit grace is due for deletion.
     grace_due_ms: Option<u64>,
+    /// Rows of `state` changed since the last [`Local::take_changes`].
+    changes: Changes,
 }
 
 impl Local {
@@ -205,6 +209,29 @@ impl Local {
             first_scan: true,
             clocks: edits::FileClocks::new(edits::DEFAULT_EDIT_GRACE),
             grace_due_ms: None,
+            // The caller sets a new epoch before anything else is saved.
+            changes: Changes {
+                epoch: true,
+                ..Default::default()
+            },
+        }
+    }
+
+    /// What changed in `state` since the last call: the rows to commit.
+    pub fn take_changes(&mut self) -> Changes {
+        std::mem::take(&mut self.changes)
+    }
+
+    /// Gives back changes a failed commit did not write, so the next one does.
+    pub fn restore_changes(&mut self, changes: Changes) {
+        self.changes.absorb(changes);
+    }
+
+    /// Sets the snapshot record, noting a change only when it differs.
+    pub fn set_snapshot_record(&mut self, record: Option<SnapshotRecord>) {
+        if self.state.snapshot != record {
+            self.state.snapshot = record;
+            self.changes.snapshot = true;
         }
     }
 
@@ -348,6 +375,7 @@ impl Local {
         });
         for k in dead_leases {
             if let Some(r) = self.state.leases.remove(&k) {
+                self.changes.leases.insert(k);
                 self.world.delete_lease(&lease_key(&r.namespace, &r.name));
                 self.object_problems
                     .remove(&obj_id(Kind::VMLease, &r.namespace, &r.name));
@@ -387,6 +415,9 @@ impl Local {
                     self.object_problems
                         .insert(id.clone(), problems_of(file, doc.index, id, e));
                 }
+            }
+            if self.state.pools.get(&id.name) != Some(&r) {
+                self.changes.pools.insert(id.name.clone());
             }
             self.state.pools.insert(id.name.clone(), r);
             self.world.apply_pool(PoolObject {
@@ -445,6 +476,9 @@ impl Local {
                 spec,
                 status_ip: ip_of(&r.status),
             };
+            if self.state.leases.get(&rk) != Some(&r) {
+                self.changes.leases.insert(rk.clone());
+            }
             self.state.leases.insert(rk, r);
             self.world.apply_lease(obj);
         }
@@ -454,6 +488,7 @@ impl Local {
         });
         for k in dead_pools {
             self.state.pools.remove(&k);
+            self.changes.pools.insert(k.clone());
             self.world.delete_pool(&k);
             self.object_problems.remove(&obj_id(Kind::IPPool, "", &k));
         }
@@ -463,6 +498,7 @@ impl Local {
         });
         for k in dead_routes {
             if let Some(r) = self.state.routes.remove(&k) {
+                self.changes.routes.insert(k);
                 self.world.delete_route(&lease_key(&r.namespace, &r.name));
                 self.object_problems
                     .remove(&obj_id(Kind::SshRoute, &r.namespace, &r.name));
@@ -510,6 +546,9 @@ impl Local {
                 from_raw: rt.spec.from.clone(),
                 spec,
             });
+            if self.state.routes.get(&rk) != Some(&r) {
+                self.changes.routes.insert(rk.clone());
+            }
             self.state.routes.insert(rk, r);
         }
 
@@ -543,35 +582,45 @@ impl Local {
         }
     }
 
-    /// Recomputes every status into the state file.
+    /// Recomputes every status into the state, noting the ones that changed.
     pub fn update_statuses(&mut self, tracker: &RoutedTracker, acks: &[Ack], now: Timestamp) {
         let derived = self.world.derive();
-        for r in self.state.leases.values_mut() {
+        for (k, r) in self.state.leases.iter_mut() {
             let key = lease_key(&r.namespace, &r.name);
             let routed = tracker.info(RoutedKind::Lease, &r.namespace, &r.name, acks);
             if let Some(st) = self
                 .world
                 .lease_status(&derived, &key, Some(&r.status), &routed, now)
+                && st != r.status
             {
                 r.status = st;
+                self.changes.leases.insert(k.clone());
             }
         }
-        for r in self.state.pools.values_mut() {
-            if let Some(st) = self.world.pool_status(&r.name, Some(&r.status), now) {
+        for (k, r) in self.state.pools.iter_mut() {
+            if let Some(st) = self.world.pool_status(&r.name, Some(&r.status), now)
+                && st != r.status
+            {
                 r.status = st;
+                self.changes.pools.insert(k.clone());
             }
         }
-        for r in self.state.routes.values_mut() {
+        for (k, r) in self.state.routes.iter_mut() {
             let key = lease_key(&r.namespace, &r.name);
             let routed = tracker.info(RoutedKind::Route, &r.namespace, &r.name, acks);
             if let Some(st) = self
                 .world
                 .route_status(&derived, &key, Some(&r.status), &routed, now)
+                && st != r.status
             {
                 r.status = st;
+                self.changes.routes.insert(k.clone());
             }
         }
-        self.state.problems = self.problems.clone();
+        if self.state.problems != self.problems {
+            self.state.problems = self.problems.clone();
+            self.changes.problems = true;
+        }
     }
 
     /// Moves the world's notices into the event log and the process log.
@@ -589,6 +638,7 @@ impl Local {
                 object,
                 message: n.message,
             });
+            self.changes.events += 1;
         }
         let excess = self.state.events.len().saturating_sub(MAX_EVENTS);
         self.state.events.drain(..excess);
@@ -645,7 +695,7 @@ pub async fn run(opts: LocalOptions) -> Result<()> {
     if !paths.dir.is_dir() {
         bail!("{} is not a directory", paths.dir.display());
     }
-    state::ensure_state_dir(&paths)?;
+    keyway_state::ensure_state_dir(&paths)?;
     let lock = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -659,9 +709,10 @@ pub async fn run(opts: LocalOptions) -> Result<()> {
             paths.lock().display()
         );
     }
-    let token = state::load_or_create_token(&paths.token())?;
-    let relay_ca_public_key = state::load_or_create_relay_ca(&paths.relay_ca())?;
-    let mut st = StateFile::load(&paths.state())?;
+    let token = secrets::load_or_create_token(&paths.token())?;
+    let relay_ca_public_key = secrets::load_or_create_relay_ca(&paths.relay_ca())?;
+    let mut store = Store::open(&paths)?;
+    let mut st = store.load()?;
     // The epoch only grows: past the last run's, and past the clock's seconds so
     // a wiped state directory still starts ahead of proxies' disk copies.
     let now_secs = u64::try_from(Timestamp::now().as_second()).unwrap_or(0);
@@ -680,7 +731,7 @@ pub async fn run(opts: LocalOptions) -> Result<()> {
         .await
         .with_context(|| format!("binding the snapshot server to {}", opts.grpc_listen))?;
     let bound = listener.local_addr().context("reading the bound address")?;
-    let info = state::OperatorInfo {
+    let info = keyway_state::OperatorInfo {
         grpc: format!("http://{bound}"),
         pid: std::process::id(),
         epoch,
@@ -738,7 +789,6 @@ pub async fn run(opts: LocalOptions) -> Result<()> {
     let mut tracker = RoutedTracker::default();
     let mut acks_changed = publisher.acks_changed();
     let mut rescan = true;
-    let mut last_saved: Option<StateFile> = None;
     // Set when a round could not save the state, so it did not publish.
     let mut retry = false;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -794,22 +844,24 @@ pub async fn run(opts: LocalOptions) -> Result<()> {
             routes: s.routes.len(),
             subscribers: subs.clone(),
         };
-        local.state.snapshot = match prepared.as_ref().and_then(|p| p.snapshot()) {
+        let snapshot_record = match prepared.as_ref().and_then(|p| p.snapshot()) {
             Some(next) => Some(record(next)),
             None => publisher.current().map(|s| record(&s)),
         };
-        let saved = last_saved.as_ref() == Some(&local.state)
-            || match local.state.save(&paths.state()) {
-                Ok(()) => {
-                    last_saved = Some(local.state.clone());
-                    true
-                }
-                Err(e) => {
-                    error!("saving state: {e:#}");
-                    false
-                }
-            };
+        local.set_snapshot_record(snapshot_record);
+        // Only the rows this round changed, in one transaction.
+        let changes = local.take_changes();
+        let rows = changes.rows();
+        let saved = match store.commit(&local.state, &changes) {
+            Ok(()) => true,
+            Err(e) => {
+                error!("saving state: {e:#}");
+                local.restore_changes(changes);
+                false
+            }
+        };
         phases.mark("save state");
+        tracing::trace!(rows, "state rows written");
         retry = false;
         if let Some(p) = prepared {
             if saved {
@@ -829,7 +881,7 @@ pub async fn run(opts: LocalOptions) -> Result<()> {
         phases.mark("publish");
         phases.log();
         if saved && let Some(info) = info_pending.take() {
-            state::write_atomic(
+            keyway_state::write_atomic(
                 &paths.operator_info(),
                 &serde_json::to_vec_pretty(&info)?,
                 0o644,
@@ -899,7 +951,7 @@ mod tests {
         };
         Local::restore(
             StateFile {
-                format: state::FORMAT,
+                format: keyway_state::store::FORMAT,
                 ..Default::default()
             },
             settings,
@@ -1080,5 +1132,85 @@ mod tests {
         let p = pool();
         scan(&mut l, &[("p.yaml", &p), ("a.yaml", &lease("a"))], 1000);
         assert!(scan(&mut l, &[("p.yaml", &p), ("a.yaml", "")], 1100).is_empty());
+    }
+
+    /// What a round commits is what it holds: after any sequence of scans the
+    /// database reads back exactly the in-memory state, so no change escapes
+    /// the [`Changes`] a round hands to [`Store::commit`].
+    mod persisted {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn doc(kind: u8, name: &str, user: &str) -> String {
+            match kind {
+                0 => format!(
+                    "apiVersion: keyway.dev/v1alpha1\nkind: VMLease\nmetadata: {{name: {name}}}\nspec:\n  user: {user}\n  accessPublicKeys: ['{KEY}']\n  poolRef: p\n  target: {{address: '127.0.0.1:22'}}\n"
+                ),
+                1 => format!(
+                    "apiVersion: keyway.dev/v1alpha1\nkind: VMLease\nmetadata: {{name: {name}}}\nspec:\n  user: {user}\n  accessPublicKeys: ['not a key']\n  poolRef: p\n  target: {{address: '127.0.0.1:22'}}\n"
+                ),
+                2 => format!(
+                    "apiVersion: keyway.dev/v1alpha1\nkind: SshRoute\nmetadata: {{name: {name}}}\nspec:\n  from: tcp+https://{name}.example:22\n  to: tcp://127.0.0.1:22\n  allowUnauthenticated: true\n"
+                ),
+                _ => "kind: [unclosed\n".to_string(),
+            }
+        }
+
+        fn pool_doc(last: u8) -> String {
+            format!(
+                "apiVersion: keyway.dev/v1alpha1\nkind: IPPool\nmetadata: {{name: p}}\nspec: {{addresses: [127.0.10.1-127.0.10.{last}]}}\n"
+            )
+        }
+
+        /// One file's content: up to two documents, or nothing.
+        fn file() -> impl Strategy<Value = Option<Vec<(u8, u8, u8)>>> {
+            proptest::option::of(proptest::collection::vec((0u8..4, 0u8..4, 0u8..3), 0..3))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(48))]
+            #[test]
+            fn the_database_always_reads_back_the_state(
+                rounds in proptest::collection::vec(
+                    (proptest::option::of(1u8..4), proptest::collection::vec(file(), 3), 0u64..4),
+                    1..12,
+                ),
+            ) {
+                let d = tempfile::tempdir().unwrap();
+                let paths = Paths::new(d.path());
+                keyway_state::ensure_state_dir(&paths).unwrap();
+                let mut store = Store::open(&paths).unwrap();
+                let mut l = local();
+                l.state.epoch = 3;
+                let tracker = RoutedTracker::default();
+                let mut now = 1_000;
+                for (pool, files, secs) in rounds {
+                    // Whole seconds: condition times are stored to the second.
+                    now += secs * 1000;
+                    let mut texts: Vec<(String, String)> = Vec::new();
+                    if let Some(last) = pool {
+                        texts.push(("p.yaml".into(), pool_doc(last)));
+                    }
+                    for (i, f) in files.iter().enumerate() {
+                        let Some(docs) = f else { continue };
+                        let users = ["alice", "bob", "carol"];
+                        let text: Vec<String> = docs
+                            .iter()
+                            .map(|(k, n, u)| doc(*k, &format!("o{n}"), users[usize::from(*u)]))
+                            .collect();
+                        texts.push((format!("f{i}.yaml"), text.join("---\n")));
+                    }
+                    let scans: Vec<FileScan> =
+                        texts.iter().map(|(f, t)| loader::parse(f, t)).collect();
+                    l.apply_scan(&scans, now);
+                    let ts = Timestamp::from_millisecond(i64::try_from(now).unwrap()).unwrap();
+                    l.update_statuses(&tracker, &[], ts);
+                    l.record_notices(ts);
+                    let changes = l.take_changes();
+                    store.commit(&l.state, &changes).unwrap();
+                    prop_assert_eq!(&store.load().unwrap(), &l.state);
+                }
+            }
+        }
     }
 }
