@@ -4,16 +4,17 @@
 //! than what it already applied.
 //!
 //! Per response, in order: the consistency check and the caller's `validate`
-//! (a refusal NACKs and keeps the current snapshot), the atomic write of the
-//! disk copy, the switch of the `snapshot` watch, then the ACK. So an ACKed
-//! version is already being served and survives a restart.
+//! (a refusal NACKs and keeps the current snapshot), the synced write of the
+//! disk copy ([`crate::disk`]: a journal record per delta, a new base for a
+//! full snapshot or when the journal is due for compaction), the switch of the
+//! `snapshot` watch, then the ACK. So an ACKed version is already being served
+//! and survives a restart.
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, anyhow};
-use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
@@ -21,6 +22,7 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Endpoint;
 use tracing::{debug, error, info, warn};
 
+use crate::disk::{DiskCopy, Saved};
 use crate::pb::snapshot_service_client::SnapshotServiceClient;
 use crate::pb::{self, SnapshotResponse, SubscribeRequest};
 use crate::{check, delta, version};
@@ -98,7 +100,7 @@ impl Subscription {
     }
 }
 
-type Validate = dyn Fn(&pb::Snapshot) -> Result<(), String> + Send + Sync;
+use crate::disk::Validate;
 
 /// Starts a subscription on the current tokio runtime.
 ///
@@ -130,6 +132,8 @@ pub fn subscribe(
 
 struct Shared {
     config: SubscriberConfig,
+    /// The disk copy, when `cache_path` is set; used on blocking threads.
+    disk: Option<Arc<Mutex<DiskCopy>>>,
     validate: Arc<Validate>,
     snap_tx: watch::Sender<Option<Arc<pb::Snapshot>>>,
     status_tx: watch::Sender<SubscriptionStatus>,
@@ -148,7 +152,12 @@ async fn run(
     status_tx: watch::Sender<SubscriptionStatus>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let disk = config
+        .cache_path
+        .as_deref()
+        .map(|p| Arc::new(Mutex::new(DiskCopy::new(p))));
     let shared = Shared {
+        disk,
         config,
         validate,
         snap_tx,
@@ -177,12 +186,21 @@ async fn run_until_stopped(shared: &Shared) {
 }
 
 async fn load_disk_copy(shared: &Shared) {
-    let Some(path) = shared.config.cache_path.clone() else {
+    let Some(disk) = shared.disk.clone() else {
         return;
     };
     let validate = shared.validate.clone();
-    let shown = path.display().to_string();
-    match tokio::task::spawn_blocking(move || load_cache(&path, &*validate)).await {
+    let shown = shared
+        .config
+        .cache_path
+        .as_deref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    let job = move || match disk.lock() {
+        Ok(mut d) => d.load(&*validate),
+        Err(_) => Err(anyhow!("the disk copy's lock is poisoned")),
+    };
+    match tokio::task::spawn_blocking(job).await {
         Ok(Ok(Some(s))) => {
             let v = s.version;
             info!(version = %version::show_opt(v.as_ref()), path = %shown, "serving the snapshot kept on disk");
@@ -344,8 +362,8 @@ async fn stream(shared: &Shared, streams: &mut u64, delivered: &mut bool) -> Res
         // leases each takes a while, and `validate` is the caller's code.
         let job = {
             let validate = shared.validate.clone();
-            let cache = config.cache_path.clone();
-            move || judge(resp, held_snapshot.as_deref(), &*validate, cache.as_deref())
+            let disk = shared.disk.clone();
+            move || judge(resp, held_snapshot.as_deref(), &*validate, disk.as_deref())
         };
         let verdict = match tokio::task::spawn_blocking(job).await {
             Ok(v) => v,
@@ -415,7 +433,7 @@ fn judge(
     resp: SnapshotResponse,
     held: Option<&pb::Snapshot>,
     validate: &Validate,
-    cache: Option<&Path>,
+    disk: Option<&Mutex<DiskCopy>>,
 ) -> Verdict {
     let Some(v) = resp.version else {
         return Verdict::Refuse("response without a version".into());
@@ -429,6 +447,7 @@ fn judge(
             return Verdict::Same(v);
         }
     }
+    let mut applied_delta = None;
     let mut s = match (resp.snapshot, resp.delta) {
         (Some(s), None) => {
             if let Some(inner) = s.version
@@ -452,7 +471,10 @@ fn judge(
                 ));
             };
             match delta::apply(base, &d) {
-                Ok(s) => s,
+                Ok(s) => {
+                    applied_delta = Some(d);
+                    s
+                }
                 Err(e) => return Verdict::Refuse(format!("delta not applicable: {e}")),
             }
         }
@@ -468,15 +490,24 @@ fn judge(
         return Verdict::Refuse(e);
     }
     s.version = Some(v);
-    let persist_error = cache.and_then(|path| {
-        let e = write_atomic(path, &s.encode_to_vec()).err()?;
+    let persist_error = disk.and_then(|disk| {
+        let Ok(mut disk) = disk.lock() else {
+            return Some("the disk copy's lock is poisoned".to_string());
+        };
+        let e = match disk.save(&s, applied_delta.as_ref()) {
+            Ok(saved) => {
+                if saved == Saved::Rewrote && applied_delta.is_some() {
+                    debug!(version = %v, "disk copy compacted");
+                }
+                return None;
+            }
+            Err(e) => e,
+        };
         // A disk copy older than what we serve could bring back routes that
         // are gone (settled leases) if we restart while the operator is
         // away; better to start with nothing.
-        if let Err(rm) = std::fs::remove_file(path)
-            && rm.kind() != std::io::ErrorKind::NotFound
-        {
-            return Some(format!("{e:#}; removing the older copy failed too: {rm}"));
+        if let Err(rm) = disk.remove() {
+            return Some(format!("{e:#}; removing the older copy failed too: {rm:#}"));
         }
         Some(format!("{e:#} (older copy removed)"))
     });
@@ -513,69 +544,12 @@ fn truncate(s: &str, max: usize) -> String {
     format!("{}…", &s[..end])
 }
 
-/// Reads the disk copy: `None` if there is none; an error if it does not
-/// decode, has no version, fails the check or is refused by `validate`.
-fn load_cache(path: &Path, validate: &Validate) -> Result<Option<pb::Snapshot>> {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    };
-    let s = pb::Snapshot::decode(bytes.as_slice()).context("not a snapshot (decoding failed)")?;
-    anyhow::ensure!(s.version.is_some(), "the snapshot has no version");
-    check::check(&s).map_err(|e| anyhow!("fails the consistency check: {}", summarize(&e)))?;
-    validate(&s).map_err(|e| anyhow!("refused: {e}"))?;
-    Ok(Some(s))
-}
-
-/// Replaces `path` with `bytes` so that a crash leaves either the old or the
-/// new file: temp file in the same directory, fsync, rename, fsync the
-/// directory.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    // Unique: a subscriber being replaced may still be finishing a write.
-    let tmp = dir.join(format!(
-        ".{name}.{}.{:016x}.tmp",
-        std::process::id(),
-        rand::random::<u64>()
-    ));
-    let written = (|| {
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-        let mut f = opts
-            .open(&tmp)
-            .with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(bytes)
-            .and_then(|()| f.sync_all())
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        drop(f);
-        std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("syncing {}", dir.display()))
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+    use prost::Message;
 
     fn lease(i: u8) -> pb::Lease {
         pb::Lease {
@@ -727,12 +701,17 @@ mod tests {
             snapshot,
             persist_error,
             ..
-        } = judge(response(v, 2), None, &ok, Some(&path))
+        } = judge(
+            response(v, 2),
+            None,
+            &ok,
+            Some(&Mutex::new(DiskCopy::new(&path))),
+        )
         else {
             panic!("not applied");
         };
         assert_eq!(persist_error, None);
-        let loaded = load_cache(&path, &ok).unwrap().unwrap();
+        let loaded = DiskCopy::new(&path).load(&ok).unwrap().unwrap();
         assert_eq!(loaded, snapshot);
         assert_eq!(loaded.version, Some(v));
         // No temp files left behind.
@@ -747,12 +726,13 @@ mod tests {
     fn a_bad_disk_copy_is_an_error_and_a_missing_one_is_none() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("snapshot.pb");
-        assert!(load_cache(&path, &ok).unwrap().is_none());
+        let load = || DiskCopy::new(&path).load(&ok);
+        assert!(load().unwrap().is_none());
         std::fs::write(&path, b"\xff\xff\xff garbage").unwrap();
-        assert!(load_cache(&path, &ok).is_err());
+        assert!(load().is_err());
         // Decodes, but has no version.
         std::fs::write(&path, pb::Snapshot::default().encode_to_vec()).unwrap();
-        let e = load_cache(&path, &ok).unwrap_err();
+        let e = load().unwrap_err();
         assert!(format!("{e:#}").contains("no version"), "{e:#}");
     }
 
@@ -763,9 +743,12 @@ mod tests {
         let blocker = dir.path().join("blocker");
         std::fs::write(&blocker, b"").unwrap();
         let path = blocker.join("snapshot.pb");
-        let Verdict::Apply { persist_error, .. } =
-            judge(response(pb::Version::new(1, 1), 1), None, &ok, Some(&path))
-        else {
+        let Verdict::Apply { persist_error, .. } = judge(
+            response(pb::Version::new(1, 1), 1),
+            None,
+            &ok,
+            Some(&Mutex::new(DiskCopy::new(&path))),
+        ) else {
             panic!("not applied");
         };
         assert!(persist_error.is_some());

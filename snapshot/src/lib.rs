@@ -5,6 +5,7 @@
 pub mod check;
 pub mod client;
 pub mod delta;
+pub mod disk;
 pub mod server;
 pub mod version;
 

@@ -541,8 +541,14 @@ async fn random_edits_and_reconnects_converge_to_the_published_snapshot() {
     // for byte, and so is its disk copy.
     let held = sub.snapshot.borrow().clone().unwrap();
     assert_eq!(*held, *publisher.current().unwrap());
-    let on_disk = pb::Snapshot::decode(std::fs::read(&cache).unwrap().as_slice()).unwrap();
+    let on_disk = keyway_snapshot::disk::DiskCopy::new(&cache)
+        .load(&|_| Ok(()))
+        .unwrap()
+        .unwrap();
     assert_eq!(on_disk, *held);
+    // Deltas went to the journal: the base alone is an older version.
+    let base = pb::Snapshot::decode(std::fs::read(&cache).unwrap().as_slice()).unwrap();
+    assert!(base.version <= held.version);
     let t = publisher.totals();
     assert!(t.deltas_sent > t.full_sent, "{t:?}");
     assert_eq!(t.nacks, 0, "{t:?}");
