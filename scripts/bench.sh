@@ -26,8 +26,8 @@ run() { # run TITLE CARGO-ARGS...
     echo >>"$out"
 }
 
-run "Allocator" -p keyway-operator --bench allocator
-run "Routing snapshot" -p keyway-operator --bench snapshot
+run "Allocator" -p keyway-core --bench allocator
+run "Routing snapshot" -p keyway-core --bench snapshot
 KEYWAY_BENCH_OUT="$out" bash scripts/bench-gateway.sh
 # CONNECT over TLS vs HAProxy terminating the same TLS.
 cargo build --release --locked -q -p keyway-operator -p keyway-proxy --bins

@@ -1,11 +1,9 @@
-//! keyway-operator as a library: the pure core (allocation, object model,
-//! status and snapshot building) and the thin I/O front doors around it.
+//! keyway-operator as a library: the two front doors (local mode's directory,
+//! cluster mode's API watches) around the pure core in `keyway-core`, the
+//! relay CA, and the reports both print.
 
-pub mod allocator;
 pub mod cluster;
 pub mod crdgen;
 pub mod local;
 pub mod relay_ca;
 pub mod report;
-pub mod routed;
-pub mod world;

@@ -14,8 +14,8 @@ use keyway_crds::{
 use kube::api::DynamicObject;
 use serde::de::DeserializeOwned;
 
-use crate::allocator::LeaseKey;
-use crate::world::{LeaseObject, PoolObject, RouteObject};
+use keyway_core::allocator::LeaseKey;
+use keyway_core::world::{LeaseObject, PoolObject, RouteObject};
 
 fn field_error(field: &str, message: String) -> FieldErrors {
     FieldErrors(vec![FieldError {

@@ -11,87 +11,19 @@ use kube::api::DynamicObject;
 use serde::Serialize;
 
 use super::convert;
-use crate::allocator::LeaseKey;
-use crate::routed::{Ack, RoutedKind, RoutedTracker};
-use crate::world::{Derived, Notice, Settings, World};
+use keyway_core::routed::{Ack, RoutedTracker};
+use keyway_core::world::{Derived, Notice, Settings, World};
+use keyway_core::{Kind, ObjKey};
 use keyway_snapshot::pb;
 
-/// The three kinds the operator watches.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Kind {
-    /// IPPool (cluster-scoped).
-    Pool,
-    /// VMLease.
-    Lease,
-    /// SshRoute.
-    Route,
-}
-
-impl Kind {
-    /// Every kind, in the order the allocator needs them admitted.
-    pub const ALL: [Kind; 3] = [Kind::Pool, Kind::Lease, Kind::Route];
-
-    /// The Kubernetes kind name (logs, metrics, Events).
-    pub fn name(self) -> &'static str {
-        match self {
-            Kind::Pool => "IPPool",
-            Kind::Lease => "VMLease",
-            Kind::Route => "SshRoute",
-        }
-    }
-}
-
-/// Identity of an object in the index.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum ObjKey {
-    /// An IPPool by name.
-    Pool(String),
-    /// A VMLease.
-    Lease(LeaseKey),
-    /// An SshRoute.
-    Route(LeaseKey),
-}
-
-impl ObjKey {
-    /// Its kind.
-    pub fn kind(&self) -> Kind {
-        match self {
-            ObjKey::Pool(_) => Kind::Pool,
-            ObjKey::Lease(_) => Kind::Lease,
-            ObjKey::Route(_) => Kind::Route,
-        }
-    }
-
-    /// The object a world notice is about.
-    pub fn of_notice(n: &Notice) -> ObjKey {
-        let key = || LeaseKey {
-            namespace: n.namespace.clone(),
-            name: n.name.clone(),
-        };
-        match n.kind {
-            "IPPool" => ObjKey::Pool(n.name.clone()),
-            "SshRoute" => ObjKey::Route(key()),
-            _ => ObjKey::Lease(key()),
-        }
-    }
-
-    /// Namespace ("" for pools) and name.
-    pub fn namespace_name(&self) -> (&str, &str) {
-        match self {
-            ObjKey::Pool(n) => ("", n),
-            ObjKey::Lease(k) | ObjKey::Route(k) => (&k.namespace, &k.name),
-        }
-    }
-
-    /// The key of a watched object of `kind`.
-    pub fn of(kind: Kind, obj: &DynamicObject) -> Option<ObjKey> {
-        let name = obj.metadata.name.clone()?;
-        Some(match kind {
-            Kind::Pool => ObjKey::Pool(name),
-            Kind::Lease => ObjKey::Lease(convert::key_of(obj)),
-            Kind::Route => ObjKey::Route(convert::key_of(obj)),
-        })
-    }
+/// The key of a watched object of `kind` (`None` without a name).
+pub fn key_of(kind: Kind, obj: &DynamicObject) -> Option<ObjKey> {
+    let name = obj.metadata.name.as_deref()?;
+    Some(ObjKey::new(
+        kind,
+        obj.metadata.namespace.as_deref().unwrap_or(""),
+        name,
+    ))
 }
 
 /// True when the object is on its way out (it counts as gone).
@@ -149,7 +81,7 @@ impl Index {
         let mut applied = HashMap::new();
         for (kind, list) in Kind::ALL.into_iter().zip([pools, leases, routes]) {
             for o in list.iter().filter(live) {
-                if let Some(k) = ObjKey::of(kind, o) {
+                if let Some(k) = key_of(kind, o) {
                     applied.insert(k, fingerprint(o));
                 }
             }
@@ -173,7 +105,7 @@ impl Index {
     /// Admits an object of `kind` unless this exact version was admitted
     /// already. Returns whether the world changed.
     pub fn apply(&mut self, kind: Kind, obj: &DynamicObject) -> bool {
-        let Some(key) = ObjKey::of(kind, obj) else {
+        let Some(key) = key_of(kind, obj) else {
             return false;
         };
         let fp = fingerprint(obj);
@@ -267,7 +199,7 @@ impl Index {
     }
 
     /// Occupancy of every admitted pool.
-    pub fn pool_stats(&self) -> Vec<(String, crate::allocator::PoolStats)> {
+    pub fn pool_stats(&self) -> Vec<(String, keyway_core::allocator::PoolStats)> {
         let mut out: Vec<_> = self
             .applied
             .keys()
@@ -328,18 +260,14 @@ impl Index {
                     .filter(|st| Some(st) != prev.as_ref())
                     .and_then(|st| json(&st)),
                 (ObjKey::Lease(k), Parsed::Lease(prev)) => {
-                    let routed = self
-                        .tracker
-                        .info(RoutedKind::Lease, &k.namespace, &k.name, acks);
+                    let routed = self.tracker.info(key, acks);
                     self.world
                         .lease_status(derived, k, prev.as_ref(), &routed, now)
                         .filter(|st| Some(st) != prev.as_ref())
                         .and_then(|st| json(&st))
                 }
                 (ObjKey::Route(k), Parsed::Route(prev)) => {
-                    let routed = self
-                        .tracker
-                        .info(RoutedKind::Route, &k.namespace, &k.name, acks);
+                    let routed = self.tracker.info(key, acks);
                     self.world
                         .route_status(derived, k, prev.as_ref(), &routed, now)
                         .filter(|st| Some(st) != prev.as_ref())
@@ -375,6 +303,7 @@ fn json<T: Serialize>(v: &T) -> Option<serde_json::Value> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use keyway_core::LeaseKey;
     use serde_json::json;
 
     fn settings() -> Settings {
@@ -412,12 +341,7 @@ mod tests {
 
     fn observed(objs: &[(Kind, &DynamicObject)]) -> Observed {
         objs.iter()
-            .map(|(k, o)| {
-                (
-                    ObjKey::of(*k, o).unwrap(),
-                    std::sync::Arc::new((*o).clone()),
-                )
-            })
+            .map(|(k, o)| (key_of(*k, o).unwrap(), std::sync::Arc::new((*o).clone())))
             .collect()
     }
 
@@ -455,7 +379,7 @@ mod tests {
         let mut edited = a.clone();
         edited.data["spec"]["settled"] = json!(true);
         assert!(idx.apply(Kind::Lease, &edited));
-        let present: HashSet<ObjKey> = [ObjKey::of(Kind::Pool, &p).unwrap()].into();
+        let present: HashSet<ObjKey> = [key_of(Kind::Pool, &p).unwrap()].into();
         assert_eq!(idx.sweep(&present), 1);
         assert_eq!(idx.counts().get(&Kind::Lease), None);
     }

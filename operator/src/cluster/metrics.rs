@@ -280,7 +280,7 @@ pub struct PoolGauges {
 
 impl PoolGauges {
     /// Replaces every pool's figures (pools that are gone disappear).
-    pub fn set_all(&self, pools: &[(String, crate::allocator::PoolStats)]) {
+    pub fn set_all(&self, pools: &[(String, keyway_core::allocator::PoolStats)]) {
         for v in [
             &self.leases,
             &self.users,

@@ -24,11 +24,12 @@ use kube::{Api, Client};
 use tokio::sync::{Notify, watch};
 use tracing::{debug, error, info, warn};
 
-use super::index::{Index, Kind, ObjKey, Observed, StatusWrite, is_deleting};
+use super::index::{Index, Observed, StatusWrite, is_deleting, key_of};
 use super::leader::{self, LeaderConfig};
 use super::metrics::Metrics;
 use super::{FIELD_MANAGER, FINALIZER};
-use crate::world::{Notice, Settings, Severity};
+use keyway_core::world::{Notice, Settings, Severity};
+use keyway_core::{Kind, ObjKey};
 
 /// Where the snapshot token comes from.
 #[derive(Clone, Debug)]
@@ -566,7 +567,7 @@ async fn reconcile_route(obj: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Actio
 /// Pools and routes carry no finalizer: admitted while they live, removed
 /// when marked for deletion (or swept once gone).
 fn reconcile_plain(kind: Kind, obj: &DynamicObject, ctx: &Ctx) -> Action {
-    match ObjKey::of(kind, obj) {
+    match key_of(kind, obj) {
         Some(key) if is_deleting(obj) => ctx.remove(&key),
         Some(_) => ctx.admit(kind, obj),
         None => {}
@@ -589,7 +590,7 @@ async fn reconcile_lease(obj: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Actio
                 Ok::<_, ReconcileError>(Action::requeue(RESYNC))
             }
             FinalizerEvent::Cleanup(o) => {
-                if let Some(key) = ObjKey::of(Kind::Lease, &o) {
+                if let Some(key) = key_of(Kind::Lease, &o) {
                     c.remove(&key);
                     c.publish_if_changed();
                 }
@@ -636,7 +637,7 @@ fn observe(stores: &[Store<DynamicObject>; 3]) -> (Observed, HashSet<ObjKey>) {
     let mut present = HashSet::new();
     for (kind, store) in Kind::ALL.into_iter().zip(stores) {
         for o in store.state() {
-            if let Some(k) = ObjKey::of(kind, &o) {
+            if let Some(k) = key_of(kind, &o) {
                 if !is_deleting(&o) {
                     present.insert(k.clone());
                 }
@@ -729,7 +730,7 @@ async fn round(
         let t0 = std::time::Instant::now();
         publish_if_dirty(&mut idx, &ctx.publisher, &ctx.metrics);
         let published = t0.elapsed();
-        let acks = crate::routed::acks(&ctx.publisher.subscribers());
+        let acks = keyway_core::routed::acks(&ctx.publisher.subscribers());
         ctx.metrics
             .subscribers
             .set(i64::try_from(acks.iter().filter(|a| a.connected).count()).unwrap_or(0));
@@ -829,19 +830,20 @@ async fn write_status(ctx: &Ctx, w: &StatusWrite) -> bool {
 }
 
 fn publish_event(ctx: &Arc<Ctx>, observed: &Observed, n: Notice) {
-    let key = ObjKey::of_notice(&n);
+    let key = n.object.clone();
+    let (namespace, name) = key.namespace_name();
     let ar = ctx.kinds.of(&key);
     let reference = ObjectReference {
         api_version: Some(ar.api_version.clone()),
         kind: Some(ar.kind.clone()),
-        name: Some(n.name.clone()),
-        namespace: (!n.namespace.is_empty()).then(|| n.namespace.clone()),
+        name: Some(name.to_string()),
+        namespace: (!namespace.is_empty()).then(|| namespace.to_string()),
         uid: observed.get(&key).and_then(|o| o.metadata.uid.clone()),
         resource_version: None,
         field_path: None,
     };
     n.log();
-    let object = n.object();
+    let object = key.to_string();
     let event = KubeEvent {
         type_: match n.severity {
             Severity::Normal => EventType::Normal,

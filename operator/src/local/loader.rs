@@ -10,7 +10,6 @@
 //! own; [`scan_file`] does both. Text nested deeper than
 //! [`nesting::MAX_NESTING`] levels is refused before the YAML parser sees it.
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 
 use keyway_crds::{API_VERSION, IPPool, SshRoute, VMLease};
@@ -22,49 +21,7 @@ use super::nesting;
 /// Largest file local mode reads; anything bigger is refused, not truncated.
 pub const MAX_FILE_BYTES: u64 = 32 * 1024 * 1024;
 
-/// The kinds local mode understands.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
-pub enum Kind {
-    /// keyway.dev IPPool (cluster-scoped).
-    IPPool,
-    /// keyway.dev VMLease.
-    VMLease,
-    /// keyway.dev SshRoute.
-    SshRoute,
-}
-
-impl fmt::Display for Kind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Kind::IPPool => "IPPool",
-            Kind::VMLease => "VMLease",
-            Kind::SshRoute => "SshRoute",
-        })
-    }
-}
-
-/// Identity of an object: kind, namespace ("" for IPPool) and name.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ObjId {
-    /// Kind.
-    pub kind: Kind,
-    /// Namespace; empty for cluster-scoped kinds.
-    pub namespace: String,
-    /// Name.
-    pub name: String,
-}
-
-impl fmt::Display for ObjId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.namespace.is_empty() {
-            write!(f, "{} {}", self.kind, self.name)
-        } else {
-            write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
-        }
-    }
-}
+pub use keyway_core::{Kind, ObjKey};
 
 /// A typed object read from a document.
 #[derive(Clone, Debug)]
@@ -95,7 +52,7 @@ pub struct Doc {
     /// 1-based position in its file.
     pub index: usize,
     /// Who it is.
-    pub id: ObjId,
+    pub id: ObjKey,
     /// What it says.
     pub object: Object,
 }
@@ -128,7 +85,7 @@ pub struct FileScan {
     pub incomplete: bool,
     /// Objects a document names but that could not be read (unknown field,
     /// wrong type, wrong apiVersion): they keep their last good version.
-    pub held: Vec<ObjId>,
+    pub held: Vec<ObjKey>,
 }
 
 /// Lists the YAML files local mode reads, sorted by name.
@@ -283,7 +240,7 @@ pub fn read_capped(path: &Path) -> Result<String, String> {
 
 struct DocError {
     /// The object, when kind, namespace and name were read: it is kept as it was.
-    id: Option<Box<ObjId>>,
+    id: Option<Box<ObjKey>>,
     /// The kind alone, when that is all that was read.
     kind: Option<String>,
     field: Option<String>,
@@ -311,7 +268,7 @@ fn valid_object_name(s: &str) -> bool {
         && s.ends_with(|c: char| c.is_ascii_alphanumeric())
 }
 
-fn read_doc(value: serde_norway::Value) -> Result<(ObjId, Object), DocError> {
+fn read_doc(value: serde_norway::Value) -> Result<(ObjKey, Object), DocError> {
     let unidentified = |message: String| DocError {
         id: None,
         kind: None,
@@ -327,9 +284,9 @@ fn read_doc(value: serde_norway::Value) -> Result<(ObjId, Object), DocError> {
     let api = str_at(&value, &["apiVersion"]).unwrap_or_default();
     let kind = str_at(&value, &["kind"]).unwrap_or_default();
     let kind = match kind {
-        "IPPool" => Kind::IPPool,
-        "VMLease" => Kind::VMLease,
-        "SshRoute" => Kind::SshRoute,
+        "IPPool" => Kind::Pool,
+        "VMLease" => Kind::Lease,
+        "SshRoute" => Kind::Route,
         "" => {
             return Err(unidentified(
                 "missing kind (IPPool, VMLease or SshRoute)".into(),
@@ -360,16 +317,12 @@ fn read_doc(value: serde_norway::Value) -> Result<(ObjId, Object), DocError> {
         });
     }
     let namespace = match kind {
-        Kind::IPPool => String::new(),
+        Kind::Pool => String::new(),
         _ => str_at(&value, &["metadata", "namespace"])
             .unwrap_or("default")
             .to_string(),
     };
-    let id = ObjId {
-        kind,
-        namespace: namespace.clone(),
-        name: name.clone(),
-    };
+    let id = ObjKey::new(kind, &namespace, &name);
     let err = |field: Option<String>, message: String| DocError {
         id: Some(Box::new(id.clone())),
         kind: None,
@@ -389,22 +342,22 @@ fn read_doc(value: serde_norway::Value) -> Result<(ObjId, Object), DocError> {
             "must be lowercase letters, digits, '-' or '.', starting and ending with a letter or digit".into(),
         ));
     }
-    if kind != Kind::IPPool && !valid_object_name(&namespace) {
+    if kind != Kind::Pool && !valid_object_name(&namespace) {
         return Err(err(
             Some("metadata.namespace".into()),
             "not a valid namespace name".into(),
         ));
     }
     let object = match kind {
-        Kind::IPPool => typed::<IPPool>(value).map(|mut p| {
+        Kind::Pool => typed::<IPPool>(value).map(|mut p| {
             p.metadata.namespace = None;
             Object::Pool(p)
         }),
-        Kind::VMLease => typed::<VMLease>(value).map(|mut l| {
+        Kind::Lease => typed::<VMLease>(value).map(|mut l| {
             l.metadata.namespace = Some(namespace.clone());
             Object::Lease(Box::new(l))
         }),
-        Kind::SshRoute => typed::<SshRoute>(value).map(|mut r| {
+        Kind::Route => typed::<SshRoute>(value).map(|mut r| {
             r.metadata.namespace = Some(namespace.clone());
             Object::Route(r)
         }),
@@ -456,7 +409,7 @@ mod tests {
         );
         assert!(s.problems.is_empty(), "{:?}", s.problems);
         assert_eq!(s.docs.len(), 2);
-        assert_eq!(s.docs[1].id.namespace, "default");
+        assert_eq!(s.docs[1].id.namespace_name().0, "default");
         assert_eq!(s.docs[1].index, 2);
     }
 

@@ -30,14 +30,14 @@ use keyway_snapshot::server::Publisher;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
-use crate::allocator::LeaseKey;
-use crate::routed::{Ack, RoutedKind, RoutedTracker};
-use crate::world::{LeaseObject, PoolObject, RouteObject, Settings, Severity, World};
+use keyway_core::allocator::LeaseKey;
+use keyway_core::routed::{Ack, RoutedTracker};
+use keyway_core::world::{LeaseObject, PoolObject, RouteObject, Settings, Severity, World};
 use keyway_state::{
     Changes, EventRecord, LeaseRecord, Paths, PoolRecord, RouteRecord, SnapshotRecord, StateFile,
     Store, SubscriberRecord,
 };
-use loader::{FileScan, Kind, ObjId, Object, Problem};
+use loader::{FileScan, Kind, ObjKey, Object, Problem};
 
 /// How many events `status` keeps.
 const MAX_EVENTS: usize = 300;
@@ -75,12 +75,8 @@ fn lease_key(ns: &str, name: &str) -> LeaseKey {
     }
 }
 
-fn obj_id(kind: Kind, namespace: &str, name: &str) -> ObjId {
-    ObjId {
-        kind,
-        namespace: namespace.to_string(),
-        name: name.to_string(),
-    }
+fn obj_id(kind: Kind, namespace: &str, name: &str) -> ObjKey {
+    ObjKey::new(kind, namespace, name)
 }
 
 /// The generation an object gets when its spec as read is `seen`: unchanged
@@ -119,7 +115,12 @@ fn new_uid() -> String {
     )
 }
 
-fn problems_of(file: &str, index: usize, id: &ObjId, errs: &validate::FieldErrors) -> Vec<Problem> {
+fn problems_of(
+    file: &str,
+    index: usize,
+    id: &ObjKey,
+    errs: &validate::FieldErrors,
+) -> Vec<Problem> {
     errs.0
         .iter()
         .map(|e| Problem {
@@ -144,7 +145,7 @@ pub struct Local {
     /// The pure core.
     pub world: World,
     /// Validation problems per object, from the scan that last changed it.
-    object_problems: HashMap<ObjId, Vec<Problem>>,
+    object_problems: HashMap<ObjKey, Vec<Problem>>,
     /// Problems of the whole directory after the last scan.
     problems: Vec<Problem>,
     first_scan: bool,
@@ -248,24 +249,22 @@ impl Local {
     }
 
     /// Every record's identity and the file it was last read from.
-    fn record_files(&self) -> impl Iterator<Item = (ObjId, &str)> {
+    fn record_files(&self) -> impl Iterator<Item = (ObjKey, &str)> {
         let pools = self
             .state
             .pools
             .values()
-            .map(|r| (obj_id(Kind::IPPool, "", &r.name), r.file.as_str()));
-        let leases = self.state.leases.values().map(|r| {
-            (
-                obj_id(Kind::VMLease, &r.namespace, &r.name),
-                r.file.as_str(),
-            )
-        });
-        let routes = self.state.routes.values().map(|r| {
-            (
-                obj_id(Kind::SshRoute, &r.namespace, &r.name),
-                r.file.as_str(),
-            )
-        });
+            .map(|r| (obj_id(Kind::Pool, "", &r.name), r.file.as_str()));
+        let leases = self
+            .state
+            .leases
+            .values()
+            .map(|r| (obj_id(Kind::Lease, &r.namespace, &r.name), r.file.as_str()));
+        let routes = self
+            .state
+            .routes
+            .values()
+            .map(|r| (obj_id(Kind::Route, &r.namespace, &r.name), r.file.as_str()));
         pools.chain(leases).chain(routes)
     }
 
@@ -289,7 +288,7 @@ impl Local {
         // One document per object. On duplicates keep the copy from the file the
         // object came from before (an added duplicate cannot hijack a live object),
         // else the first by file name.
-        let mut chosen: BTreeMap<ObjId, (&str, &loader::Doc)> = BTreeMap::new();
+        let mut chosen: BTreeMap<ObjKey, (&str, &loader::Doc)> = BTreeMap::new();
         for scan in scans {
             for doc in &scan.docs {
                 let prev_file = self.record_file(&doc.id);
@@ -325,7 +324,7 @@ impl Local {
         // What is missing from every file dies only once its file has stayed
         // as it is for the edit grace; a file that does not parse, or a
         // document that names the object but does not read, keeps it.
-        let held: HashSet<&ObjId> = scans.iter().flat_map(|s| s.held.iter()).collect();
+        let held: HashSet<&ObjKey> = scans.iter().flat_map(|s| s.held.iter()).collect();
         {
             let referenced: Vec<String> = self.record_files().map(|(_, f)| f.to_string()).collect();
             self.clocks.observe(
@@ -334,7 +333,7 @@ impl Local {
                 now_ms,
             );
         }
-        let mut dying: HashSet<ObjId> = HashSet::new();
+        let mut dying: HashSet<ObjKey> = HashSet::new();
         let mut due: Option<u64> = None;
         let grace = self.clocks.grace();
         for (id, file) in self.record_files() {
@@ -367,18 +366,18 @@ impl Local {
             });
         }
         self.grace_due_ms = due;
-        let gone = |_file: &str, id: &ObjId| dying.contains(id);
+        let gone = |_file: &str, id: &ObjKey| dying.contains(id);
 
         // Deletions of leases first, so their addresses are free for new leases.
         let dead_leases = dead_keys(&self.state.leases, |r| {
-            gone(&r.file, &obj_id(Kind::VMLease, &r.namespace, &r.name))
+            gone(&r.file, &obj_id(Kind::Lease, &r.namespace, &r.name))
         });
         for k in dead_leases {
             if let Some(r) = self.state.leases.remove(&k) {
                 self.changes.leases.insert(k);
                 self.world.delete_lease(&lease_key(&r.namespace, &r.name));
                 self.object_problems
-                    .remove(&obj_id(Kind::VMLease, &r.namespace, &r.name));
+                    .remove(&obj_id(Kind::Lease, &r.namespace, &r.name));
             }
         }
 
@@ -388,14 +387,14 @@ impl Local {
                 continue;
             };
             let seen = doc.object.spec_json();
-            let rec = self.state.pools.get(&id.name);
+            let rec = self.state.pools.get(id.name());
             if !first && rec.is_some_and(|r| r.seen_spec == seen && r.file == *file) {
                 continue;
             }
             let spec = validate::pool(&p.spec);
             let generation = next_generation(rec.map(|r| (&r.seen_spec, r.generation)), &seen);
             let mut r = rec.cloned().unwrap_or_else(|| PoolRecord {
-                name: id.name.clone(),
+                name: id.name().to_string(),
                 created_ms: now_ms,
                 file: (*file).to_string(),
                 generation,
@@ -416,12 +415,12 @@ impl Local {
                         .insert(id.clone(), problems_of(file, doc.index, id, e));
                 }
             }
-            if self.state.pools.get(&id.name) != Some(&r) {
-                self.changes.pools.insert(id.name.clone());
+            if self.state.pools.get(id.name()) != Some(&r) {
+                self.changes.pools.insert(id.name().to_string());
             }
-            self.state.pools.insert(id.name.clone(), r);
+            self.state.pools.insert(id.name().to_string(), r);
             self.world.apply_pool(PoolObject {
-                name: id.name.clone(),
+                name: id.name().to_string(),
                 generation: Some(generation),
                 spec,
             });
@@ -433,15 +432,15 @@ impl Local {
                 continue;
             };
             let seen = doc.object.spec_json();
-            let rk = record_key(&id.namespace, &id.name);
+            let rk = record_key(id.namespace_name().0, id.name());
             let rec = self.state.leases.get(&rk);
             if !first && rec.is_some_and(|r| r.seen_spec == seen && r.file == *file) {
                 continue;
             }
             let generation = next_generation(rec.map(|r| (&r.seen_spec, r.generation)), &seen);
             let mut r = rec.cloned().unwrap_or_else(|| LeaseRecord {
-                namespace: id.namespace.clone(),
-                name: id.name.clone(),
+                namespace: id.namespace_name().0.to_string(),
+                name: id.name().to_string(),
                 uid: new_uid(),
                 created_ms: now_ms,
                 file: (*file).to_string(),
@@ -484,24 +483,24 @@ impl Local {
         }
 
         let dead_pools = dead_keys(&self.state.pools, |r| {
-            gone(&r.file, &obj_id(Kind::IPPool, "", &r.name))
+            gone(&r.file, &obj_id(Kind::Pool, "", &r.name))
         });
         for k in dead_pools {
             self.state.pools.remove(&k);
             self.changes.pools.insert(k.clone());
             self.world.delete_pool(&k);
-            self.object_problems.remove(&obj_id(Kind::IPPool, "", &k));
+            self.object_problems.remove(&obj_id(Kind::Pool, "", &k));
         }
 
         let dead_routes = dead_keys(&self.state.routes, |r| {
-            gone(&r.file, &obj_id(Kind::SshRoute, &r.namespace, &r.name))
+            gone(&r.file, &obj_id(Kind::Route, &r.namespace, &r.name))
         });
         for k in dead_routes {
             if let Some(r) = self.state.routes.remove(&k) {
                 self.changes.routes.insert(k);
                 self.world.delete_route(&lease_key(&r.namespace, &r.name));
                 self.object_problems
-                    .remove(&obj_id(Kind::SshRoute, &r.namespace, &r.name));
+                    .remove(&obj_id(Kind::Route, &r.namespace, &r.name));
             }
         }
         for (id, (file, doc)) in &chosen {
@@ -509,15 +508,15 @@ impl Local {
                 continue;
             };
             let seen = doc.object.spec_json();
-            let rk = record_key(&id.namespace, &id.name);
+            let rk = record_key(id.namespace_name().0, id.name());
             let rec = self.state.routes.get(&rk);
             if !first && rec.is_some_and(|r| r.seen_spec == seen && r.file == *file) {
                 continue;
             }
             let generation = next_generation(rec.map(|r| (&r.seen_spec, r.generation)), &seen);
             let mut r = rec.cloned().unwrap_or_else(|| RouteRecord {
-                namespace: id.namespace.clone(),
-                name: id.name.clone(),
+                namespace: id.namespace_name().0.to_string(),
+                name: id.name().to_string(),
                 created_ms: now_ms,
                 file: (*file).to_string(),
                 generation,
@@ -540,7 +539,7 @@ impl Local {
                 }
             }
             self.world.apply_route(RouteObject {
-                key: lease_key(&id.namespace, &id.name),
+                key: lease_key(id.namespace_name().0, id.name()),
                 created_ms: r.created_ms,
                 generation: Some(r.generation),
                 from_raw: rt.spec.from.clone(),
@@ -566,18 +565,18 @@ impl Local {
         self.problems = problems;
     }
 
-    fn record_file(&self, id: &ObjId) -> Option<String> {
-        match id.kind {
-            Kind::IPPool => self.state.pools.get(&id.name).map(|r| r.file.clone()),
-            Kind::VMLease => self
+    fn record_file(&self, id: &ObjKey) -> Option<String> {
+        match id.kind() {
+            Kind::Pool => self.state.pools.get(id.name()).map(|r| r.file.clone()),
+            Kind::Lease => self
                 .state
                 .leases
-                .get(&record_key(&id.namespace, &id.name))
+                .get(&record_key(id.namespace_name().0, id.name()))
                 .map(|r| r.file.clone()),
-            Kind::SshRoute => self
+            Kind::Route => self
                 .state
                 .routes
-                .get(&record_key(&id.namespace, &id.name))
+                .get(&record_key(id.namespace_name().0, id.name()))
                 .map(|r| r.file.clone()),
         }
     }
@@ -587,7 +586,7 @@ impl Local {
         let derived = self.world.derive();
         for (k, r) in self.state.leases.iter_mut() {
             let key = lease_key(&r.namespace, &r.name);
-            let routed = tracker.info(RoutedKind::Lease, &r.namespace, &r.name, acks);
+            let routed = tracker.info(&ObjKey::Lease(key.clone()), acks);
             if let Some(st) = self
                 .world
                 .lease_status(&derived, &key, Some(&r.status), &routed, now)
@@ -607,7 +606,7 @@ impl Local {
         }
         for (k, r) in self.state.routes.iter_mut() {
             let key = lease_key(&r.namespace, &r.name);
-            let routed = tracker.info(RoutedKind::Route, &r.namespace, &r.name, acks);
+            let routed = tracker.info(&ObjKey::Route(key.clone()), acks);
             if let Some(st) = self
                 .world
                 .route_status(&derived, &key, Some(&r.status), &routed, now)
@@ -627,7 +626,7 @@ impl Local {
     pub fn record_notices(&mut self, now: Timestamp) {
         for n in self.world.take_notices() {
             n.log();
-            let object = n.object();
+            let object = n.object.to_string();
             self.state.events.push(EventRecord {
                 time: now.to_string(),
                 severity: match n.severity {
@@ -673,7 +672,7 @@ impl Phases {
 
 fn acks_of(publisher: &Publisher) -> (Vec<Ack>, Vec<SubscriberRecord>) {
     let subs = publisher.subscribers();
-    let acks = crate::routed::acks(&subs);
+    let acks = keyway_core::routed::acks(&subs);
     let records = subs
         .into_iter()
         .map(|s| SubscriberRecord {

@@ -323,10 +323,10 @@ mod tests {
         )
         .unwrap();
         let scans = s.scan().await.unwrap();
-        assert_eq!(scans[0].docs[0].id.name, "p");
+        assert_eq!(scans[0].docs[0].id.name(), "p");
         s.done().await;
         let scans = s.scan().await.unwrap();
-        assert_eq!(scans[0].docs[0].id.name, "q");
+        assert_eq!(scans[0].docs[0].id.name(), "q");
 
         // A new file is a placeholder that keeps everything until parsed.
         std::fs::write(
@@ -364,7 +364,7 @@ mod tests {
         let settled = s.reads();
         for _ in 0..5 {
             let scans = s.scan().await.unwrap();
-            assert_eq!(scans[0].docs[0].id.name, "p");
+            assert_eq!(scans[0].docs[0].id.name(), "p");
         }
         assert_eq!(s.reads(), settled);
         // A same-size rewrite in place (new mtime/ctime) is read and parsed.
@@ -373,6 +373,6 @@ mod tests {
         assert_eq!(s.reads(), settled + 1);
         s.done().await;
         let scans = s.scan().await.unwrap();
-        assert_eq!(scans[0].docs[0].id.name, "q");
+        assert_eq!(scans[0].docs[0].id.name(), "q");
     }
 }

@@ -5,11 +5,11 @@
 use std::io::Write;
 use std::time::Instant;
 
+use keyway_core::allocator::LeaseKey;
+use keyway_core::world::{LeaseObject, PoolObject, Settings, World};
 use keyway_crds::addresses::AddressSet;
 use keyway_crds::keys::AccessKey;
 use keyway_crds::validate::{HostPort, Target, ValidLease};
-use keyway_operator::allocator::LeaseKey;
-use keyway_operator::world::{LeaseObject, PoolObject, Settings, World};
 use prost::Message;
 use ssh_key::public::Ed25519PublicKey;
 

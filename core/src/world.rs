@@ -6,7 +6,6 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use keyway_crds::addresses::AddressSet;
 use keyway_crds::keys::AccessKey;
@@ -14,7 +13,9 @@ use keyway_crds::validate::{FieldErrors, RouteFrom, RouteTo, Target, ValidLease,
 use keyway_crds::{IPPoolStatus, LeasePhase, SshRouteStatus, VMLeaseStatus, lease_hash};
 use keyway_snapshot::pb;
 
-use crate::allocator::{Allocator, Assignment, Event, LeaseKey, LeaseRequest};
+use crate::allocator::{Allocator, Assignment, Event, LeaseRequest};
+use crate::conditions::Conditions;
+use crate::key::{LeaseKey, ObjKey};
 
 /// Settings that shape statuses and snapshots.
 #[derive(Clone, Debug)]
@@ -94,29 +95,16 @@ pub struct Notice {
     pub severity: Severity,
     /// CamelCase reason (`Allocated`, `Released`, `Conflict`, …).
     pub reason: &'static str,
-    /// Object kind the notice is about.
-    pub kind: &'static str,
-    /// Namespace ("" for cluster-scoped) and name.
-    pub namespace: String,
-    /// Object name.
-    pub name: String,
+    /// The object the notice is about.
+    pub object: ObjKey,
     /// Sentence for people.
     pub message: String,
 }
 
 impl Notice {
-    /// `Kind name` or `Kind namespace/name`, for logs and the state file.
-    pub fn object(&self) -> String {
-        if self.namespace.is_empty() {
-            format!("{} {}", self.kind, self.name)
-        } else {
-            format!("{} {}/{}", self.kind, self.namespace, self.name)
-        }
-    }
-
     /// Logs the notice at its severity.
     pub fn log(&self) {
-        let object = self.object();
+        let object = &self.object;
         match self.severity {
             Severity::Normal => tracing::info!(reason = self.reason, %object, "{}", self.message),
             Severity::Warning => tracing::warn!(reason = self.reason, %object, "{}", self.message),
@@ -283,9 +271,7 @@ impl World {
             self.notice(
                 Severity::Warning,
                 "EditRejected",
-                "IPPool",
-                "",
-                &name,
+                ObjKey::Pool(name.clone()),
                 format!("edit rejected, still serving the previous addresses: {e}"),
             );
         }
@@ -321,9 +307,7 @@ impl World {
             self.notice(
                 Severity::Warning,
                 "EditRejected",
-                "VMLease",
-                &key.namespace,
-                &key.name,
+                ObjKey::Lease(key.clone()),
                 format!("edit rejected, still serving the previous spec: {e}"),
             );
         }
@@ -396,17 +380,13 @@ impl World {
         &mut self,
         severity: Severity,
         reason: &'static str,
-        kind: &'static str,
-        namespace: &str,
-        name: &str,
+        object: ObjKey,
         message: String,
     ) {
         self.notices.push(Notice {
             severity,
             reason,
-            kind,
-            namespace: namespace.to_string(),
-            name: name.to_string(),
+            object,
             message,
         });
     }
@@ -418,17 +398,13 @@ impl World {
                 Event::Allocated { lease, ip } => self.notice(
                     Severity::Normal,
                     "Allocated",
-                    "VMLease",
-                    &lease.namespace,
-                    &lease.name,
+                    ObjKey::Lease(lease),
                     format!("allocated {ip}"),
                 ),
                 Event::Released { lease, ip } => self.notice(
                     Severity::Normal,
                     "Released",
-                    "VMLease",
-                    &lease.namespace,
-                    &lease.name,
+                    ObjKey::Lease(lease),
                     format!("released {ip}"),
                 ),
                 Event::Moved {
@@ -448,9 +424,7 @@ impl World {
                     self.notice(
                         Severity::Warning,
                         "Moved",
-                        "VMLease",
-                        &lease.namespace,
-                        &lease.name,
+                        ObjKey::Lease(lease),
                         format!("moved from {from} to {to}: {why}"),
                     );
                 }
@@ -463,9 +437,7 @@ impl World {
                 } => self.notice(
                     Severity::Warning,
                     "Conflict",
-                    "VMLease",
-                    &loser.namespace,
-                    &loser.name,
+                    ObjKey::Lease(loser),
                     format!(
                         "{ip} in pool {pool} was claimed by two leases of user {user}; the older \
                          {}/{} keeps it",
@@ -475,9 +447,7 @@ impl World {
                 Event::Exhausted { lease, pool } => self.notice(
                     Severity::Warning,
                     "Exhausted",
-                    "VMLease",
-                    &lease.namespace,
-                    &lease.name,
+                    ObjKey::Lease(lease),
                     format!("pool {pool} has no address left for this lease's user"),
                 ),
             }
@@ -696,8 +666,8 @@ impl World {
         now: Timestamp,
     ) -> Option<VMLeaseStatus> {
         let e = self.leases.get(key)?;
-        let prev_conds: &[Condition] = prev.map_or(&[], |p| &p.conditions);
         let generation = e.obj.generation;
+        let mut conds = Conditions::new(prev.map_or(&[], |p| &p.conditions), generation, now);
         let hash_hex = hex::encode(lease_hash(&e.obj.uid));
         let mut st = VMLeaseStatus {
             lease_hash: Some(hash_hex.clone()),
@@ -711,26 +681,9 @@ impl World {
             };
             st.phase = Some(LeasePhase::Failed);
             st.message = Some(msg.clone());
-            set_condition(
-                &mut st.conditions,
-                prev_conds,
-                "Allocated",
-                false,
-                "InvalidSpec",
-                &msg,
-                generation,
-                now,
-            );
-            set_condition(
-                &mut st.conditions,
-                prev_conds,
-                "Routed",
-                false,
-                "InvalidSpec",
-                "the spec is invalid",
-                generation,
-                now,
-            );
+            conds.set("Allocated", false, "InvalidSpec", msg.clone());
+            conds.set("Routed", false, "InvalidSpec", "the spec is invalid");
+            st.conditions = conds.finish();
             return Some(st);
         };
         st.relay_trust = Some(self.relay_trust(&hash_hex));
@@ -745,15 +698,11 @@ impl World {
                 st.ip = Some(ip.to_string());
                 st.phase = Some(LeasePhase::Ready);
                 st.ssh_command = Some(self.ssh_command(*ip));
-                set_condition(
-                    &mut st.conditions,
-                    prev_conds,
+                conds.set(
                     "Allocated",
                     true,
                     "Allocated",
-                    &format!("holds {ip} from pool {}", spec.pool),
-                    generation,
-                    now,
+                    format!("holds {ip} from pool {}", spec.pool),
                 );
                 if let Some(sh) = derived.shadowed.get(key) {
                     for (fp, owner) in sh {
@@ -764,16 +713,7 @@ impl World {
                     }
                 }
                 let (ok, reason, msg) = routed_condition(routed);
-                set_condition(
-                    &mut st.conditions,
-                    prev_conds,
-                    "Routed",
-                    ok,
-                    reason,
-                    &msg,
-                    generation,
-                    now,
-                );
+                conds.set("Routed", ok, reason, msg.clone());
             }
             Some(Assignment::Pending(reason)) if !spec.settled => {
                 let msg = reason.to_string();
@@ -783,54 +723,24 @@ impl World {
                 };
                 st.phase = Some(LeasePhase::Pending);
                 notes.insert(0, msg.clone());
-                set_condition(
-                    &mut st.conditions,
-                    prev_conds,
-                    "Allocated",
-                    false,
-                    why,
-                    &msg,
-                    generation,
-                    now,
-                );
-                set_condition(
-                    &mut st.conditions,
-                    prev_conds,
-                    "Routed",
-                    false,
-                    "NotAllocated",
-                    "no address yet",
-                    generation,
-                    now,
-                );
+                conds.set("Allocated", false, why, msg.clone());
+                conds.set("Routed", false, "NotAllocated", "no address yet");
             }
             _ => {
                 st.phase = Some(LeasePhase::Settled);
-                set_condition(
-                    &mut st.conditions,
-                    prev_conds,
+                conds.set(
                     "Allocated",
                     false,
                     "Settled",
                     "the lease is settled; its address was released",
-                    generation,
-                    now,
                 );
-                set_condition(
-                    &mut st.conditions,
-                    prev_conds,
-                    "Routed",
-                    false,
-                    "Settled",
-                    "settled leases are not routed",
-                    generation,
-                    now,
-                );
+                conds.set("Routed", false, "Settled", "settled leases are not routed");
             }
         }
         if !notes.is_empty() {
             st.message = Some(notes.join("; "));
         }
+        st.conditions = conds.finish();
         Some(st)
     }
 
@@ -842,48 +752,27 @@ impl World {
         now: Timestamp,
     ) -> Option<IPPoolStatus> {
         let e = self.pools.get(name)?;
-        let prev_conds: &[Condition] = prev.map_or(&[], |p| &p.conditions);
         let generation = e.obj.generation;
+        let mut conds = Conditions::new(prev.map_or(&[], |p| &p.conditions), generation, now);
         let mut st = IPPoolStatus {
             observed_generation: generation,
             ..Default::default()
         };
         match (&e.effective, &e.rejected, &e.obj.spec) {
             (None, _, Err(errs)) => {
-                set_condition(
-                    &mut st.conditions,
-                    prev_conds,
-                    "Ready",
-                    false,
-                    "InvalidSpec",
-                    &errs.to_string(),
-                    generation,
-                    now,
-                );
+                conds.set("Ready", false, "InvalidSpec", errs.to_string());
+                st.conditions = conds.finish();
                 return Some(st);
             }
-            (_, Some(rej), _) => set_condition(
-                &mut st.conditions,
-                prev_conds,
+            (_, Some(rej), _) => conds.set(
                 "Ready",
                 true,
                 "EditRejected",
-                &format!(
+                format!(
                     "the latest edit was rejected ({rej}); still serving the previous addresses"
                 ),
-                generation,
-                now,
             ),
-            _ => set_condition(
-                &mut st.conditions,
-                prev_conds,
-                "Ready",
-                true,
-                "Valid",
-                "addresses parsed",
-                generation,
-                now,
-            ),
+            _ => conds.set("Ready", true, "Valid", "addresses parsed"),
         }
         let stats = self.allocator.pool_stats(name).unwrap_or_default();
         st.capacity = Some(stats.capacity.to_string());
@@ -891,34 +780,27 @@ impl World {
         st.users = stats.users;
         st.max_leases_per_user = stats.max_leases_per_user;
         if stats.pending > 0 {
-            set_condition(
-                &mut st.conditions,
-                prev_conds,
+            conds.set(
                 "Exhausted",
                 true,
                 "LeasesWaiting",
-                &format!(
+                format!(
                     "{} lease(s) wait: a user has more live leases than the pool's {} addresses",
                     stats.pending, stats.capacity
                 ),
-                generation,
-                now,
             );
         } else {
-            set_condition(
-                &mut st.conditions,
-                prev_conds,
+            conds.set(
                 "Exhausted",
                 false,
                 "Available",
-                &format!(
+                format!(
                     "every lease holds an address; the busiest user has {} of {}",
                     stats.max_leases_per_user, stats.capacity
                 ),
-                generation,
-                now,
             );
         }
+        st.conditions = conds.finish();
         Some(st)
     }
 
@@ -932,8 +814,8 @@ impl World {
         now: Timestamp,
     ) -> Option<SshRouteStatus> {
         let r = self.routes.get(key)?;
-        let prev_conds: &[Condition] = prev.map_or(&[], |p| &p.conditions);
         let generation = r.generation;
+        let mut conds = Conditions::new(prev.map_or(&[], |p| &p.conditions), generation, now);
         let mut st = SshRouteStatus {
             observed_generation: generation,
             ..Default::default()
@@ -958,51 +840,16 @@ impl World {
         };
         match accepted {
             Ok(()) => {
-                set_condition(
-                    &mut st.conditions,
-                    prev_conds,
-                    "Accepted",
-                    true,
-                    "Accepted",
-                    "valid and resolved",
-                    generation,
-                    now,
-                );
+                conds.set("Accepted", true, "Accepted", "valid and resolved");
                 let (ok, reason, msg) = routed_condition(routed);
-                set_condition(
-                    &mut st.conditions,
-                    prev_conds,
-                    "Routed",
-                    ok,
-                    reason,
-                    &msg,
-                    generation,
-                    now,
-                );
+                conds.set("Routed", ok, reason, msg.clone());
             }
             Err((reason, msg)) => {
-                set_condition(
-                    &mut st.conditions,
-                    prev_conds,
-                    "Accepted",
-                    false,
-                    reason,
-                    &msg,
-                    generation,
-                    now,
-                );
-                set_condition(
-                    &mut st.conditions,
-                    prev_conds,
-                    "Routed",
-                    false,
-                    "NotAccepted",
-                    "the route is not accepted",
-                    generation,
-                    now,
-                );
+                conds.set("Accepted", false, reason, msg.clone());
+                conds.set("Routed", false, "NotAccepted", "the route is not accepted");
             }
         }
+        st.conditions = conds.finish();
         Some(st)
     }
 }
@@ -1045,34 +892,4 @@ fn pb_key(k: &AccessKey) -> pb::AccessKey {
         openssh: k.openssh.clone(),
         fingerprint: k.fingerprint.clone(),
     }
-}
-
-/// Sets a condition, keeping the previous transition time when the status did
-/// not flip (the Kubernetes convention).
-#[allow(clippy::too_many_arguments)]
-pub fn set_condition(
-    conds: &mut Vec<Condition>,
-    prev: &[Condition],
-    type_: &str,
-    status: bool,
-    reason: &str,
-    message: &str,
-    generation: Option<i64>,
-    now: Timestamp,
-) {
-    let status = if status { "True" } else { "False" }.to_string();
-    let last_transition_time = prev
-        .iter()
-        .find(|c| c.type_ == type_ && c.status == status)
-        .map(|c| c.last_transition_time.clone())
-        .unwrap_or(Time(now));
-    conds.retain(|c| c.type_ != type_);
-    conds.push(Condition {
-        type_: type_.to_string(),
-        status,
-        reason: reason.to_string(),
-        message: message.to_string(),
-        observed_generation: generation,
-        last_transition_time,
-    });
 }

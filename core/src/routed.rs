@@ -8,18 +8,10 @@ use std::hash::{Hash, Hasher};
 use keyway_snapshot::pb;
 use prost::Message;
 
+use crate::key::{LeaseKey, ObjKey};
 use crate::world::RoutedInfo;
 
-/// Which kind of object an entry is about.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum RoutedKind {
-    /// A VMLease.
-    Lease,
-    /// An SshRoute.
-    Route,
-}
-
-type Key = (RoutedKind, String, String);
+type Key = ObjKey;
 
 /// A subscriber as the tracker needs it.
 #[derive(Clone, Debug)]
@@ -67,13 +59,13 @@ impl RoutedTracker {
             .iter()
             .map(|l| {
                 (
-                    (RoutedKind::Lease, l.namespace.clone(), l.name.clone()),
+                    ObjKey::Lease(LeaseKey::new(&l.namespace, &l.name)),
                     digest(l),
                 )
             })
             .chain(snap.routes.iter().map(|r| {
                 (
-                    (RoutedKind::Route, r.namespace.clone(), r.name.clone()),
+                    ObjKey::Route(LeaseKey::new(&r.namespace, &r.name)),
                     digest(r),
                 )
             }));
@@ -88,11 +80,8 @@ impl RoutedTracker {
     }
 
     /// Routed state of one object given the subscribers' acknowledgements.
-    pub fn info(&self, kind: RoutedKind, namespace: &str, name: &str, subs: &[Ack]) -> RoutedInfo {
-        let Some((_, since)) = self
-            .since
-            .get(&(kind, namespace.to_string(), name.to_string()))
-        else {
+    pub fn info(&self, key: &ObjKey, subs: &[Ack]) -> RoutedInfo {
+        let Some((_, since)) = self.since.get(key) else {
             return RoutedInfo::default();
         };
         let connected: Vec<&Ack> = subs.iter().filter(|s| s.connected).collect();
@@ -111,6 +100,10 @@ impl RoutedTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn lease(name: &str) -> ObjKey {
+        ObjKey::Lease(LeaseKey::new("default", name))
+    }
 
     fn snap(v: u64, ips: &[(&str, &str)]) -> pb::Snapshot {
         pb::Snapshot {
@@ -143,9 +136,9 @@ mod tests {
                 version: 1,
             }),
         }];
-        let a = t.info(RoutedKind::Lease, "default", "a", &acked_v1);
+        let a = t.info(&lease("a"), &acked_v1);
         assert_eq!((a.acked, a.subscribers), (1, 1));
-        let b = t.info(RoutedKind::Lease, "default", "b", &acked_v1);
+        let b = t.info(&lease("b"), &acked_v1);
         assert_eq!((b.acked, b.subscribers), (0, 1));
         assert_eq!(b.since.as_deref(), Some("e1.v2"));
         // Disconnected subscribers do not count.
@@ -153,15 +146,9 @@ mod tests {
             connected: false,
             acked: None,
         }];
-        assert_eq!(
-            t.info(RoutedKind::Lease, "default", "b", &gone).subscribers,
-            0
-        );
+        assert_eq!(t.info(&lease("b"), &gone).subscribers, 0);
         // Objects that left the snapshot are not routed.
         t.observe(&snap(3, &[("a", "127.0.10.1")]));
-        assert_eq!(
-            t.info(RoutedKind::Lease, "default", "b", &acked_v1).since,
-            None
-        );
+        assert_eq!(t.info(&lease("b"), &acked_v1).since, None);
     }
 }

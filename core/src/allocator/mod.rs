@@ -19,22 +19,8 @@ use std::net::IpAddr;
 
 use keyway_crds::addresses::AddressSet;
 
+pub use crate::key::LeaseKey;
 use pool::PoolState;
-
-/// Namespace and name of a lease.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct LeaseKey {
-    /// Namespace.
-    pub namespace: String,
-    /// Name.
-    pub name: String,
-}
-
-impl fmt::Display for LeaseKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
-    }
-}
 
 /// What the allocator needs to know of a lease.
 #[derive(Clone, Debug)]

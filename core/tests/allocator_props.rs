@@ -6,8 +6,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
+use keyway_core::allocator::{Allocator, Assignment, LeaseKey, LeaseRequest, PendingReason};
 use keyway_crds::addresses::AddressSet;
-use keyway_operator::allocator::{Allocator, Assignment, LeaseKey, LeaseRequest, PendingReason};
 use proptest::prelude::*;
 
 const USERS: [&str; 3] = ["alice", "bob", "carol"];

@@ -6,8 +6,8 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
+use keyway_core::allocator::{Allocator, Assignment, LeaseKey, LeaseRequest};
 use keyway_crds::addresses::AddressSet;
-use keyway_operator::allocator::{Allocator, Assignment, LeaseKey, LeaseRequest};
 
 const LEASES: usize = 1_000_000;
 const USERS: usize = 100_000;
@@ -96,8 +96,8 @@ fn main() {
         .filter(|e| {
             matches!(
                 e,
-                keyway_operator::allocator::Event::Moved { .. }
-                    | keyway_operator::allocator::Event::Conflict { .. }
+                keyway_core::allocator::Event::Moved { .. }
+                    | keyway_core::allocator::Event::Conflict { .. }
             )
         })
         .count();
