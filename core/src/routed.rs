@@ -1,17 +1,21 @@
 //! Tracks, per lease and route, the first snapshot version that carried its
-//! current routing content, so `Routed` turns true exactly when every connected
+//! current routing content, so `Routed` turns true exactly when every counted
 //! proxy has acknowledged that version or a later one. Pure.
+//!
+//! Counted are the connected subscribers that serve some version of this
+//! writer (they ACKed one, or their hello named one): a proxy that has not
+//! received anything yet does not hold every object back, and a proxy
+//! connecting or leaving changes the `Routed` condition only of the objects
+//! still in flight (see [`RoutedTracker::moved`]). Everything here is
+//! O(change): [`RoutedTracker::observe`] takes the published delta.
 
-use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::Bound;
 
 use keyway_snapshot::pb;
-use prost::Message;
 
 use crate::key::{LeaseKey, ObjKey};
 use crate::world::RoutedInfo;
-
-type Key = ObjKey;
 
 /// A subscriber as the tracker needs it.
 #[derive(Clone, Debug)]
@@ -32,67 +36,118 @@ pub fn acks(subs: &[keyway_snapshot::server::SubscriberStatus]) -> Vec<Ack> {
         .collect()
 }
 
-/// See the module docs.
-#[derive(Debug, Default)]
-pub struct RoutedTracker {
-    since: HashMap<Key, (u64, pb::Version)>,
-}
+type Order = (u64, u64);
 
-fn digest<M: Message>(m: &M) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    m.encode_to_vec().hash(&mut h);
-    h.finish()
-}
-
-fn order(v: &pb::Version) -> (u64, u64) {
+fn order(v: &pb::Version) -> Order {
     (v.epoch, v.version)
 }
 
+/// The acknowledged versions of the counted subscribers, sorted.
+fn counted(subs: &[Ack]) -> Vec<Order> {
+    let mut v: Vec<Order> = subs
+        .iter()
+        .filter(|s| s.connected)
+        .filter_map(|s| s.acked.as_ref().map(order))
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+/// See the module docs.
+#[derive(Debug, Default)]
+pub struct RoutedTracker {
+    since: HashMap<ObjKey, Order>,
+    /// The same, by version, for "who is in flight between these versions".
+    by_since: BTreeMap<Order, HashSet<ObjKey>>,
+    /// The counted acknowledgements [`RoutedTracker::moved`] last saw.
+    view: Option<Vec<Order>>,
+}
+
+fn lease_key(r: &pb::ObjectRef) -> LeaseKey {
+    LeaseKey::new(&r.namespace, &r.name)
+}
+
 impl RoutedTracker {
-    /// Records a published snapshot (its `version` must be set).
-    pub fn observe(&mut self, snap: &pb::Snapshot) {
-        let Some(v) = snap.version else { return };
-        let mut next: HashMap<Key, (u64, pb::Version)> =
-            HashMap::with_capacity(snap.leases.len() + snap.routes.len());
-        let entries = snap
-            .leases
+    /// Records a published change (its `version` must be set): what it
+    /// upserts is current since that version, what it removes is no longer
+    /// published. The publisher lists only real changes.
+    pub fn observe(&mut self, change: &pb::SnapshotDelta) {
+        let Some(v) = change.version.as_ref().map(order) else {
+            return;
+        };
+        let upserted = change
+            .upserted_leases
             .iter()
-            .map(|l| {
-                (
-                    ObjKey::Lease(LeaseKey::new(&l.namespace, &l.name)),
-                    digest(l),
-                )
-            })
-            .chain(snap.routes.iter().map(|r| {
-                (
-                    ObjKey::Route(LeaseKey::new(&r.namespace, &r.name)),
-                    digest(r),
-                )
-            }));
-        for (key, d) in entries {
-            let since = match self.since.get(&key) {
-                Some((old, since)) if *old == d => *since,
-                _ => v,
-            };
-            next.insert(key, (d, since));
+            .map(|l| ObjKey::Lease(LeaseKey::new(&l.namespace, &l.name)))
+            .chain(
+                change
+                    .upserted_routes
+                    .iter()
+                    .map(|r| ObjKey::Route(LeaseKey::new(&r.namespace, &r.name))),
+            );
+        for key in upserted {
+            self.forget(&key);
+            self.by_since.entry(v).or_default().insert(key.clone());
+            self.since.insert(key, v);
         }
-        self.since = next;
+        let removed = change
+            .removed_leases
+            .iter()
+            .map(|r| ObjKey::Lease(lease_key(r)))
+            .chain(
+                change
+                    .removed_routes
+                    .iter()
+                    .map(|r| ObjKey::Route(lease_key(r))),
+            );
+        for key in removed {
+            self.forget(&key);
+        }
+    }
+
+    fn forget(&mut self, key: &ObjKey) {
+        if let Some(old) = self.since.remove(key)
+            && let Some(set) = self.by_since.get_mut(&old)
+        {
+            set.remove(key);
+            if set.is_empty() {
+                self.by_since.remove(&old);
+            }
+        }
+    }
+
+    /// The objects whose `Routed` condition may differ from what it was when
+    /// this was last called (every published object the first time): those
+    /// whose version lies above the lowest acknowledgement either time, and
+    /// everything when the count of proxies goes to or from zero.
+    pub fn moved(&mut self, subs: &[Ack]) -> Vec<ObjKey> {
+        let now = counted(subs);
+        let old = self.view.replace(now.clone());
+        let all = || self.since.keys().cloned().collect();
+        let Some(old) = old else { return all() };
+        if old == now {
+            return Vec::new();
+        }
+        let (Some(a), Some(b)) = (old.first(), now.first()) else {
+            return all();
+        };
+        let low = *a.min(b);
+        self.by_since
+            .range((Bound::Excluded(low), Bound::Unbounded))
+            .flat_map(|(_, keys)| keys.iter().cloned())
+            .collect()
     }
 
     /// Routed state of one object given the subscribers' acknowledgements.
     pub fn info(&self, key: &ObjKey, subs: &[Ack]) -> RoutedInfo {
-        let Some((_, since)) = self.since.get(key) else {
+        let Some(since) = self.since.get(key) else {
             return RoutedInfo::default();
         };
-        let connected: Vec<&Ack> = subs.iter().filter(|s| s.connected).collect();
-        let acked = connected
-            .iter()
-            .filter(|s| s.acked.as_ref().is_some_and(|a| order(a) >= order(since)))
-            .count();
+        let counted = counted(subs);
         RoutedInfo {
-            subscribers: connected.len(),
-            acked,
-            since: Some(format!("e{}.v{}", since.epoch, since.version)),
+            subscribers: counted.len(),
+            acked: counted.iter().filter(|a| *a >= since).count(),
+            since: Some(format!("e{}.v{}", since.0, since.1)),
         }
     }
 }
@@ -105,50 +160,89 @@ mod tests {
         ObjKey::Lease(LeaseKey::new("default", name))
     }
 
-    fn snap(v: u64, ips: &[(&str, &str)]) -> pb::Snapshot {
-        pb::Snapshot {
-            version: Some(pb::Version {
-                epoch: 1,
-                version: v,
-            }),
-            leases: ips
+    fn v(n: u64) -> pb::Version {
+        pb::Version::new(1, n)
+    }
+
+    fn change(n: u64, upserted: &[&str], removed: &[&str]) -> pb::SnapshotDelta {
+        pb::SnapshotDelta {
+            version: Some(v(n)),
+            upserted_leases: upserted
                 .iter()
-                .map(|(name, ip)| pb::Lease {
+                .map(|name| pb::Lease {
                     namespace: "default".into(),
                     name: (*name).into(),
-                    ip: (*ip).into(),
                     ..Default::default()
+                })
+                .collect(),
+            removed_leases: removed
+                .iter()
+                .map(|name| pb::ObjectRef {
+                    namespace: "default".into(),
+                    name: (*name).into(),
                 })
                 .collect(),
             ..Default::default()
         }
     }
 
+    fn acked(versions: &[Option<u64>]) -> Vec<Ack> {
+        versions
+            .iter()
+            .map(|a| Ack {
+                connected: true,
+                acked: a.map(v),
+            })
+            .collect()
+    }
+
+    fn sorted(mut keys: Vec<ObjKey>) -> Vec<ObjKey> {
+        keys.sort();
+        keys
+    }
+
     #[test]
     fn since_moves_only_when_content_changes() {
         let mut t = RoutedTracker::default();
-        t.observe(&snap(1, &[("a", "127.0.10.1"), ("b", "127.0.10.2")]));
-        t.observe(&snap(2, &[("a", "127.0.10.1"), ("b", "127.0.10.1")]));
-        let acked_v1 = [Ack {
-            connected: true,
-            acked: Some(pb::Version {
-                epoch: 1,
-                version: 1,
-            }),
-        }];
+        t.observe(&change(1, &["a", "b"], &[]));
+        t.observe(&change(2, &["b"], &[]));
+        let acked_v1 = acked(&[Some(1)]);
         let a = t.info(&lease("a"), &acked_v1);
         assert_eq!((a.acked, a.subscribers), (1, 1));
         let b = t.info(&lease("b"), &acked_v1);
         assert_eq!((b.acked, b.subscribers), (0, 1));
         assert_eq!(b.since.as_deref(), Some("e1.v2"));
-        // Disconnected subscribers do not count.
+        // Disconnected subscribers, and connected ones that serve nothing of
+        // ours yet, do not count.
         let gone = [Ack {
             connected: false,
-            acked: None,
+            acked: Some(v(1)),
         }];
         assert_eq!(t.info(&lease("b"), &gone).subscribers, 0);
+        assert_eq!(t.info(&lease("b"), &acked(&[None])).subscribers, 0);
         // Objects that left the snapshot are not routed.
-        t.observe(&snap(3, &[("a", "127.0.10.1")]));
+        t.observe(&change(3, &[], &["b"]));
         assert_eq!(t.info(&lease("b"), &acked_v1).since, None);
+    }
+
+    #[test]
+    fn only_objects_in_flight_move_when_acks_change() {
+        let mut t = RoutedTracker::default();
+        t.observe(&change(1, &["a", "b"], &[]));
+        t.observe(&change(2, &["b"], &[]));
+        // First look: everything.
+        assert_eq!(
+            sorted(t.moved(&acked(&[Some(1)]))),
+            vec![lease("a"), lease("b")]
+        );
+        assert_eq!(t.moved(&acked(&[Some(1)])), vec![], "nothing new");
+        // The proxy acks v2: only b (published at v2) moves.
+        assert_eq!(t.moved(&acked(&[Some(2)])), vec![lease("b")]);
+        // A second proxy that serves nothing of ours yet changes nothing.
+        assert_eq!(t.moved(&acked(&[Some(2), None])), vec![]);
+        // It comes in at v1: b is in flight again, a is not.
+        assert_eq!(t.moved(&acked(&[Some(2), Some(1)])), vec![lease("b")]);
+        // The last proxy leaves: everything goes NoProxy.
+        assert_eq!(sorted(t.moved(&[])), vec![lease("a"), lease("b")]);
     }
 }

@@ -1,9 +1,16 @@
 //! The operator's pure core: every IPPool, VMLease and SshRoute it knows, the
 //! allocations derived from them, and from both the statuses and the routing
-//! snapshot. No I/O: local mode and cluster mode are two front doors that feed
-//! objects in and write what comes out.
+//! snapshot's entries. No I/O: local mode and cluster mode are two front doors
+//! that feed objects in and write what comes out.
+//!
+//! Incremental: every change notes the objects it touched (plus the leases
+//! the allocator moved); [`World::take_dirty`] brings the cross-object
+//! indexes up to date for those alone (which live lease owns an `(ip, key)`
+//! pair, which route wins a match) and returns every object whose status or
+//! snapshot entry may have changed. A front door re-derives just those, so a
+//! one-lease edit costs O(change), not O(world).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 
 use k8s_openapi::jiff::Timestamp;
@@ -133,14 +140,70 @@ pub struct RoutedInfo {
     pub since: Option<String>,
 }
 
-/// What follows from the whole world at once (computed once per round, so
-/// per-object statuses stay O(1) each).
-#[derive(Debug, Default)]
-pub struct Derived {
-    shadowed: HashMap<LeaseKey, Vec<(String, LeaseKey)>>,
-    hashes: HashMap<LeaseKey, Vec<u8>>,
-    accepted_routes: HashMap<LeaseKey, pb::route::To>,
-    route_winner: HashMap<RouteFrom, LeaseKey>,
+/// Objects whose status or snapshot entry may have changed (a superset).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Dirty {
+    /// IPPools by name.
+    pub pools: BTreeSet<String>,
+    /// VMLeases.
+    pub leases: BTreeSet<LeaseKey>,
+    /// SshRoutes.
+    pub routes: BTreeSet<LeaseKey>,
+}
+
+impl Dirty {
+    /// Nothing is dirty.
+    pub fn is_empty(&self) -> bool {
+        self.pools.is_empty() && self.leases.is_empty() && self.routes.is_empty()
+    }
+
+    /// Adds everything `other` names.
+    pub fn absorb(&mut self, other: Dirty) {
+        self.pools.extend(other.pools);
+        self.leases.extend(other.leases);
+        self.routes.extend(other.routes);
+    }
+
+    /// How many objects it names.
+    pub fn len(&self) -> usize {
+        self.pools.len() + self.leases.len() + self.routes.len()
+    }
+
+    /// Adds one object.
+    pub fn insert(&mut self, key: ObjKey) {
+        match key {
+            ObjKey::Pool(n) => {
+                self.pools.insert(n);
+            }
+            ObjKey::Lease(k) => {
+                self.leases.insert(k);
+            }
+            ObjKey::Route(k) => {
+                self.routes.insert(k);
+            }
+        }
+    }
+}
+
+/// A lease that routes (valid spec, not settled, holding an IP), as the
+/// indexes hold it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Live {
+    ip: IpAddr,
+    /// Its keys' fingerprints, in spec order, each once.
+    fingerprints: Vec<String>,
+    created: u64,
+    hash: Vec<u8>,
+}
+
+/// A route as the indexes hold it.
+#[derive(Clone, Debug)]
+struct IndexedRoute {
+    created: u64,
+    /// Its match, when the spec is valid.
+    from: Option<RouteFrom>,
+    /// The lease it names, when the spec is valid and names one.
+    target: Option<LeaseKey>,
 }
 
 /// All objects, their allocations, and what follows from them.
@@ -151,6 +214,24 @@ pub struct World {
     leases: BTreeMap<LeaseKey, LeaseEntry>,
     routes: BTreeMap<LeaseKey, RouteObject>,
     notices: Vec<Notice>,
+    /// Leases that route, by key.
+    live: HashMap<LeaseKey, Live>,
+    /// `(ip, fingerprint)` → the live leases with that key on that IP, oldest
+    /// first: the first routes it by IP, the others only by lease hash.
+    owners: HashMap<(IpAddr, String), BTreeSet<(u64, LeaseKey)>>,
+    /// Every route as indexed.
+    indexed_routes: HashMap<LeaseKey, IndexedRoute>,
+    /// Lease → the routes naming it (whether or not it exists).
+    routes_to: HashMap<LeaseKey, BTreeSet<LeaseKey>>,
+    /// Match → the valid routes with it, oldest first.
+    routes_from: HashMap<RouteFrom, BTreeSet<(u64, LeaseKey)>>,
+    /// Routes that are accepted (valid, resolved, first of their match), with
+    /// their destination.
+    accepted: HashMap<LeaseKey, pb::route::To>,
+    /// Objects changed since the indexes were last brought up to date.
+    pending: Dirty,
+    /// Objects whose status or entry may have changed since [`World::take_dirty`].
+    dirty: Dirty,
 }
 
 /// Kubernetes admission in one line: a valid spec is taken; an invalid edit of
@@ -235,13 +316,28 @@ impl World {
                 _ => true,
             })
             .collect();
+        let routes: BTreeMap<LeaseKey, RouteObject> =
+            routes.into_iter().map(|r| (r.key.clone(), r)).collect();
+        let pending = Dirty {
+            pools: pools.keys().cloned().collect(),
+            leases: leases.keys().cloned().collect(),
+            routes: routes.keys().cloned().collect(),
+        };
         let mut world = World {
             settings,
             allocator,
             pools,
             leases,
-            routes: routes.into_iter().map(|r| (r.key.clone(), r)).collect(),
+            routes,
             notices: Vec::new(),
+            live: HashMap::new(),
+            owners: HashMap::new(),
+            indexed_routes: HashMap::new(),
+            routes_to: HashMap::new(),
+            routes_from: HashMap::new(),
+            accepted: HashMap::new(),
+            pending,
+            dirty: Dirty::default(),
         };
         world.note_events(events);
         world
@@ -261,6 +357,7 @@ impl World {
     /// the previous addresses (nothing moves because of a typo) and is reported.
     pub fn apply_pool(&mut self, obj: PoolObject) {
         let name = obj.name.clone();
+        self.pending.pools.insert(name.clone());
         let prev = self.pools.remove(&name);
         let (effective, rejected) = admit(&obj.spec, prev.and_then(|p| p.effective));
         let events = match &effective {
@@ -289,6 +386,7 @@ impl World {
     /// Deletes a pool; its leases wait (Pending) until it returns.
     pub fn delete_pool(&mut self, name: &str) {
         if self.pools.remove(name).is_some() {
+            self.pending.pools.insert(name.to_string());
             let events = self.allocator.remove_pool(name);
             self.note_events(events);
         }
@@ -298,6 +396,10 @@ impl World {
     pub fn apply_lease(&mut self, obj: LeaseObject) {
         let key = obj.key.clone();
         let prev = self.leases.remove(&key);
+        self.pending.leases.insert(key.clone());
+        if let Some(old) = prev.as_ref().and_then(|p| p.effective.as_ref()) {
+            self.pending.pools.insert(old.pool.clone());
+        }
         let (effective, rejected) = admit(&obj.spec, prev.and_then(|p| p.effective));
         let events = match &effective {
             Some(spec) => self.allocator.upsert_lease(request(&obj, spec)),
@@ -324,7 +426,11 @@ impl World {
 
     /// Deletes a lease and releases its IP.
     pub fn delete_lease(&mut self, key: &LeaseKey) {
-        if self.leases.remove(key).is_some() {
+        if let Some(old) = self.leases.remove(key) {
+            self.pending.leases.insert(key.clone());
+            if let Some(spec) = &old.effective {
+                self.pending.pools.insert(spec.pool.clone());
+            }
             let events = self.allocator.remove_lease(key);
             self.note_events(events);
         }
@@ -332,12 +438,15 @@ impl World {
 
     /// Creates or updates a route.
     pub fn apply_route(&mut self, obj: RouteObject) {
+        self.pending.routes.insert(obj.key.clone());
         self.routes.insert(obj.key.clone(), obj);
     }
 
     /// Deletes a route.
     pub fn delete_route(&mut self, key: &LeaseKey) {
-        self.routes.remove(key);
+        if self.routes.remove(key).is_some() {
+            self.pending.routes.insert(key.clone());
+        }
     }
 
     /// Names of every pool, lease and route the world holds.
@@ -469,179 +578,320 @@ impl World {
         }
     }
 
-    /// `(ip, key)` pairs already routed to an older lease of another user: the
-    /// newer lease keeps the key for lease-hash logins but not by IP. Keyed by
-    /// lease, values are the disabled fingerprints.
-    fn shadowed_keys(&self) -> HashMap<LeaseKey, Vec<(String, LeaseKey)>> {
-        let mut live: Vec<(&LeaseEntry, IpAddr)> = self
-            .leases
-            .values()
-            .filter_map(|e| Some((e, self.live_ip(e)?)))
-            .collect();
-        live.sort_by(|a, b| {
-            (a.0.obj.created_ms, &a.0.obj.key).cmp(&(b.0.obj.created_ms, &b.0.obj.key))
-        });
-        let mut owner: HashMap<(IpAddr, &str), &LeaseKey> = HashMap::new();
-        let mut out: HashMap<LeaseKey, Vec<(String, LeaseKey)>> = HashMap::new();
-        for (e, ip) in live {
-            let Some(spec) = &e.effective else { continue };
-            for k in &spec.keys {
-                match owner.get(&(ip, k.fingerprint.as_str())) {
-                    Some(first) => out
-                        .entry(e.obj.key.clone())
-                        .or_default()
-                        .push((k.fingerprint.clone(), (*first).clone())),
-                    None => {
-                        owner.insert((ip, k.fingerprint.as_str()), &e.obj.key);
-                    }
-                }
-            }
-        }
-        out
+    /// Brings the indexes up to date with every change since the last call
+    /// and returns the objects whose status or snapshot entry may have
+    /// changed since then. Costs O(change): only pending objects, the leases
+    /// sharing an `(ip, key)` pair with them and the routes sharing a match
+    /// or naming them are looked at. Statuses and entries read the indexes,
+    /// so call this before deriving them.
+    pub fn take_dirty(&mut self) -> Dirty {
+        self.refresh();
+        std::mem::take(&mut self.dirty)
     }
 
-    fn live_ip(&self, e: &LeaseEntry) -> Option<IpAddr> {
+    /// Whether anything changed since the last [`World::take_dirty`].
+    pub fn has_changes(&self) -> bool {
+        !self.pending.is_empty() || !self.dirty.is_empty()
+    }
+
+    fn refresh(&mut self) {
+        let mut pending = std::mem::take(&mut self.pending);
+        pending.leases.extend(self.allocator.take_touched());
+        for key in &pending.leases {
+            if let Some(spec) = self.leases.get(key).and_then(|e| e.effective.as_ref()) {
+                self.dirty.pools.insert(spec.pool.clone());
+            }
+            self.reindex_lease(key);
+            // Routes naming it: whether it exists or routes may have changed.
+            if let Some(routes) = self.routes_to.get(key) {
+                pending.routes.extend(routes.iter().cloned());
+            }
+        }
+        let mut matches: HashSet<RouteFrom> = HashSet::new();
+        for key in &pending.routes {
+            self.reindex_route(key, &mut matches);
+        }
+        for from in matches {
+            self.settle_match(&from);
+        }
+        self.dirty.absorb(pending);
+    }
+
+    /// What the indexes should hold for a lease now.
+    fn live_now(&self, key: &LeaseKey) -> Option<Live> {
+        let e = self.leases.get(key)?;
         let spec = e.effective.as_ref()?;
         if spec.settled {
             return None;
         }
-        self.lease_ip(&e.obj.key)
-    }
-
-    /// Computes what depends on all objects together.
-    pub fn derive(&self) -> Derived {
-        let hashes: HashMap<LeaseKey, Vec<u8>> = self
-            .leases
-            .values()
-            .filter(|e| self.live_ip(e).is_some())
-            .map(|e| (e.obj.key.clone(), lease_hash(&e.obj.uid).to_vec()))
-            .collect();
-        let accepted = self.accepted_routes(&hashes);
-        let route_winner = accepted
-            .iter()
-            .filter_map(|(r, _)| Some((r.spec.as_ref().ok()?.from.clone(), r.key.clone())))
-            .collect();
-        let accepted_routes = accepted
-            .into_iter()
-            .map(|(r, to)| (r.key.clone(), to))
-            .collect();
-        Derived {
-            shadowed: self.shadowed_keys(),
-            hashes,
-            accepted_routes,
-            route_winner,
-        }
-    }
-
-    /// The routing snapshot (version fields left for the publisher to fill).
-    pub fn snapshot(&self, derived: &Derived, now_ms: i64) -> pb::Snapshot {
-        let shadowed = &derived.shadowed;
-        let mut leases = Vec::new();
-        for e in self.leases.values() {
-            let (Some(spec), Some(ip)) = (&e.effective, self.live_ip(e)) else {
-                continue;
-            };
-            let hash = lease_hash(&e.obj.uid);
-            let hash_hex = hex::encode(hash);
-            leases.push(pb::Lease {
-                namespace: e.obj.key.namespace.clone(),
-                name: e.obj.key.name.clone(),
-                lease_hash: hash.to_vec(),
-                user: spec.user.clone(),
-                ip: ip.to_string(),
-                pool: spec.pool.clone(),
-                access_keys: spec.keys.iter().map(pb_key).collect(),
-                target: Some(match &spec.target {
-                    Target::Address(hp) => pb::lease::Target::Address(hp.to_string()),
-                    Target::Provider { peer_id, addresses } => {
-                        pb::lease::Target::Provider(pb::Provider {
-                            peer_id: peer_id.clone(),
-                            addresses: addresses.clone(),
-                        })
-                    }
-                }),
-                upstream_user: spec.upstream_user.clone().unwrap_or_default(),
-                relay_principal: relay_principal(&hash_hex),
-                ip_route_disabled_fingerprints: shadowed
-                    .get(&e.obj.key)
-                    .map(|v| v.iter().map(|(fp, _)| fp.clone()).collect())
-                    .unwrap_or_default(),
-            });
-        }
-        let routes = self
-            .routes
-            .values()
-            .filter_map(|r| {
-                let to = derived.accepted_routes.get(&r.key)?.clone();
-                let spec = r.spec.as_ref().ok()?;
-                Some(pb::Route {
-                    namespace: r.key.namespace.clone(),
-                    name: r.key.name.clone(),
-                    from: r.from_raw.clone(),
-                    r#match: Some(match &spec.from {
-                        RouteFrom::Connect(hp) => pb::route::Match::Connect(pb::ConnectMatch {
-                            host: hp.host.clone(),
-                            port: u32::from(hp.port),
-                        }),
-                        RouteFrom::Ssh { user, host } => pb::route::Match::Ssh(pb::SshMatch {
-                            user: user.clone(),
-                            host: host.to_string(),
-                        }),
-                    }),
-                    to: Some(to),
-                    allow_keys: spec.allow_keys.iter().map(pb_key).collect(),
-                    allow_unauthenticated: spec.allow_unauthenticated,
-                })
-            })
-            .collect();
-        pb::Snapshot {
-            version: None,
-            leases,
-            routes,
-            relay: Some(pb::RelayTrust {
-                ca_public_key: self.settings.relay_ca_public_key.trim().to_string(),
-                cert_validity_secs: self.settings.relay_cert_validity_secs,
-            }),
-            generated_unix_ms: now_ms,
-        }
-    }
-
-    /// Routes that are valid, resolve, and do not clash with an older route's
-    /// match; with their resolved destination.
-    fn accepted_routes(
-        &self,
-        hashes: &HashMap<LeaseKey, Vec<u8>>,
-    ) -> Vec<(&RouteObject, pb::route::To)> {
-        let mut ordered: Vec<&RouteObject> = self.routes.values().collect();
-        ordered.sort_by(|a, b| (a.created_ms, &a.key).cmp(&(b.created_ms, &b.key)));
-        let mut taken: HashSet<RouteFrom> = HashSet::new();
-        let mut out = Vec::new();
-        for r in ordered {
-            let Ok(spec) = &r.spec else { continue };
-            if let Ok(to) = self.resolve_route(&r.key, spec, hashes)
-                && taken.insert(spec.from.clone())
-            {
-                out.push((r, to));
+        let ip = self.lease_ip(key)?;
+        let mut fingerprints: Vec<String> = Vec::with_capacity(spec.keys.len());
+        for k in &spec.keys {
+            if !fingerprints.contains(&k.fingerprint) {
+                fingerprints.push(k.fingerprint.clone());
             }
         }
-        out
+        Some(Live {
+            ip,
+            fingerprints,
+            created: e.obj.created_ms,
+            hash: lease_hash(&e.obj.uid).to_vec(),
+        })
+    }
+
+    /// Re-indexes one lease; every lease sharing an `(ip, key)` pair it left
+    /// or joined becomes dirty (which of them routes by IP may change).
+    fn reindex_lease(&mut self, key: &LeaseKey) {
+        let now = self.live_now(key);
+        if self.live.get(key) == now.as_ref() {
+            return;
+        }
+        if let Some(old) = self.live.remove(key) {
+            for fp in old.fingerprints {
+                let pair = (old.ip, fp);
+                if let Some(set) = self.owners.get_mut(&pair) {
+                    set.remove(&(old.created, key.clone()));
+                    self.dirty.leases.extend(set.iter().map(|(_, k)| k.clone()));
+                    if set.is_empty() {
+                        self.owners.remove(&pair);
+                    }
+                }
+            }
+        }
+        if let Some(new) = now {
+            for fp in &new.fingerprints {
+                let set = self.owners.entry((new.ip, fp.clone())).or_default();
+                set.insert((new.created, key.clone()));
+                self.dirty.leases.extend(set.iter().map(|(_, k)| k.clone()));
+            }
+            self.live.insert(key.clone(), new);
+        }
+    }
+
+    /// Re-indexes one route, noting the matches it left or joined.
+    fn reindex_route(&mut self, key: &LeaseKey, matches: &mut HashSet<RouteFrom>) {
+        if let Some(old) = self.indexed_routes.remove(key) {
+            if let Some(from) = old.from {
+                if let Some(set) = self.routes_from.get_mut(&from) {
+                    set.remove(&(old.created, key.clone()));
+                    if set.is_empty() {
+                        self.routes_from.remove(&from);
+                    }
+                }
+                matches.insert(from);
+            }
+            if let Some(t) = old.target
+                && let Some(set) = self.routes_to.get_mut(&t)
+            {
+                set.remove(key);
+                if set.is_empty() {
+                    self.routes_to.remove(&t);
+                }
+            }
+        }
+        self.accepted.remove(key);
+        let Some(r) = self.routes.get(key) else {
+            return;
+        };
+        let spec = r.spec.as_ref().ok();
+        let indexed = IndexedRoute {
+            created: r.created_ms,
+            from: spec.map(|s| s.from.clone()),
+            target: spec.and_then(|s| match &s.to {
+                RouteTo::Lease(name) => Some(LeaseKey::new(&key.namespace, name)),
+                RouteTo::Address(_) => None,
+            }),
+        };
+        if let Some(from) = &indexed.from {
+            self.routes_from
+                .entry(from.clone())
+                .or_default()
+                .insert((indexed.created, key.clone()));
+            matches.insert(from.clone());
+        }
+        if let Some(t) = &indexed.target {
+            self.routes_to
+                .entry(t.clone())
+                .or_default()
+                .insert(key.clone());
+        }
+        self.indexed_routes.insert(key.clone(), indexed);
+    }
+
+    /// Decides which route of one match is accepted: the oldest that
+    /// resolves. Every route of the match becomes dirty.
+    fn settle_match(&mut self, from: &RouteFrom) {
+        let Some(members) = self.routes_from.get(from) else {
+            return;
+        };
+        let mut winner_found = false;
+        let mut decided: Vec<(LeaseKey, Option<pb::route::To>)> = Vec::new();
+        for (_, k) in members {
+            let to = match self.routes.get(k).map(|r| &r.spec) {
+                Some(Ok(spec)) if !winner_found => self.resolve_route(k, spec).ok(),
+                _ => None,
+            };
+            winner_found |= to.is_some();
+            decided.push((k.clone(), to));
+        }
+        for (k, to) in decided {
+            match to {
+                Some(to) => {
+                    self.accepted.insert(k.clone(), to);
+                }
+                None => {
+                    self.accepted.remove(&k);
+                }
+            }
+            self.dirty.routes.insert(k);
+        }
+    }
+
+    /// The keys a live lease has on its IP that an older live lease already
+    /// routes there, each with that older lease: they work here only by
+    /// lease hash.
+    fn shadowed(&self, key: &LeaseKey) -> Vec<(&str, &LeaseKey)> {
+        let Some(live) = self.live.get(key) else {
+            return Vec::new();
+        };
+        live.fingerprints
+            .iter()
+            .filter_map(|fp| {
+                let first = self
+                    .owners
+                    .get(&(live.ip, fp.clone()))?
+                    .first()
+                    .map(|(_, k)| k)?;
+                (first != key).then_some((fp.as_str(), first))
+            })
+            .collect()
+    }
+
+    /// A lease's snapshot entry, `None` when it does not route. Read after
+    /// [`World::take_dirty`].
+    pub fn lease_entry(&self, key: &LeaseKey) -> Option<pb::Lease> {
+        let live = self.live.get(key)?;
+        let e = self.leases.get(key)?;
+        let spec = e.effective.as_ref()?;
+        let hash_hex = hex::encode(&live.hash);
+        Some(pb::Lease {
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+            lease_hash: live.hash.clone(),
+            user: spec.user.clone(),
+            ip: live.ip.to_string(),
+            pool: spec.pool.clone(),
+            access_keys: spec.keys.iter().map(pb_key).collect(),
+            target: Some(match &spec.target {
+                Target::Address(hp) => pb::lease::Target::Address(hp.to_string()),
+                Target::Provider { peer_id, addresses } => {
+                    pb::lease::Target::Provider(pb::Provider {
+                        peer_id: peer_id.clone(),
+                        addresses: addresses.clone(),
+                    })
+                }
+            }),
+            upstream_user: spec.upstream_user.clone().unwrap_or_default(),
+            relay_principal: relay_principal(&hash_hex),
+            ip_route_disabled_fingerprints: self
+                .shadowed(key)
+                .into_iter()
+                .map(|(fp, _)| fp.to_string())
+                .collect(),
+        })
+    }
+
+    /// A route's snapshot entry, `None` when it is not accepted. Read after
+    /// [`World::take_dirty`].
+    pub fn route_entry(&self, key: &LeaseKey) -> Option<pb::Route> {
+        let to = self.accepted.get(key)?.clone();
+        let r = self.routes.get(key)?;
+        let spec = r.spec.as_ref().ok()?;
+        Some(pb::Route {
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+            from: r.from_raw.clone(),
+            r#match: Some(match &spec.from {
+                RouteFrom::Connect(hp) => pb::route::Match::Connect(pb::ConnectMatch {
+                    host: hp.host.clone(),
+                    port: u32::from(hp.port),
+                }),
+                RouteFrom::Ssh { user, host } => pb::route::Match::Ssh(pb::SshMatch {
+                    user: user.clone(),
+                    host: host.to_string(),
+                }),
+            }),
+            to: Some(to),
+            allow_keys: spec.allow_keys.iter().map(pb_key).collect(),
+            allow_unauthenticated: spec.allow_unauthenticated,
+        })
+    }
+
+    fn relay(&self) -> pb::RelayTrust {
+        pb::RelayTrust {
+            ca_public_key: self.settings.relay_ca_public_key.trim().to_string(),
+            cert_validity_secs: self.settings.relay_cert_validity_secs,
+        }
+    }
+
+    /// The snapshot change for `dirty` (from [`World::take_dirty`]): every
+    /// dirty lease and route as an upsert when it has an entry, else as a
+    /// removal, plus the relay settings. Lists more than changed (the
+    /// publisher keeps only what differs), never less.
+    pub fn snapshot_delta(&self, dirty: &Dirty, now_ms: i64) -> pb::SnapshotDelta {
+        let mut d = pb::SnapshotDelta {
+            relay: Some(self.relay()),
+            generated_unix_ms: now_ms,
+            ..Default::default()
+        };
+        for k in &dirty.leases {
+            match self.lease_entry(k) {
+                Some(l) => d.upserted_leases.push(l),
+                None => d.removed_leases.push(object_ref(k)),
+            }
+        }
+        for k in &dirty.routes {
+            match self.route_entry(k) {
+                Some(r) => d.upserted_routes.push(r),
+                None => d.removed_routes.push(object_ref(k)),
+            }
+        }
+        d
+    }
+
+    /// The whole routing snapshot (version left for the publisher to fill).
+    /// Linear in the world: for tests and benchmarks; the front doors publish
+    /// [`World::snapshot_delta`]s.
+    pub fn snapshot(&mut self, now_ms: i64) -> pb::Snapshot {
+        self.refresh();
+        pb::Snapshot {
+            version: None,
+            leases: self
+                .leases
+                .keys()
+                .filter_map(|k| self.lease_entry(k))
+                .collect(),
+            routes: self
+                .routes
+                .keys()
+                .filter_map(|k| self.route_entry(k))
+                .collect(),
+            relay: Some(self.relay()),
+            generated_unix_ms: now_ms,
+        }
     }
 
     fn resolve_route(
         &self,
         key: &LeaseKey,
         spec: &ValidRoute,
-        hashes: &HashMap<LeaseKey, Vec<u8>>,
     ) -> Result<pb::route::To, (&'static str, String)> {
         match &spec.to {
             RouteTo::Address(hp) => Ok(pb::route::To::Address(hp.to_string())),
             RouteTo::Lease(name) => {
-                let lk = LeaseKey {
-                    namespace: key.namespace.clone(),
-                    name: name.clone(),
-                };
-                match hashes.get(&lk) {
-                    Some(h) => Ok(pb::route::To::LeaseHash(h.clone())),
+                let lk = LeaseKey::new(&key.namespace, name);
+                match self.live.get(&lk) {
+                    Some(l) => Ok(pb::route::To::LeaseHash(l.hash.clone())),
                     None if self.leases.contains_key(&lk) => Err((
                         "LeaseNotReady",
                         format!("lease {name} is not Ready, so it has no route"),
@@ -659,7 +909,6 @@ impl World {
     /// stable when nothing changed.
     pub fn lease_status(
         &self,
-        derived: &Derived,
         key: &LeaseKey,
         prev: Option<&VMLeaseStatus>,
         routed: &RoutedInfo,
@@ -704,8 +953,8 @@ impl World {
                     "Allocated",
                     format!("holds {ip} from pool {}", spec.pool),
                 );
-                if let Some(sh) = derived.shadowed.get(key) {
-                    for (fp, owner) in sh {
+                {
+                    for (fp, owner) in self.shadowed(key) {
                         notes.push(format!(
                             "key {fp} on {ip} already routes to the older lease {}/{}; it works here only as {hash_hex}@gateway",
                             owner.namespace, owner.name
@@ -807,7 +1056,6 @@ impl World {
     /// The status a route should have.
     pub fn route_status(
         &self,
-        derived: &Derived,
         key: &LeaseKey,
         prev: Option<&SshRouteStatus>,
         routed: &RoutedInfo,
@@ -822,14 +1070,15 @@ impl World {
         };
         let accepted = match &r.spec {
             Err(errs) => Err(("InvalidSpec", errs.to_string())),
-            Ok(spec) => match self.resolve_route(key, spec, &derived.hashes) {
+            Ok(spec) => match self.resolve_route(key, spec) {
                 Err(e) => Err((e.0, e.1)),
-                Ok(_) if derived.accepted_routes.contains_key(key) => Ok(()),
+                Ok(_) if self.accepted.contains_key(key) => Ok(()),
                 Ok(_) => {
-                    let other = derived
-                        .route_winner
+                    let other = self
+                        .routes_from
                         .get(&spec.from)
-                        .map(|w| format!("{}/{}", w.namespace, w.name))
+                        .and_then(|m| m.iter().find(|(_, k)| self.accepted.contains_key(k)))
+                        .map(|(_, w)| format!("{}/{}", w.namespace, w.name))
                         .unwrap_or_default();
                     Err((
                         "Conflict",
@@ -864,12 +1113,14 @@ fn routed_condition(r: &RoutedInfo) -> (bool, &'static str, String) {
         Some(_) if r.subscribers == 0 => (
             false,
             "NoProxy",
-            "no proxy is connected to the operator".into(),
+            "no proxy serving this operator's snapshots is connected".into(),
         ),
+        // No count here: a proxy connecting or leaving must not rewrite the
+        // status of every object it already agrees on.
         Some(v) if r.acked >= r.subscribers => (
             true,
             "Applied",
-            format!("snapshot {v} applied by {} proxy(ies)", r.subscribers),
+            format!("snapshot {v} applied by every connected proxy"),
         ),
         Some(v) => (
             false,
@@ -885,6 +1136,13 @@ fn routed_condition(r: &RoutedInfo) -> (bool, &'static str, String) {
 /// The certificate principal the relay uses for a lease.
 pub fn relay_principal(hash_hex: &str) -> String {
     format!("keyway-lease-{hash_hex}")
+}
+
+fn object_ref(k: &LeaseKey) -> pb::ObjectRef {
+    pb::ObjectRef {
+        namespace: k.namespace.clone(),
+        name: k.name.clone(),
+    }
 }
 
 fn pb_key(k: &AccessKey) -> pb::AccessKey {

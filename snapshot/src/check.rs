@@ -21,65 +21,28 @@ pub fn check(s: &pb::Snapshot) -> Result<(), Vec<String>> {
     // (ip, fingerprint) -> index of the lease that routes it by IP.
     let mut ip_key: HashMap<(IpAddr, &str), usize> = HashMap::with_capacity(s.leases.len());
     for (i, l) in s.leases.iter().enumerate() {
-        let who = format!("lease {}/{}", l.namespace, l.name);
+        let who = lease_name(l);
         if !names.insert((&l.namespace, &l.name)) {
             errors.push(format!("{who}: appears twice"));
         }
-        if l.lease_hash.len() != 32 {
-            errors.push(format!(
-                "{who}: lease hash has {} bytes, not 32",
-                l.lease_hash.len()
-            ));
-        } else if !hashes.insert(&l.lease_hash) {
+        let ip = lease_fields(l, &mut errors);
+        if l.lease_hash.len() == 32 && !hashes.insert(&l.lease_hash) {
             errors.push(format!("{who}: lease hash shared with another lease"));
         }
-        if l.access_keys.is_empty() {
-            errors.push(format!("{who}: no access keys"));
-        }
-        if l.access_keys
-            .iter()
-            .any(|k| k.fingerprint.is_empty() || k.openssh.is_empty())
-        {
-            errors.push(format!("{who}: access key without key or fingerprint"));
-        }
-        match &l.target {
-            Some(pb::lease::Target::Address(a)) if valid_host_port(a) => {}
-            Some(pb::lease::Target::Address(a)) => {
-                errors.push(format!("{who}: target {a:?} is not host:port"))
-            }
-            Some(pb::lease::Target::Provider(p)) if !p.peer_id.is_empty() => {}
-            Some(pb::lease::Target::Provider(_)) => {
-                errors.push(format!("{who}: provider without peer id"))
-            }
-            None => errors.push(format!("{who}: no target")),
-        }
-        let ip: IpAddr = match l.ip.parse() {
-            Ok(ip) => ip,
-            Err(_) => {
-                errors.push(format!("{who}: ip {:?} does not parse", l.ip));
-                continue;
-            }
-        };
+        let Some(ip) = ip else { continue };
         if !pool_ip_user.insert((&l.pool, ip, &l.user)) {
             errors.push(format!(
                 "{who}: user {} holds {ip} in pool {} twice",
                 l.user, l.pool
             ));
         }
-        // Only keys this lease routes by IP take part; a key listed in its
-        // ip_route_disabled_fingerprints works by lease hash only. Whichever of
-        // two leases disables it, the pair (ip, key) names one lease.
-        for k in &l.access_keys {
-            if k.fingerprint.is_empty() || l.ip_route_disabled_fingerprints.contains(&k.fingerprint)
-            {
-                continue;
-            }
-            match ip_key.insert((ip, &k.fingerprint), i) {
+        for fp in ip_routed_keys(l) {
+            match ip_key.insert((ip, fp), i) {
                 Some(other) if other != i => {
                     let o = &s.leases[other];
                     errors.push(format!(
-                        "{who}: ({ip}, {}) already routes to lease {}/{}",
-                        k.fingerprint, o.namespace, o.name
+                        "{who}: ({ip}, {fp}) already routes to lease {}/{}",
+                        o.namespace, o.name
                     ));
                 }
                 // The same key twice in one lease routes to one place: harmless.
@@ -89,36 +52,106 @@ pub fn check(s: &pb::Snapshot) -> Result<(), Vec<String>> {
     }
     let mut route_names: HashSet<(&str, &str)> = HashSet::with_capacity(s.routes.len());
     for r in &s.routes {
-        let who = format!("route {}/{}", r.namespace, r.name);
+        let who = route_name(r);
         if !route_names.insert((&r.namespace, &r.name)) {
             errors.push(format!("{who}: appears twice"));
         }
-        if r.r#match.is_none() {
-            errors.push(format!("{who}: no match"));
-        }
-        match &r.to {
-            None => errors.push(format!("{who}: no destination")),
-            Some(pb::route::To::LeaseHash(h)) if !hashes.contains(h.as_slice()) => errors.push(
-                format!("{who}: its lease {} is not in the snapshot", hex::encode(h)),
-            ),
-            Some(pb::route::To::Address(a)) if !valid_host_port(a) => {
-                errors.push(format!("{who}: destination {a:?} is not host:port"))
-            }
-            Some(_) => {}
-        }
-        if r.allow_keys.is_empty() && !r.allow_unauthenticated {
+        route_fields(r, &mut errors);
+        if let Some(pb::route::To::LeaseHash(h)) = &r.to
+            && !hashes.contains(h.as_slice())
+        {
             errors.push(format!(
-                "{who}: neither allowed keys nor allowUnauthenticated"
+                "{who}: its lease {} is not in the snapshot",
+                hex::encode(h)
             ));
-        }
-        if r.allow_keys.iter().any(|k| k.fingerprint.is_empty()) {
-            errors.push(format!("{who}: allowed key without fingerprint"));
         }
     }
     if errors.is_empty() {
         Ok(())
     } else {
         Err(errors)
+    }
+}
+
+/// `lease ns/name`, as problems name it.
+pub(crate) fn lease_name(l: &pb::Lease) -> String {
+    format!("lease {}/{}", l.namespace, l.name)
+}
+
+/// `route ns/name`, as problems name it.
+pub(crate) fn route_name(r: &pb::Route) -> String {
+    format!("route {}/{}", r.namespace, r.name)
+}
+
+/// The rules one lease must follow on its own; returns its IP when it parses.
+pub(crate) fn lease_fields(l: &pb::Lease, errors: &mut Vec<String>) -> Option<IpAddr> {
+    let who = lease_name(l);
+    if l.lease_hash.len() != 32 {
+        errors.push(format!(
+            "{who}: lease hash has {} bytes, not 32",
+            l.lease_hash.len()
+        ));
+    }
+    if l.access_keys.is_empty() {
+        errors.push(format!("{who}: no access keys"));
+    }
+    if l.access_keys
+        .iter()
+        .any(|k| k.fingerprint.is_empty() || k.openssh.is_empty())
+    {
+        errors.push(format!("{who}: access key without key or fingerprint"));
+    }
+    match &l.target {
+        Some(pb::lease::Target::Address(a)) if valid_host_port(a) => {}
+        Some(pb::lease::Target::Address(a)) => {
+            errors.push(format!("{who}: target {a:?} is not host:port"))
+        }
+        Some(pb::lease::Target::Provider(p)) if !p.peer_id.is_empty() => {}
+        Some(pb::lease::Target::Provider(_)) => {
+            errors.push(format!("{who}: provider without peer id"))
+        }
+        None => errors.push(format!("{who}: no target")),
+    }
+    match l.ip.parse() {
+        Ok(ip) => Some(ip),
+        Err(_) => {
+            errors.push(format!("{who}: ip {:?} does not parse", l.ip));
+            None
+        }
+    }
+}
+
+/// The fingerprints a lease routes by IP. A key listed in its
+/// ip_route_disabled_fingerprints works by lease hash only; whichever of two
+/// leases disables it, the pair (ip, key) names one lease.
+pub(crate) fn ip_routed_keys(l: &pb::Lease) -> impl Iterator<Item = &str> {
+    l.access_keys
+        .iter()
+        .map(|k| k.fingerprint.as_str())
+        .filter(|fp| !fp.is_empty() && !l.ip_route_disabled_fingerprints.iter().any(|d| d == fp))
+}
+
+/// The rules one route must follow on its own (its lease is checked by the
+/// caller, which knows the other leases).
+pub(crate) fn route_fields(r: &pb::Route, errors: &mut Vec<String>) {
+    let who = route_name(r);
+    if r.r#match.is_none() {
+        errors.push(format!("{who}: no match"));
+    }
+    match &r.to {
+        None => errors.push(format!("{who}: no destination")),
+        Some(pb::route::To::Address(a)) if !valid_host_port(a) => {
+            errors.push(format!("{who}: destination {a:?} is not host:port"))
+        }
+        Some(_) => {}
+    }
+    if r.allow_keys.is_empty() && !r.allow_unauthenticated {
+        errors.push(format!(
+            "{who}: neither allowed keys nor allowUnauthenticated"
+        ));
+    }
+    if r.allow_keys.iter().any(|k| k.fingerprint.is_empty()) {
+        errors.push(format!("{who}: allowed key without fingerprint"));
     }
 }
 

@@ -7,6 +7,7 @@ pub mod client;
 pub mod delta;
 pub mod disk;
 pub mod server;
+pub mod table;
 pub mod version;
 
 /// Generated protobuf and gRPC code for `keyway.snapshot.v1`.

@@ -46,7 +46,8 @@ use tonic::{Status, Streaming};
 use tracing::{debug, info, warn};
 
 use crate::pb::{self, SnapshotResponse, SubscribeRequest};
-use crate::{check, delta, version};
+use crate::table::Table;
+use crate::{delta, version};
 
 /// How long a subscriber may take to send its hello.
 pub const HELLO_DEADLINE: Duration = Duration::from_secs(10);
@@ -70,9 +71,10 @@ pub struct PublishError(pub Vec<String>);
 
 /// A published snapshot, shared by every stream.
 struct Published {
-    /// In canonical order ([`delta::normalize`]), `version` set.
-    snapshot: Arc<pb::Snapshot>,
+    /// The content, checked (persistent maps: versions share structure).
+    table: Table,
     version: pb::Version,
+    generated_unix_ms: i64,
     /// `SnapshotResponse.snapshot` as encoded on the wire (field key, length,
     /// the snapshot's bytes), built the first time a subscriber needs the
     /// whole snapshot.
@@ -82,12 +84,15 @@ struct Published {
 impl Published {
     fn full(&self) -> Bytes {
         self.full
-            .get_or_init(|| field_bytes(3, &*self.snapshot))
+            .get_or_init(|| {
+                self.table
+                    .encode_full(Some(self.version), self.generated_unix_ms)
+            })
             .clone()
     }
 
     fn objects(&self) -> usize {
-        self.snapshot.leases.len() + self.snapshot.routes.len()
+        self.table.objects()
     }
 }
 
@@ -169,8 +174,8 @@ enum Kind {
     Delta,
 }
 
-/// A snapshot [`Publisher::prepare`] checked, versioned and encoded, not
-/// served yet.
+/// A snapshot [`Publisher::prepare`] (or [`Publisher::prepare_delta`])
+/// checked and versioned, not served yet.
 pub struct Prepared {
     /// The version current when it was prepared.
     base: Option<pb::Version>,
@@ -178,8 +183,10 @@ pub struct Prepared {
     version: pb::Version,
     /// `None`: same content as the current snapshot; nothing to serve.
     next: Option<Arc<Published>>,
-    /// The change from the current snapshot (none for the first one).
-    step: Option<Arc<Step>>,
+    /// The change from the current snapshot (from nothing for the first one).
+    change: Option<pb::SnapshotDelta>,
+    /// Whether `change` is served as a delta (not for the first snapshot).
+    step: bool,
 }
 
 impl std::fmt::Debug for Prepared {
@@ -197,10 +204,18 @@ impl Prepared {
         self.version
     }
 
-    /// The snapshot as it will be served (version set), or `None` when it
-    /// equals the current one.
-    pub fn snapshot(&self) -> Option<&Arc<pb::Snapshot>> {
-        self.next.as_ref().map(|p| &p.snapshot)
+    /// What it changes, as a delta from the current snapshot (for the first
+    /// snapshot, from nothing: everything is upserted); `None` when it
+    /// equals the current one. Only what really differs is listed.
+    pub fn change(&self) -> Option<&pb::SnapshotDelta> {
+        self.next.as_ref().and(self.change.as_ref())
+    }
+
+    /// Leases and routes it holds (the current snapshot's when unchanged).
+    pub fn counts(&self) -> Option<(usize, usize)> {
+        self.next
+            .as_ref()
+            .map(|p| (p.table.lease_count(), p.table.route_count()))
     }
 }
 
@@ -340,26 +355,46 @@ impl Publisher {
     ///
     /// Content identical to the current snapshot (everything but `version`
     /// and `generated_unix_ms`) keeps the current version and publishes
-    /// nothing. Anything else becomes `(epoch, previous + 1)`, set inside the
-    /// snapshot too. A snapshot failing [`check::check`] publishes nothing
-    /// and returns every problem found.
+    /// nothing. Anything else becomes `(epoch, previous + 1)`. A snapshot
+    /// failing [`crate::check::check`]'s rules publishes nothing and returns every
+    /// problem found.
     ///
-    /// Checks and diffs the snapshot against the current one on the calling
-    /// thread (linear in its size; the wire carries only the diff).
-    /// [`Publisher::prepare`] and [`Publisher::commit`] are the same in two
-    /// steps, for a writer that must persist what it publishes first.
+    /// Checks and diffs the whole snapshot on the calling thread (linear in
+    /// its size; the wire carries only the diff). A writer that knows what
+    /// changed uses [`Publisher::prepare_delta`], which costs only the
+    /// change. [`Publisher::prepare`] and [`Publisher::commit`] are this in
+    /// two steps, for a writer that must persist what it publishes first.
     pub fn publish(&self, snapshot: pb::Snapshot) -> Result<pb::Version, PublishError> {
         let _publishing = lock(&self.inner.publishing);
         let prepared = self.prepare_locked(snapshot)?;
         self.commit_locked(prepared)
     }
 
-    /// Checks, versions and encodes a snapshot as [`Publisher::publish`]
+    /// Checks and versions a whole snapshot as [`Publisher::publish`]
     /// would, without serving it: nobody sees it before
     /// [`Publisher::commit`].
     pub fn prepare(&self, snapshot: pb::Snapshot) -> Result<Prepared, PublishError> {
         let _publishing = lock(&self.inner.publishing);
         self.prepare_locked(snapshot)
+    }
+
+    /// Prepares the next version from what changed: `proposed` lists the
+    /// leases and routes to upsert and to remove (base and version are
+    /// ignored; listing an object unchanged, or removing an absent one, is
+    /// harmless). Costs O(change · log n): only what the change touches is
+    /// checked. Nothing changed: the current version, nothing to serve.
+    pub fn prepare_delta(&self, proposed: &pb::SnapshotDelta) -> Result<Prepared, PublishError> {
+        let _publishing = lock(&self.inner.publishing);
+        let current = self.inner.tx.borrow().clone();
+        let empty = Table::default();
+        let held = current.as_ref().map_or(&empty, |c| &c.table);
+        let change = held.effective(proposed);
+        let mut table = held.clone();
+        if let Err(errors) = table.apply(&change) {
+            self.inner.refused.fetch_add(1, Ordering::Relaxed);
+            return Err(PublishError(errors));
+        }
+        Ok(self.versioned(current, table, change, proposed.generated_unix_ms))
     }
 
     /// Serves a prepared snapshot. Fails, serving nothing, when another
@@ -370,44 +405,62 @@ impl Publisher {
         self.commit_locked(prepared)
     }
 
-    fn prepare_locked(&self, mut snapshot: pb::Snapshot) -> Result<Prepared, PublishError> {
-        if let Err(errors) = check::check(&snapshot) {
-            self.inner.refused.fetch_add(1, Ordering::Relaxed);
-            return Err(PublishError(errors));
-        }
-        delta::normalize(&mut snapshot);
+    fn prepare_locked(&self, snapshot: pb::Snapshot) -> Result<Prepared, PublishError> {
+        let table = match Table::from_snapshot(&snapshot) {
+            Ok(t) => t,
+            Err(errors) => {
+                self.inner.refused.fetch_add(1, Ordering::Relaxed);
+                return Err(PublishError(errors));
+            }
+        };
         let current = self.inner.tx.borrow().clone();
+        let change = current
+            .as_ref()
+            .map_or_else(Table::default, |c| c.table.clone())
+            .diff(&table);
+        Ok(self.versioned(current, table, change, snapshot.generated_unix_ms))
+    }
+
+    /// The next version holding `table`, which `change` leads to from the
+    /// current one.
+    fn versioned(
+        &self,
+        current: Option<Arc<Published>>,
+        table: Table,
+        mut change: pb::SnapshotDelta,
+        generated_unix_ms: i64,
+    ) -> Prepared {
         let base = current.as_ref().map(|c| c.version);
+        if let Some(cur) = &current
+            && delta::is_empty(&change)
+        {
+            return Prepared {
+                base,
+                version: cur.version,
+                next: None,
+                change: None,
+                step: false,
+            };
+        }
         let next = pb::Version::new(
             self.inner.epoch,
             current.as_ref().map_or(1, |c| c.version.version + 1),
         );
-        snapshot.version = Some(next);
-        let step = match &current {
-            Some(cur) => {
-                let d = delta::diff(&cur.snapshot, &snapshot);
-                if delta::is_empty(&d) {
-                    return Ok(Prepared {
-                        base,
-                        version: cur.version,
-                        next: None,
-                        step: None,
-                    });
-                }
-                Some(Arc::new(Step::new(cur.version, d)))
-            }
-            None => None,
-        };
-        Ok(Prepared {
+        change.base = base;
+        change.version = Some(next);
+        change.generated_unix_ms = generated_unix_ms;
+        Prepared {
             base,
             version: next,
             next: Some(Arc::new(Published {
-                snapshot: Arc::new(snapshot),
+                table,
                 version: next,
+                generated_unix_ms,
                 full: OnceLock::new(),
             })),
-            step,
-        })
+            change: Some(change),
+            step: current.is_some(),
+        }
     }
 
     fn commit_locked(&self, prepared: Prepared) -> Result<pb::Version, PublishError> {
@@ -417,8 +470,10 @@ impl Publisher {
             ]));
         }
         if let Some(next) = prepared.next {
-            if let Some(step) = prepared.step {
-                lock(&self.inner.history).push(step);
+            if prepared.step
+                && let (Some(base), Some(change)) = (prepared.base, prepared.change)
+            {
+                lock(&self.inner.history).push(Arc::new(Step::new(base, change)));
             }
             self.inner.tx.send_replace(Some(next));
         }
@@ -450,7 +505,7 @@ impl Publisher {
             let empty = pb::SnapshotDelta {
                 base: Some(held),
                 version: Some(held),
-                generated_unix_ms: target.snapshot.generated_unix_ms,
+                generated_unix_ms: target.generated_unix_ms,
                 ..Default::default()
             };
             return Some(field_bytes(4, &empty));
@@ -478,9 +533,23 @@ impl Publisher {
         self.inner.tx.borrow().as_ref().map(|p| p.version)
     }
 
-    /// The snapshot being served (its `version` set), if any.
+    /// The snapshot being served (its `version` set), if any. Copies it
+    /// out: linear in its size.
     pub fn current(&self) -> Option<Arc<pb::Snapshot>> {
-        self.inner.tx.borrow().as_ref().map(|p| p.snapshot.clone())
+        self.inner
+            .tx
+            .borrow()
+            .as_ref()
+            .map(|p| Arc::new(p.table.to_snapshot(Some(p.version), p.generated_unix_ms)))
+    }
+
+    /// Version, leases and routes of the snapshot being served, if any.
+    pub fn current_counts(&self) -> Option<(pb::Version, usize, usize)> {
+        self.inner
+            .tx
+            .borrow()
+            .as_ref()
+            .map(|p| (p.version, p.table.lease_count(), p.table.route_count()))
     }
 
     /// Every subscriber seen recently, connected ones first, then by node id.

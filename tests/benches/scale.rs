@@ -7,7 +7,9 @@
 //! (`KEYWAY_BIN_DIR`); run by `make bench`, figures go to BENCHMARKS.md.
 //!
 //! `KEYWAY_SCALE_LEASES` (comma-separated counts, default `10000,100000`)
-//! and `KEYWAY_SCALE_EDITS` (default 10) change the run.
+//! and `KEYWAY_SCALE_EDITS` (default 50) change the run. Leases belong to
+//! at most 100,000 users (`user-{i % 100000}`), so 1,000,000 leases are ten
+//! per user on the /24.
 #![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
@@ -97,6 +99,7 @@ struct Run {
     proxy_first: Duration,
     proxy_restart: Duration,
     samples: Vec<Duration>,
+    operator_restart: Duration,
     op_rss: (u64, u64),
     proxy_rss: (u64, u64),
     state_bytes: u64,
@@ -112,6 +115,38 @@ fn proxy(dir: &Path, metrics: SocketAddr, log: &Path) -> Proc {
         .args(["--metrics-listen", &metrics.to_string()])
         .env("RUST_LOG", "warn");
     Proc::spawn_append(cmd, log).unwrap()
+}
+
+/// Starts the operator on `dir` and waits until its state records a
+/// published snapshot of `total` leases.
+fn operator(dir: &Path, log: &Path, total: usize) -> Proc {
+    let mut cmd = Command::new(bin("keyway-operator"));
+    cmd.args(["run", "--local"])
+        .arg(dir)
+        .args(["--grpc-listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn");
+    let mut op = Proc::spawn_append(cmd, log).unwrap();
+    // The state is big at this scale: read it only when the database changed.
+    let mut seen = None;
+    let started = std::time::SystemTime::now();
+    wait_for(SLOW, "the operator's first snapshot", || {
+        assert!(op.running(), "keyway-operator exited:\n{}", op.output());
+        let stamp = ["state.db", "state.db-wal", "operator.json"].map(|f| {
+            std::fs::metadata(dir.join(".keyway").join(f))
+                .ok()
+                .map(|m| (m.modified().ok(), m.len()))
+        });
+        // operator.json is written once this run's first round is saved.
+        let fresh = stamp[2].and_then(|(m, _)| m).is_some_and(|m| m >= started);
+        if !fresh || Some(stamp) == seen {
+            return None;
+        }
+        seen = Some(stamp);
+        let state = state_json(dir);
+        (state["snapshot"]["leases"].as_u64()? as usize == total).then_some(())
+    })
+    .unwrap();
+    op
 }
 
 fn wait_leases(p: &mut Proc, metrics: SocketAddr, n: usize, what: &str) {
@@ -132,7 +167,11 @@ fn run(n: usize, edits: usize) -> Run {
     );
     let mut all = String::with_capacity(n * 230);
     for i in 0..n {
-        all.push_str(&lease_doc(i, &format!("user-{i}"), "127.0.0.1:22"));
+        all.push_str(&lease_doc(
+            i,
+            &format!("user-{}", i % 100_000),
+            "127.0.0.1:22",
+        ));
     }
     write_file(&dir.join("leases.yaml"), &all);
     drop(all);
@@ -143,31 +182,9 @@ fn run(n: usize, edits: usize) -> Run {
     );
     let total = n + 1;
 
-    let t0 = Instant::now();
-    let mut cmd = Command::new(bin("keyway-operator"));
-    cmd.args(["run", "--local"])
-        .arg(&dir)
-        .args(["--grpc-listen", "127.0.0.1:0"])
-        .env("RUST_LOG", "warn");
     let log = tmp.path().join("operator.log");
-    let mut op = Proc::spawn(cmd, &log).unwrap();
-    // The state is big at this scale: read it only when the database changed.
-    let mut seen = None;
-    wait_for(SLOW, "the operator's first snapshot", || {
-        assert!(op.running(), "keyway-operator exited:\n{}", op.output());
-        let stamp = ["state.db", "state.db-wal"].map(|f| {
-            std::fs::metadata(dir.join(".keyway").join(f))
-                .ok()
-                .map(|m| (m.modified().ok(), m.len()))
-        });
-        if stamp[0].is_none() || Some(stamp) == seen {
-            return None;
-        }
-        seen = Some(stamp);
-        let state = state_json(&dir);
-        (state["snapshot"]["leases"].as_u64()? as usize == total).then_some(())
-    })
-    .unwrap();
+    let t0 = Instant::now();
+    let mut op = operator(&dir, &log, total);
     let operator_first_snapshot = t0.elapsed();
 
     let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -225,6 +242,11 @@ fn run(n: usize, edits: usize) -> Run {
     let proxy_restart = t0.elapsed();
     px.stop(Duration::from_secs(10));
     op.stop(Duration::from_secs(30));
+    // An operator restart: from its database to the first snapshot saved.
+    let t0 = Instant::now();
+    let mut op = operator(&dir, &log, total);
+    let operator_restart = t0.elapsed();
+    op.stop(Duration::from_secs(30));
     samples.sort();
     Run {
         leases: n,
@@ -232,6 +254,7 @@ fn run(n: usize, edits: usize) -> Run {
         proxy_first,
         proxy_restart,
         samples,
+        operator_restart,
         op_rss: (op_start, op_after),
         proxy_rss: (proxy_start, proxy_after),
         state_bytes,
@@ -251,18 +274,19 @@ fn main() {
     let edits: usize = std::env::var("KEYWAY_SCALE_EDITS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(10);
+        .unwrap_or(50);
     let mut table = format!(
-        "| leases (+1 edited, one /24 pool, local mode) | edit → proxy applied, min / median / max ({edits} edits) | snapshot bytes sent per edit | operator RSS start → after | proxy RSS start → after | state.db (+ WAL) | operator: start → first snapshot | proxy: start → all leases (first / restart) |\n|---|---|---|---|---|---|---|---|\n"
+        "| leases (+1 edited, one /24 pool, local mode) | edit → proxy applied, min / median / p99 / max ({edits} edits) | snapshot bytes sent per edit | operator RSS start → after | proxy RSS start → after | state.db (+ WAL) | operator: start → first snapshot (empty state / restart) | proxy: start → all leases (first / restart) |\n|---|---|---|---|---|---|---|---|\n"
     );
     for n in counts {
         let r = run(n, edits);
         let s = &r.samples;
         table.push_str(&format!(
-            "| {} | {} / {} / {} | {} | {} → {} | {} → {} | {} | {} | {} / {} |\n",
+            "| {} | {} / {} / {} / {} | {} | {} → {} | {} → {} | {} | {} / {} | {} / {} |\n",
             r.leases,
             fmt(s[0]),
             fmt(s[s.len() / 2]),
+            fmt(s[(s.len() * 99).div_ceil(100).saturating_sub(1)]),
             fmt(s[s.len() - 1]),
             r.sent_per_edit.map_or("not recorded".into(), bytes),
             mib(r.op_rss.0),
@@ -271,6 +295,7 @@ fn main() {
             mib(r.proxy_rss.1),
             bytes(r.state_bytes),
             fmt(r.operator_first_snapshot),
+            fmt(r.operator_restart),
             fmt(r.proxy_first),
             fmt(r.proxy_restart),
         ));

@@ -194,6 +194,8 @@ pub struct Allocator {
     pools: HashMap<String, PoolState>,
     /// Leases naming a pool that does not exist, by pool name.
     orphans: HashMap<String, BTreeSet<AgeKey>>,
+    /// Leases whose assignment may have changed since [`Allocator::take_touched`].
+    touched: Vec<LeaseKey>,
 }
 
 impl Allocator {
@@ -285,8 +287,11 @@ impl Allocator {
         self.leases.get(lid)?.as_ref()
     }
 
+    /// Every change to a lease goes through here, so it is noted as touched.
     fn lease_mut(&mut self, lid: Lid) -> Option<&mut Lease> {
-        self.leases.get_mut(lid)?.as_mut()
+        let l = self.leases.get_mut(lid)?.as_mut()?;
+        self.touched.push(l.key.clone());
+        Some(l)
     }
 
     fn age(&self, lid: Lid) -> Option<AgeKey> {
@@ -724,6 +729,12 @@ impl Allocator {
             self.retry_pending(&pool, user, &mut events);
         }
         events
+    }
+
+    /// The leases whose assignment may have changed since the last call
+    /// (possibly repeated; a superset): what the caller must re-derive.
+    pub fn take_touched(&mut self) -> Vec<LeaseKey> {
+        std::mem::take(&mut self.touched)
     }
 
     /// A lease's allocation.

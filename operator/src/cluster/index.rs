@@ -2,7 +2,7 @@
 //! Kubernetes object it has admitted, and the statuses that follow. No I/O;
 //! the controllers feed it objects and the status round reads plans out.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 
 use k8s_openapi::jiff::Timestamp;
@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use super::convert;
 use keyway_core::routed::{Ack, RoutedTracker};
-use keyway_core::world::{Derived, Notice, Settings, World};
+use keyway_core::world::{Dirty, Notice, Settings, World};
 use keyway_core::{Kind, ObjKey};
 use keyway_snapshot::pb;
 
@@ -55,16 +55,16 @@ pub type Observed = HashMap<ObjKey, std::sync::Arc<DynamicObject>>;
 /// See the module docs.
 pub struct Index {
     /// The pure core; changed only through [`Index::apply`] and
-    /// [`Index::remove`], which keep `derived` and `dirty` in step.
+    /// [`Index::remove`].
     world: World,
-    /// What follows from the whole world, computed once per change and
-    /// shared by the snapshot and the status plan (ack-only rounds reuse it).
-    derived: Option<Derived>,
     /// When each object's routing content was first published.
     tracker: RoutedTracker,
     applied: HashMap<ObjKey, u64>,
     parsed: HashMap<ObjKey, (Option<String>, Parsed)>,
-    dirty: bool,
+    /// Objects whose entries changed but are not in a served snapshot yet.
+    unpublished: Dirty,
+    /// Objects whose status the next [`Index::plan`] derives again.
+    to_plan: BTreeSet<ObjKey>,
 }
 
 impl Index {
@@ -94,11 +94,11 @@ impl Index {
         );
         Index {
             world,
-            derived: None,
             tracker: RoutedTracker::default(),
             applied,
             parsed: HashMap::new(),
-            dirty: true,
+            unpublished: Dirty::default(),
+            to_plan: BTreeSet::new(),
         }
     }
 
@@ -129,13 +129,19 @@ impl Index {
             ObjKey::Route(_) => self.world.apply_route(convert::route(obj)),
         }
         self.applied.insert(key, fp);
-        self.changed();
         true
     }
 
-    fn changed(&mut self) {
-        self.derived = None;
-        self.dirty = true;
+    /// Takes what the world says changed: to publish, and to plan.
+    fn absorb_world(&mut self) {
+        let dirty = self.world.take_dirty();
+        self.to_plan
+            .extend(dirty.pools.iter().cloned().map(ObjKey::Pool));
+        self.to_plan
+            .extend(dirty.leases.iter().cloned().map(ObjKey::Lease));
+        self.to_plan
+            .extend(dirty.routes.iter().cloned().map(ObjKey::Route));
+        self.unpublished.absorb(dirty);
     }
 
     /// The world (read-only: changes go through `apply` and `remove`).
@@ -143,15 +149,24 @@ impl Index {
         &self.world
     }
 
-    /// The routing snapshot of the world now (unversioned).
-    pub fn snapshot(&mut self, now_ms: i64) -> pb::Snapshot {
-        let derived = self.derived.get_or_insert_with(|| self.world.derive());
-        self.world.snapshot(derived, now_ms)
+    /// The snapshot change to publish: every object whose entry may have
+    /// changed since the last [`Index::published`] (O(change)); `None` when
+    /// there is none, unless `force` (nothing is published yet).
+    pub fn snapshot_change(&mut self, now_ms: i64, force: bool) -> Option<pb::SnapshotDelta> {
+        self.absorb_world();
+        if self.unpublished.is_empty() && !force {
+            return None;
+        }
+        Some(self.world.snapshot_delta(&self.unpublished, now_ms))
     }
 
-    /// Records a published snapshot, for `Routed`.
-    pub fn published(&mut self, snap: &pb::Snapshot) {
-        self.tracker.observe(snap);
+    /// Records that the last [`Index::snapshot_change`] is served; `change`
+    /// is what it really changed (the publisher's view), for `Routed`.
+    pub fn published(&mut self, change: Option<&pb::SnapshotDelta>) {
+        if let Some(c) = change {
+            self.tracker.observe(c);
+        }
+        self.unpublished = Dirty::default();
     }
 
     /// Removes an object (lease cleanup, or an object seen gone).
@@ -164,7 +179,7 @@ impl Index {
             ObjKey::Lease(k) => self.world.delete_lease(k),
             ObjKey::Route(k) => self.world.delete_route(k),
         }
-        self.changed();
+        self.parsed.remove(key);
         true
     }
 
@@ -193,11 +208,6 @@ impl Index {
         m
     }
 
-    /// Whether the world changed since [`Index::take_dirty`] was last called.
-    pub fn take_dirty(&mut self) -> bool {
-        std::mem::take(&mut self.dirty)
-    }
-
     /// Occupancy of every admitted pool.
     pub fn pool_stats(&self) -> Vec<(String, keyway_core::allocator::PoolStats)> {
         let mut out: Vec<_> = self
@@ -212,9 +222,14 @@ impl Index {
         out
     }
 
-    /// Whether the world changed since the last [`Index::take_dirty`].
+    /// Whether something changed that is not published yet.
     pub fn is_dirty(&self) -> bool {
-        self.dirty
+        self.world.has_changes() || !self.unpublished.is_empty()
+    }
+
+    /// Plans `key` again next round (its status write failed).
+    pub fn replan(&mut self, key: ObjKey) {
+        self.to_plan.insert(key);
     }
 
     /// World notices (for Events).
@@ -222,25 +237,37 @@ impl Index {
         self.world.take_notices()
     }
 
-    /// The statuses that differ from what `observed` shows. `acks` are the
-    /// connected subscribers' acknowledgements. Objects the watch has not
-    /// shown yet are skipped (their status would 404).
+    /// The statuses that differ from what `observed` shows, derived only for
+    /// objects that may have changed: the world's dirty objects, those whose
+    /// `Routed` the acknowledgements moved, those planned again after a
+    /// failed write, and those whose observed version changed since they
+    /// were last planned (a write landing, a hand edit to revert, an object
+    /// the watch shows for the first time). `acks` are the subscribers'
+    /// acknowledgements. Objects the watch has not shown yet are skipped
+    /// (their status would 404) until it does.
     pub fn plan(&mut self, observed: &Observed, acks: &[Ack], now: Timestamp) -> Vec<StatusWrite> {
-        let derived = &*self.derived.get_or_insert_with(|| self.world.derive());
+        self.absorb_world();
+        self.to_plan.extend(self.tracker.moved(acks));
+        // One string comparison per object, no status derived.
+        for (key, obs) in observed {
+            let seen = self.parsed.get(key).map(|(rv, _)| rv);
+            if seen != Some(&obs.metadata.resource_version) && self.applied.contains_key(key) {
+                self.to_plan.insert(key.clone());
+            }
+        }
         let mut out = Vec::new();
-        let mut keys: Vec<&ObjKey> = self.applied.keys().collect();
-        keys.sort();
-        for key in keys {
-            let Some(obs) = observed.get(key) else {
+        for key in std::mem::take(&mut self.to_plan) {
+            if !self.applied.contains_key(&key) {
+                continue;
+            }
+            let Some(obs) = observed.get(&key) else {
                 continue;
             };
-            // Parsing 10,000 observed statuses every round would dominate it:
-            // reuse the parse while the object's resourceVersion is unchanged.
             let rv = obs.metadata.resource_version.clone();
-            let prev = match self.parsed.get(key) {
+            let prev = match self.parsed.get(&key) {
                 Some((seen, p)) if rv.is_some() && *seen == rv => p,
                 _ => {
-                    let p = match key {
+                    let p = match &key {
                         ObjKey::Pool(_) => Parsed::Pool(convert::pool_status(obs)),
                         ObjKey::Lease(_) => Parsed::Lease(convert::lease_status(obs)),
                         ObjKey::Route(_) => Parsed::Route(convert::route_status(obs)),
@@ -253,37 +280,32 @@ impl Index {
                         .1
                 }
             };
-            let write = match (key, prev) {
+            let write = match (&key, prev) {
                 (ObjKey::Pool(name), Parsed::Pool(prev)) => self
                     .world
                     .pool_status(name, prev.as_ref(), now)
                     .filter(|st| Some(st) != prev.as_ref())
                     .and_then(|st| json(&st)),
                 (ObjKey::Lease(k), Parsed::Lease(prev)) => {
-                    let routed = self.tracker.info(key, acks);
+                    let routed = self.tracker.info(&key, acks);
                     self.world
-                        .lease_status(derived, k, prev.as_ref(), &routed, now)
+                        .lease_status(k, prev.as_ref(), &routed, now)
                         .filter(|st| Some(st) != prev.as_ref())
                         .and_then(|st| json(&st))
                 }
                 (ObjKey::Route(k), Parsed::Route(prev)) => {
-                    let routed = self.tracker.info(key, acks);
+                    let routed = self.tracker.info(&key, acks);
                     self.world
-                        .route_status(derived, k, prev.as_ref(), &routed, now)
+                        .route_status(k, prev.as_ref(), &routed, now)
                         .filter(|st| Some(st) != prev.as_ref())
                         .and_then(|st| json(&st))
                 }
                 _ => None,
             };
             if let Some(status) = write {
-                out.push(StatusWrite {
-                    key: key.clone(),
-                    status,
-                });
+                out.push(StatusWrite { key, status });
             }
         }
-        let applied = &self.applied;
-        self.parsed.retain(|k, _| applied.contains_key(k));
         out
     }
 }
@@ -370,7 +392,9 @@ mod tests {
         let p = pool(&["10.0.0.1"]);
         let a = lease("a", "u", 1, None);
         let mut idx = Index::restore(settings(), std::slice::from_ref(&p), &[], &[]);
-        assert!(idx.take_dirty());
+        assert!(idx.snapshot_change(0, false).is_some());
+        idx.published(None);
+        assert!(idx.snapshot_change(0, false).is_none());
         assert!(idx.apply(Kind::Lease, &a));
         assert!(
             !idx.apply(Kind::Lease, &a),
@@ -420,5 +444,51 @@ mod tests {
         assert_eq!(idx.plan(&obs, &[], now), vec![]);
         // Objects the watch has not shown are not written.
         assert_eq!(idx.plan(&Observed::new(), &[], now), vec![]);
+    }
+
+    /// The rule for cluster mode: a watch event for one lease leads
+    /// to one status patch and one delta, however many leases there are.
+    #[test]
+    fn one_lease_event_is_one_status_write_and_a_one_lease_delta() {
+        let p = pool(&["10.0.0.1", "10.0.0.2"]);
+        let leases: Vec<DynamicObject> = (0..200)
+            .map(|i| lease(&format!("l{i}"), &format!("u{i}"), i % 60, None))
+            .collect();
+        let mut idx = Index::restore(settings(), std::slice::from_ref(&p), &leases, &[]);
+        let first = idx.snapshot_change(0, true).unwrap();
+        assert_eq!(first.upserted_leases.len(), 200);
+        idx.published(Some(&first));
+        // Settle the statuses: write each planned status back as observed.
+        let now = Timestamp::now();
+        let mut objs: Vec<(Kind, DynamicObject)> = vec![(Kind::Pool, p.clone())];
+        objs.extend(leases.iter().map(|l| (Kind::Lease, l.clone())));
+        let mut obs = observed(&objs.iter().map(|(k, o)| (*k, o)).collect::<Vec<_>>());
+        for w in idx.plan(&obs, &[], now) {
+            let o = obs.get_mut(&w.key).unwrap();
+            let mut o2 = (**o).clone();
+            o2.data["status"] = w.status;
+            o2.metadata.resource_version = Some("2".into());
+            *o = std::sync::Arc::new(o2);
+        }
+        assert_eq!(idx.plan(&obs, &[], now), vec![], "settled");
+        // One lease gets a new target.
+        let mut edited = (*obs[&ObjKey::new(Kind::Lease, "t", "l7")]).clone();
+        edited.data["spec"]["target"] = json!({"address": "h2:22"});
+        edited.metadata.resource_version = Some("3".into());
+        edited.metadata.generation = Some(2);
+        assert!(idx.apply(Kind::Lease, &edited));
+        let change = idx.snapshot_change(0, false).unwrap();
+        assert_eq!(change.upserted_leases.len(), 1, "one entry proposed");
+        assert!(change.removed_leases.is_empty() && change.upserted_routes.is_empty());
+        idx.published(Some(&change));
+        obs.insert(
+            ObjKey::new(Kind::Lease, "t", "l7"),
+            std::sync::Arc::new(edited),
+        );
+        let writes = idx.plan(&obs, &[], now);
+        assert_eq!(
+            writes.iter().map(|w| w.key.to_string()).collect::<Vec<_>>(),
+            ["VMLease t/l7"]
+        );
     }
 }

@@ -170,20 +170,24 @@ impl Ctx {
 /// The one place snapshots are published from (the publish task, a lease's
 /// cleanup, and the status round before it plans).
 fn publish_if_dirty(idx: &mut Index, publisher: &Publisher, metrics: &Metrics) {
-    if !idx.take_dirty() {
+    let first = publisher.current_version().is_none();
+    let Some(change) = idx.snapshot_change(Timestamp::now().as_millisecond(), first) else {
         return;
-    }
-    let snap = idx.snapshot(Timestamp::now().as_millisecond());
-    match publisher.publish(snap) {
-        Ok(v) => {
-            if let Some(cur) = publisher.current() {
-                idx.published(&cur);
-            }
+    };
+    // Only the changed objects are checked and sent: O(change).
+    let published = publisher.prepare_delta(&change).and_then(|p| {
+        let served = p.change().cloned();
+        publisher.commit(p).map(|v| (v, served))
+    });
+    match published {
+        Ok((v, served)) => {
+            idx.published(served.as_ref());
             metrics
                 .snapshot_version
                 .set(i64::try_from(v.version).unwrap_or(i64::MAX));
             debug!(version = %format!("e{}.v{}", v.epoch, v.version), "snapshot published");
         }
+        // The change stays pending: the next publish proposes it again.
         Err(e) => error!("snapshot not published (consistency check failed): {e}"),
     }
 }
@@ -782,6 +786,7 @@ async fn round(
         if ok {
             inflight.insert(w.key, (rv, w.status));
         } else {
+            ctx.index().replan(w.key);
             failed = true;
         }
     }

@@ -12,15 +12,17 @@
 //! acknowledgements (for `Routed`), when the edit grace of a kept object runs
 //! out, and every `rescan` interval as a safety net.
 
+pub mod directory;
 pub mod edits;
 pub mod loader;
 pub mod nesting;
 pub mod scanner;
 pub mod secrets;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -32,7 +34,7 @@ use tracing::{error, info, warn};
 
 use keyway_core::allocator::LeaseKey;
 use keyway_core::routed::{Ack, RoutedTracker};
-use keyway_core::world::{LeaseObject, PoolObject, RouteObject, Settings, Severity, World};
+use keyway_core::world::{Dirty, LeaseObject, PoolObject, RouteObject, Settings, Severity, World};
 use keyway_state::{
     Changes, EventRecord, LeaseRecord, Paths, PoolRecord, RouteRecord, SnapshotRecord, StateFile,
     Store, SubscriberRecord,
@@ -89,15 +91,6 @@ fn next_generation(prev: Option<(&serde_json::Value, i64)>, seen: &serde_json::V
     }
 }
 
-/// Keys of the records `dead` says are gone.
-fn dead_keys<R>(records: &BTreeMap<String, R>, dead: impl Fn(&R) -> bool) -> Vec<String> {
-    records
-        .iter()
-        .filter(|(_, r)| dead(r))
-        .map(|(k, _)| k.clone())
-        .collect()
-}
-
 fn record_key(ns: &str, name: &str) -> String {
     format!("{ns}/{name}")
 }
@@ -133,6 +126,23 @@ fn problems_of(
         .collect()
 }
 
+/// Every record's identity and the file it was last read from.
+fn record_files(state: &StateFile) -> impl Iterator<Item = (ObjKey, &str)> {
+    let pools = state
+        .pools
+        .values()
+        .map(|r| (obj_id(Kind::Pool, "", &r.name), r.file.as_str()));
+    let leases = state
+        .leases
+        .values()
+        .map(|r| (obj_id(Kind::Lease, &r.namespace, &r.name), r.file.as_str()));
+    let routes = state
+        .routes
+        .values()
+        .map(|r| (obj_id(Kind::Route, &r.namespace, &r.name), r.file.as_str()));
+    pools.chain(leases).chain(routes)
+}
+
 fn ip_of(status: &keyway_crds::VMLeaseStatus) -> Option<IpAddr> {
     status.ip.as_deref()?.parse().ok()
 }
@@ -155,6 +165,14 @@ pub struct Local {
     grace_due_ms: Option<u64>,
     /// Rows of `state` changed since the last [`Local::take_changes`].
     changes: Changes,
+    /// The directory as last admitted, by object.
+    directory: directory::Directory,
+    /// Records by the file they were last read from.
+    by_file: HashMap<String, BTreeSet<ObjKey>>,
+    /// Duplicate definitions found, by object.
+    dup_problems: BTreeMap<ObjKey, Vec<Problem>>,
+    /// Objects the edit grace keeps, with why.
+    kept: BTreeMap<ObjKey, Problem>,
 }
 
 impl Local {
@@ -202,9 +220,17 @@ impl Local {
             })
             .collect();
         let world = World::restore(settings, pools, leases, routes);
+        let mut by_file: HashMap<String, BTreeSet<ObjKey>> = HashMap::new();
+        for (id, file) in record_files(&state) {
+            by_file.entry(file.to_string()).or_default().insert(id);
+        }
         Local {
             state,
             world,
+            directory: directory::Directory::default(),
+            by_file,
+            dup_problems: BTreeMap::new(),
+            kept: BTreeMap::new(),
             object_problems: HashMap::new(),
             problems: Vec::new(),
             first_scan: true,
@@ -248,24 +274,25 @@ impl Local {
         self.grace_due_ms
     }
 
-    /// Every record's identity and the file it was last read from.
-    fn record_files(&self) -> impl Iterator<Item = (ObjKey, &str)> {
-        let pools = self
-            .state
-            .pools
-            .values()
-            .map(|r| (obj_id(Kind::Pool, "", &r.name), r.file.as_str()));
-        let leases = self
-            .state
-            .leases
-            .values()
-            .map(|r| (obj_id(Kind::Lease, &r.namespace, &r.name), r.file.as_str()));
-        let routes = self
-            .state
-            .routes
-            .values()
-            .map(|r| (obj_id(Kind::Route, &r.namespace, &r.name), r.file.as_str()));
-        pools.chain(leases).chain(routes)
+    /// Notes that the record of `id` now comes from `file` (`None`: gone).
+    fn refile(&mut self, id: &ObjKey, old: Option<&str>, new: Option<&str>) {
+        if old == new {
+            return;
+        }
+        if let Some(f) = old
+            && let Some(set) = self.by_file.get_mut(f)
+        {
+            set.remove(id);
+            if set.is_empty() {
+                self.by_file.remove(f);
+            }
+        }
+        if let Some(f) = new {
+            self.by_file
+                .entry(f.to_string())
+                .or_default()
+                .insert(id.clone());
+        }
     }
 
     /// Problems found by the last scan (also in the state file).
@@ -274,135 +301,125 @@ impl Local {
     }
 
     /// Admits a directory scan: creates, edits and deletes objects in the world.
-    pub fn apply_scan(&mut self, scans: &[FileScan], now_ms: u64) {
-        let mut problems: Vec<Problem> = scans
-            .iter()
-            .flat_map(|s| s.problems.iter().cloned())
-            .collect();
-        let incomplete: HashSet<&str> = scans
-            .iter()
-            .filter(|s| s.incomplete)
-            .map(|s| s.file.as_str())
-            .collect();
-
-        // One document per object. On duplicates keep the copy from the file the
-        // object came from before (an added duplicate cannot hijack a live object),
-        // else the first by file name.
-        let mut chosen: BTreeMap<ObjKey, (&str, &loader::Doc)> = BTreeMap::new();
-        for scan in scans {
-            for doc in &scan.docs {
-                let prev_file = self.record_file(&doc.id);
-                match chosen.get(&doc.id) {
-                    None => {
-                        chosen.insert(doc.id.clone(), (scan.file.as_str(), doc));
-                    }
-                    Some((f0, d0)) => {
-                        let (keep, drop) = if prev_file.as_deref() == Some(scan.file.as_str())
-                            && prev_file.as_deref() != Some(*f0)
-                        {
-                            ((scan.file.as_str(), doc), (*f0, *d0))
-                        } else {
-                            ((*f0, *d0), (scan.file.as_str(), doc))
-                        };
-                        problems.push(Problem {
-                            file: drop.0.to_string(),
-                            document: Some(drop.1.index),
-                            object: Some(doc.id.to_string()),
-                            field: Some("metadata.name".into()),
-                            message: format!(
-                                "duplicate: {} is also defined in {} (document {}); this copy is ignored",
-                                doc.id, keep.0, keep.1.index
-                            ),
-                        });
-                        chosen.insert(doc.id.clone(), keep);
-                    }
-                }
+    /// Only objects of files whose parse changed since the last scan (and
+    /// objects the edit grace keeps) are looked at; see [`directory`].
+    pub fn apply_scan(&mut self, scans: &[Arc<FileScan>], now_ms: u64) {
+        let first = std::mem::take(&mut self.first_scan);
+        let (mut affected, changed_files) = self.directory.update(scans);
+        // A changed or vanished file may have lost objects it defined; at
+        // start every record is checked against the directory once.
+        for f in &changed_files {
+            if let Some(ids) = self.by_file.get(f) {
+                affected.extend(ids.iter().cloned());
             }
         }
-        let first = std::mem::take(&mut self.first_scan);
+        if first {
+            affected.extend(record_files(&self.state).map(|(id, _)| id));
+        }
+        affected.extend(self.kept.keys().cloned());
+        self.clocks.observe(
+            scans.iter().map(|s| (s.file.as_str(), s.content)),
+            self.by_file.keys().map(String::as_str),
+            now_ms,
+        );
 
         // What is missing from every file dies only once its file has stayed
         // as it is for the edit grace; a file that does not parse, or a
         // document that names the object but does not read, keeps it.
-        let held: HashSet<&ObjKey> = scans.iter().flat_map(|s| s.held.iter()).collect();
-        {
-            let referenced: Vec<String> = self.record_files().map(|(_, f)| f.to_string()).collect();
-            self.clocks.observe(
-                scans.iter().map(|s| (s.file.as_str(), s.content)),
-                referenced.iter().map(String::as_str),
-                now_ms,
-            );
-        }
-        let mut dying: HashSet<ObjKey> = HashSet::new();
-        let mut due: Option<u64> = None;
         let grace = self.clocks.grace();
-        for (id, file) in self.record_files() {
-            if chosen.contains_key(&id) || incomplete.contains(file) || held.contains(&id) {
-                continue;
+        let mut chosen: Vec<(ObjKey, Arc<FileScan>, usize)> = Vec::new();
+        let mut dying: Vec<ObjKey> = Vec::new();
+        for id in &affected {
+            self.kept.remove(id);
+            let prev_file = self.record_file(id);
+            match self.directory.choose(id, prev_file.as_deref()) {
+                Some((scan, i, dups)) => {
+                    if dups.is_empty() {
+                        self.dup_problems.remove(id);
+                    } else {
+                        self.dup_problems.insert(id.clone(), dups);
+                    }
+                    chosen.push((id.clone(), scan, i));
+                }
+                None => {
+                    self.dup_problems.remove(id);
+                    let Some(file) = prev_file else { continue };
+                    if self.directory.is_incomplete(&file) || self.directory.is_held(id) {
+                        continue;
+                    }
+                    if now_ms >= self.clocks.due_ms(&file) {
+                        dying.push(id.clone());
+                        continue;
+                    }
+                    let message = if self.clocks.gone(&file) {
+                        format!(
+                            "the file is gone; {id} keeps its last good version until the file has stayed away for {grace:?} \
+                             (an editor may be replacing it), then it is deleted"
+                        )
+                    } else {
+                        format!(
+                            "{id} is no longer in this file; it keeps its last good version until the file has stayed \
+                             unchanged for {grace:?} (an editor may still be writing it), then it is deleted"
+                        )
+                    };
+                    self.kept.insert(
+                        id.clone(),
+                        Problem {
+                            file,
+                            document: None,
+                            object: Some(id.to_string()),
+                            field: None,
+                            message,
+                        },
+                    );
+                }
             }
-            let at = self.clocks.due_ms(file);
-            if now_ms >= at {
-                dying.insert(id);
-                continue;
-            }
-            due = Some(due.map_or(at, |d| d.min(at)));
-            let message = if self.clocks.gone(file) {
-                format!(
-                    "the file is gone; {id} keeps its last good version until the file has stayed away for {grace:?} \
-                     (an editor may be replacing it), then it is deleted"
-                )
-            } else {
-                format!(
-                    "{id} is no longer in this file; it keeps its last good version until the file has stayed \
-                     unchanged for {grace:?} (an editor may still be writing it), then it is deleted"
-                )
-            };
-            problems.push(Problem {
-                file: file.to_string(),
-                document: None,
-                object: Some(id.to_string()),
-                field: None,
-                message,
-            });
         }
-        self.grace_due_ms = due;
-        let gone = |_file: &str, id: &ObjKey| dying.contains(id);
+        self.grace_due_ms = self
+            .kept
+            .values()
+            .map(|p| self.clocks.due_ms(&p.file))
+            .min();
 
         // Deletions of leases first, so their addresses are free for new leases.
-        let dead_leases = dead_keys(&self.state.leases, |r| {
-            gone(&r.file, &obj_id(Kind::Lease, &r.namespace, &r.name))
-        });
-        for k in dead_leases {
-            if let Some(r) = self.state.leases.remove(&k) {
-                self.changes.leases.insert(k);
-                self.world.delete_lease(&lease_key(&r.namespace, &r.name));
-                self.object_problems
-                    .remove(&obj_id(Kind::Lease, &r.namespace, &r.name));
+        for id in &dying {
+            let ObjKey::Lease(key) = id else { continue };
+            let rk = record_key(&key.namespace, &key.name);
+            if let Some(r) = self.state.leases.remove(&rk) {
+                self.changes.leases.insert(rk);
+                self.world.delete_lease(key);
+                self.object_problems.remove(id);
+                self.refile(id, Some(&r.file), None);
             }
         }
 
         // Pools, then leases oldest first, then routes.
-        for (id, (file, doc)) in &chosen {
+        for (id, scan, i) in &chosen {
+            let (Some(doc), ObjKey::Pool(name)) = (scan.docs.get(*i), id) else {
+                continue;
+            };
             let Object::Pool(p) = &doc.object else {
                 continue;
             };
+            let file = scan.file.as_str();
             let seen = doc.object.spec_json();
-            let rec = self.state.pools.get(id.name());
-            if !first && rec.is_some_and(|r| r.seen_spec == seen && r.file == *file) {
+            let rec = self.state.pools.get(name);
+            if !first && rec.is_some_and(|r| r.seen_spec == seen && r.file == file) {
                 continue;
             }
             let spec = validate::pool(&p.spec);
             let generation = next_generation(rec.map(|r| (&r.seen_spec, r.generation)), &seen);
+            let old_file = rec.map(|r| r.file.clone());
             let mut r = rec.cloned().unwrap_or_else(|| PoolRecord {
-                name: id.name().to_string(),
+                name: name.clone(),
                 created_ms: now_ms,
-                file: (*file).to_string(),
+                file: file.to_string(),
                 generation,
                 seen_spec: seen.clone(),
                 spec: None,
                 status: Default::default(),
             });
-            r.file = (*file).to_string();
+            r.file = file.to_string();
             r.generation = generation;
             r.seen_spec = seen;
             match &spec {
@@ -415,41 +432,47 @@ impl Local {
                         .insert(id.clone(), problems_of(file, doc.index, id, e));
                 }
             }
-            if self.state.pools.get(id.name()) != Some(&r) {
-                self.changes.pools.insert(id.name().to_string());
+            if self.state.pools.get(name) != Some(&r) {
+                self.changes.pools.insert(name.clone());
             }
-            self.state.pools.insert(id.name().to_string(), r);
+            self.state.pools.insert(name.clone(), r);
+            self.refile(id, old_file.as_deref(), Some(file));
             self.world.apply_pool(PoolObject {
-                name: id.name().to_string(),
+                name: name.clone(),
                 generation: Some(generation),
                 spec,
             });
         }
 
         let mut lease_updates = Vec::new();
-        for (id, (file, doc)) in &chosen {
+        for (id, scan, i) in &chosen {
+            let (Some(doc), ObjKey::Lease(key)) = (scan.docs.get(*i), id) else {
+                continue;
+            };
             let Object::Lease(l) = &doc.object else {
                 continue;
             };
+            let file = scan.file.as_str();
             let seen = doc.object.spec_json();
-            let rk = record_key(id.namespace_name().0, id.name());
+            let rk = record_key(&key.namespace, &key.name);
             let rec = self.state.leases.get(&rk);
-            if !first && rec.is_some_and(|r| r.seen_spec == seen && r.file == *file) {
+            if !first && rec.is_some_and(|r| r.seen_spec == seen && r.file == file) {
                 continue;
             }
             let generation = next_generation(rec.map(|r| (&r.seen_spec, r.generation)), &seen);
+            let old_file = rec.map(|r| r.file.clone());
             let mut r = rec.cloned().unwrap_or_else(|| LeaseRecord {
-                namespace: id.namespace_name().0.to_string(),
-                name: id.name().to_string(),
+                namespace: key.namespace.clone(),
+                name: key.name.clone(),
                 uid: new_uid(),
                 created_ms: now_ms,
-                file: (*file).to_string(),
+                file: file.to_string(),
                 generation,
                 seen_spec: seen.clone(),
                 spec: None,
                 status: Default::default(),
             });
-            r.file = (*file).to_string();
+            r.file = file.to_string();
             r.generation = generation;
             r.seen_spec = seen;
             let spec = validate::lease(&l.spec);
@@ -463,10 +486,10 @@ impl Local {
                         .insert(id.clone(), problems_of(file, doc.index, id, e));
                 }
             }
-            lease_updates.push((r.created_ms, rk, r, spec));
+            lease_updates.push((r.created_ms, rk, r, spec, id.clone(), old_file));
         }
         lease_updates.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
-        for (_, rk, r, spec) in lease_updates {
+        for (_, rk, r, spec, id, old_file) in lease_updates {
             let obj = LeaseObject {
                 key: lease_key(&r.namespace, &r.name),
                 uid: r.uid.clone(),
@@ -478,53 +501,57 @@ impl Local {
             if self.state.leases.get(&rk) != Some(&r) {
                 self.changes.leases.insert(rk.clone());
             }
+            self.refile(&id, old_file.as_deref(), Some(&r.file));
             self.state.leases.insert(rk, r);
             self.world.apply_lease(obj);
         }
 
-        let dead_pools = dead_keys(&self.state.pools, |r| {
-            gone(&r.file, &obj_id(Kind::Pool, "", &r.name))
-        });
-        for k in dead_pools {
-            self.state.pools.remove(&k);
-            self.changes.pools.insert(k.clone());
-            self.world.delete_pool(&k);
-            self.object_problems.remove(&obj_id(Kind::Pool, "", &k));
-        }
-
-        let dead_routes = dead_keys(&self.state.routes, |r| {
-            gone(&r.file, &obj_id(Kind::Route, &r.namespace, &r.name))
-        });
-        for k in dead_routes {
-            if let Some(r) = self.state.routes.remove(&k) {
-                self.changes.routes.insert(k);
-                self.world.delete_route(&lease_key(&r.namespace, &r.name));
-                self.object_problems
-                    .remove(&obj_id(Kind::Route, &r.namespace, &r.name));
+        for id in &dying {
+            let ObjKey::Pool(name) = id else { continue };
+            if let Some(r) = self.state.pools.remove(name) {
+                self.changes.pools.insert(name.clone());
+                self.world.delete_pool(name);
+                self.object_problems.remove(id);
+                self.refile(id, Some(&r.file), None);
             }
         }
-        for (id, (file, doc)) in &chosen {
+        for id in &dying {
+            let ObjKey::Route(key) = id else { continue };
+            let rk = record_key(&key.namespace, &key.name);
+            if let Some(r) = self.state.routes.remove(&rk) {
+                self.changes.routes.insert(rk);
+                self.world.delete_route(key);
+                self.object_problems.remove(id);
+                self.refile(id, Some(&r.file), None);
+            }
+        }
+        for (id, scan, i) in &chosen {
+            let (Some(doc), ObjKey::Route(key)) = (scan.docs.get(*i), id) else {
+                continue;
+            };
             let Object::Route(rt) = &doc.object else {
                 continue;
             };
+            let file = scan.file.as_str();
             let seen = doc.object.spec_json();
-            let rk = record_key(id.namespace_name().0, id.name());
+            let rk = record_key(&key.namespace, &key.name);
             let rec = self.state.routes.get(&rk);
-            if !first && rec.is_some_and(|r| r.seen_spec == seen && r.file == *file) {
+            if !first && rec.is_some_and(|r| r.seen_spec == seen && r.file == file) {
                 continue;
             }
             let generation = next_generation(rec.map(|r| (&r.seen_spec, r.generation)), &seen);
+            let old_file = rec.map(|r| r.file.clone());
             let mut r = rec.cloned().unwrap_or_else(|| RouteRecord {
-                namespace: id.namespace_name().0.to_string(),
-                name: id.name().to_string(),
+                namespace: key.namespace.clone(),
+                name: key.name.clone(),
                 created_ms: now_ms,
-                file: (*file).to_string(),
+                file: file.to_string(),
                 generation,
                 seen_spec: seen.clone(),
                 spec: None,
                 status: Default::default(),
             });
-            r.file = (*file).to_string();
+            r.file = file.to_string();
             r.generation = generation;
             r.seen_spec = seen;
             r.spec = Some(rt.spec.clone());
@@ -539,7 +566,7 @@ impl Local {
                 }
             }
             self.world.apply_route(RouteObject {
-                key: lease_key(id.namespace_name().0, id.name()),
+                key: key.clone(),
                 created_ms: r.created_ms,
                 generation: Some(r.generation),
                 from_raw: rt.spec.from.clone(),
@@ -548,17 +575,22 @@ impl Local {
             if self.state.routes.get(&rk) != Some(&r) {
                 self.changes.routes.insert(rk.clone());
             }
+            self.refile(id, old_file.as_deref(), Some(file));
             self.state.routes.insert(rk, r);
         }
 
         // Clocks only matter for files that exist or that objects come from.
-        let keep: HashSet<String> = scans
-            .iter()
-            .map(|s| s.file.clone())
-            .chain(self.record_files().map(|(_, f)| f.to_string()))
-            .collect();
-        self.clocks.retain(|f| keep.contains(f));
+        let listed: HashSet<&str> = scans.iter().map(|s| s.file.as_str()).collect();
+        let by_file = &self.by_file;
+        self.clocks
+            .retain(|f| listed.contains(f) || by_file.contains_key(f));
 
+        let mut problems: Vec<Problem> = scans
+            .iter()
+            .flat_map(|s| s.problems.iter().cloned())
+            .collect();
+        problems.extend(self.dup_problems.values().flatten().cloned());
+        problems.extend(self.kept.values().cloned());
         let mut object_problems: Vec<&Problem> = self.object_problems.values().flatten().collect();
         object_problems.sort_by(|a, b| (&a.file, a.document).cmp(&(&b.file, b.document)));
         problems.extend(object_problems.into_iter().cloned());
@@ -581,39 +613,61 @@ impl Local {
         }
     }
 
-    /// Recomputes every status into the state, noting the ones that changed.
-    pub fn update_statuses(&mut self, tracker: &RoutedTracker, acks: &[Ack], now: Timestamp) {
-        let derived = self.world.derive();
-        for (k, r) in self.state.leases.iter_mut() {
-            let key = lease_key(&r.namespace, &r.name);
+    /// Recomputes the statuses of the objects `dirty` (from
+    /// [`World::take_dirty`]) and `moved` (from
+    /// [`RoutedTracker::moved`]) name, noting the ones that changed.
+    pub fn update_statuses(
+        &mut self,
+        dirty: &Dirty,
+        moved: &[ObjKey],
+        tracker: &RoutedTracker,
+        acks: &[Ack],
+        now: Timestamp,
+    ) {
+        let mut leases: BTreeSet<&LeaseKey> = dirty.leases.iter().collect();
+        let mut routes: BTreeSet<&LeaseKey> = dirty.routes.iter().collect();
+        for key in moved {
+            match key {
+                ObjKey::Lease(k) => leases.insert(k),
+                ObjKey::Route(k) => routes.insert(k),
+                ObjKey::Pool(_) => false,
+            };
+        }
+        for key in leases {
+            let rk = record_key(&key.namespace, &key.name);
+            let Some(r) = self.state.leases.get_mut(&rk) else {
+                continue;
+            };
             let routed = tracker.info(&ObjKey::Lease(key.clone()), acks);
-            if let Some(st) = self
-                .world
-                .lease_status(&derived, &key, Some(&r.status), &routed, now)
+            if let Some(st) = self.world.lease_status(key, Some(&r.status), &routed, now)
                 && st != r.status
             {
                 r.status = st;
-                self.changes.leases.insert(k.clone());
+                self.changes.leases.insert(rk);
             }
         }
-        for (k, r) in self.state.pools.iter_mut() {
-            if let Some(st) = self.world.pool_status(&r.name, Some(&r.status), now)
+        for name in &dirty.pools {
+            let Some(r) = self.state.pools.get_mut(name) else {
+                continue;
+            };
+            if let Some(st) = self.world.pool_status(name, Some(&r.status), now)
                 && st != r.status
             {
                 r.status = st;
-                self.changes.pools.insert(k.clone());
+                self.changes.pools.insert(name.clone());
             }
         }
-        for (k, r) in self.state.routes.iter_mut() {
-            let key = lease_key(&r.namespace, &r.name);
+        for key in routes {
+            let rk = record_key(&key.namespace, &key.name);
+            let Some(r) = self.state.routes.get_mut(&rk) else {
+                continue;
+            };
             let routed = tracker.info(&ObjKey::Route(key.clone()), acks);
-            if let Some(st) = self
-                .world
-                .route_status(&derived, &key, Some(&r.status), &routed, now)
+            if let Some(st) = self.world.route_status(key, Some(&r.status), &routed, now)
                 && st != r.status
             {
                 r.status = st;
-                self.changes.routes.insert(k.clone());
+                self.changes.routes.insert(rk);
             }
         }
         if self.state.problems != self.problems {
@@ -786,6 +840,8 @@ pub async fn run(opts: LocalOptions) -> Result<()> {
     }
 
     let mut tracker = RoutedTracker::default();
+    // Objects whose entries a round proposed but did not get published.
+    let mut unpublished = Dirty::default();
     let mut acks_changed = publisher.acks_changed();
     let mut rescan = true;
     // Set when a round could not save the state, so it did not publish.
@@ -811,41 +867,52 @@ pub async fn run(opts: LocalOptions) -> Result<()> {
                 }
                 Err(e) => error!("{e:#}"),
             }
-            let derived = local.world.derive();
-            phases.mark("derive");
-            let snap = local
+        }
+        // Only the objects this round touched (and any a failed round did not
+        // publish) are re-derived: O(change), not O(directory).
+        let dirty = local.world.take_dirty();
+        phases.mark("derive");
+        let mut propose = unpublished.clone();
+        propose.absorb(dirty.clone());
+        if !propose.is_empty() || publisher.current_version().is_none() {
+            let change = local
                 .world
-                .snapshot(&derived, Timestamp::now().as_millisecond());
-            phases.mark("build snapshot");
-            let prepared_now = publisher.prepare(snap);
-            phases.mark("check and diff snapshot");
-            match prepared_now {
+                .snapshot_delta(&propose, Timestamp::now().as_millisecond());
+            phases.mark("build delta");
+            match publisher.prepare_delta(&change) {
                 Ok(p) => {
-                    if let Some(s) = p.snapshot() {
-                        tracker.observe(s);
+                    if let Some(c) = p.change() {
+                        tracker.observe(c);
                     }
                     prepared = Some(p);
                 }
                 Err(e) => error!("snapshot not published (consistency check failed): {e}"),
             }
+            phases.mark("check delta");
         }
+        // Until a version carrying them is served, they are proposed again.
+        unpublished = propose;
         let now = Timestamp::now();
         let (acks, subs) = acks_of(&publisher);
-        local.update_statuses(&tracker, &acks, now);
+        let moved = tracker.moved(&acks);
+        local.update_statuses(&dirty, &moved, &tracker, &acks, now);
         local.record_notices(now);
         phases.mark("statuses");
-        let record = |s: &keyway_snapshot::pb::Snapshot| SnapshotRecord {
-            version: s
-                .version
-                .map(|v| format!("e{}.v{}", v.epoch, v.version))
-                .unwrap_or_default(),
-            leases: s.leases.len(),
-            routes: s.routes.len(),
-            subscribers: subs.clone(),
-        };
-        let snapshot_record = match prepared.as_ref().and_then(|p| p.snapshot()) {
-            Some(next) => Some(record(next)),
-            None => publisher.current().map(|s| record(&s)),
+        let record =
+            |v: keyway_snapshot::pb::Version, leases: usize, routes: usize| SnapshotRecord {
+                version: format!("e{}.v{}", v.epoch, v.version),
+                leases,
+                routes,
+                subscribers: subs.clone(),
+            };
+        let snapshot_record = match prepared
+            .as_ref()
+            .and_then(|p| Some((p.version(), p.counts()?)))
+        {
+            Some((v, (leases, routes))) => Some(record(v, leases, routes)),
+            None => publisher
+                .current_counts()
+                .map(|(v, leases, routes)| record(v, leases, routes)),
         };
         local.set_snapshot_record(snapshot_record);
         // Only the rows this round changed, in one transaction.
@@ -866,6 +933,7 @@ pub async fn run(opts: LocalOptions) -> Result<()> {
             if saved {
                 match publisher.commit(p) {
                     Ok(v) => {
+                        unpublished = Dirty::default();
                         tracing::debug!(version = %format!("e{}.v{}", v.epoch, v.version), "snapshot published")
                     }
                     Err(e) => error!("snapshot not published: {e}"),
@@ -960,7 +1028,10 @@ mod tests {
 
     /// Scans `files` (name, text) at `now`, and returns the leases' UIDs.
     fn scan(l: &mut Local, files: &[(&str, &str)], now: u64) -> BTreeMap<String, String> {
-        let scans: Vec<FileScan> = files.iter().map(|(f, t)| loader::parse(f, t)).collect();
+        let scans: Vec<Arc<FileScan>> = files
+            .iter()
+            .map(|(f, t)| Arc::new(loader::parse(f, t)))
+            .collect();
         l.apply_scan(&scans, now);
         l.state
             .leases
@@ -1161,6 +1232,27 @@ mod tests {
             )
         }
 
+        /// What must not depend on whether unchanged files were looked at:
+        /// records and statuses (UIDs, and what derives from them, aside),
+        /// and problems.
+        fn view(l: &Local) -> String {
+            let mut leases = l.state.leases.clone();
+            for r in leases.values_mut() {
+                r.uid.clear();
+                r.created_ms = 0;
+                r.status.lease_hash = None;
+                r.status.relay_trust = None;
+                r.status.message = None;
+            }
+            let mut pools = l.state.pools.clone();
+            let mut routes = l.state.routes.clone();
+            pools.values_mut().for_each(|r| r.created_ms = 0);
+            routes.values_mut().for_each(|r| r.created_ms = 0);
+            let mut problems = l.problems().to_vec();
+            problems.sort_by(|a, b| format!("{a:?}").cmp(&format!("{b:?}")));
+            format!("{leases:#?}\n{pools:#?}\n{routes:#?}\n{problems:#?}")
+        }
+
         /// One file's content: up to two documents, or nothing.
         fn file() -> impl Strategy<Value = Option<Vec<(u8, u8, u8)>>> {
             proptest::option::of(proptest::collection::vec((0u8..4, 0u8..4, 0u8..3), 0..3))
@@ -1181,6 +1273,11 @@ mod tests {
                 let mut store = Store::open(&paths).unwrap();
                 let mut l = local();
                 l.state.epoch = 3;
+                // Fed fresh parses every round: every file counts as changed,
+                // so it re-derives everything (the oracle for `l`, which is
+                // fed the same parse while a file's text stays the same).
+                let mut fresh = local();
+                let mut last: HashMap<String, Arc<FileScan>> = HashMap::new();
                 let tracker = RoutedTracker::default();
                 let mut now = 1_000;
                 for (pool, files, secs) in rounds {
@@ -1199,15 +1296,28 @@ mod tests {
                             .collect();
                         texts.push((format!("f{i}.yaml"), text.join("---\n")));
                     }
-                    let scans: Vec<FileScan> =
-                        texts.iter().map(|(f, t)| loader::parse(f, t)).collect();
-                    l.apply_scan(&scans, now);
+                    let scans: Vec<Arc<FileScan>> = texts
+                        .iter()
+                        .map(|(f, t)| match last.get(f) {
+                            Some(s) if s.content == loader::fingerprint(t.as_bytes()) => s.clone(),
+                            _ => Arc::new(loader::parse(f, t)),
+                        })
+                        .collect();
+                    last = scans.iter().map(|s| (s.file.clone(), s.clone())).collect();
+                    let reparsed: Vec<Arc<FileScan>> =
+                        texts.iter().map(|(f, t)| Arc::new(loader::parse(f, t))).collect();
                     let ts = Timestamp::from_millisecond(i64::try_from(now).unwrap()).unwrap();
-                    l.update_statuses(&tracker, &[], ts);
-                    l.record_notices(ts);
+                    for (x, scans) in [(&mut l, &scans), (&mut fresh, &reparsed)] {
+                        x.apply_scan(scans, now);
+                        let dirty = x.world.take_dirty();
+                        x.update_statuses(&dirty, &[], &tracker, &[], ts);
+                        x.record_notices(ts);
+                    }
                     let changes = l.take_changes();
                     store.commit(&l.state, &changes).unwrap();
                     prop_assert_eq!(&store.load().unwrap(), &l.state);
+                    prop_assert_eq!(view(&l), view(&fresh));
+                    prop_assert_eq!(l.grace_due_ms(), fresh.grace_due_ms());
                 }
             }
         }

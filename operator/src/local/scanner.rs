@@ -128,7 +128,7 @@ impl Scanner {
 
     /// Reads every file and starts parses for changed ones; returns what is
     /// known of each file now (see the module comment).
-    pub async fn scan(&mut self) -> Result<Vec<FileScan>> {
+    pub async fn scan(&mut self) -> Result<Vec<Arc<FileScan>>> {
         let dir = self.dir.clone();
         let known: HashMap<String, Stamp> = self
             .files
@@ -178,10 +178,10 @@ impl Scanner {
                 (Read::Unchanged, Some((text, content))) => (text.clone(), *content),
                 (Read::Unchanged, None) => {
                     entry.trusted_stamp = None;
-                    out.push(loader::unreadable(
+                    out.push(Arc::new(loader::unreadable(
                         &file,
                         "changed while being scanned; it is read again next round".into(),
-                    ));
+                    )));
                     continue;
                 }
                 (
@@ -197,7 +197,7 @@ impl Scanner {
                         Ok(t) => t,
                         Err(e) => {
                             entry.trusted_stamp = None;
-                            out.push(loader::unreadable(&file, e));
+                            out.push(Arc::new(loader::unreadable(&file, e)));
                             continue;
                         }
                     };
@@ -215,7 +215,9 @@ impl Scanner {
             };
             match &entry.parsed {
                 Some(p) if p.content == content => {
-                    out.push(FileScan::clone(p));
+                    // The same `Arc` while the file is unchanged: the caller
+                    // tells unchanged files by pointer.
+                    out.push(p.clone());
                     continue;
                 }
                 _ => {}
@@ -236,15 +238,15 @@ impl Scanner {
                 });
             }
             out.push(match &entry.parsed {
-                Some(p) => FileScan::clone(p),
-                None => FileScan {
+                Some(p) => p.clone(),
+                None => Arc::new(FileScan {
                     file,
                     content,
                     docs: Vec::new(),
                     problems: Vec::new(),
                     incomplete: true,
                     held: Vec::new(),
-                },
+                }),
             });
         }
         // A file that went away is forgotten, unless its parse is still
