@@ -183,6 +183,11 @@ impl Store {
         self.conn
             .pragma_update(None, "synchronous", "FULL")
             .with_context(ctx)?;
+        // A checkpoint resets the WAL but never shrinks the file: the first
+        // round writes every row, and the WAL would keep that size forever.
+        self.conn
+            .pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)
+            .with_context(ctx)?;
         self.conn.execute_batch(SCHEMA).with_context(ctx)?;
         Ok(())
     }

@@ -1,5 +1,5 @@
 //! Local mode at provider scale (issue 14's measurement): one IPPool /24, N
-//! leases of N users in one multi-document file, `keyway-proxy run --local`
+//! leases in multi-document files of 50,000, `keyway-proxy run --local`
 //! subscribed; then edits of one lease in a second, small file, each timed
 //! from the write to the proxy's `keyway_snapshot_version` changing. Also
 //! cold starts, RSS of both processes, the state database's size and the
@@ -20,6 +20,9 @@ use std::time::{Duration, Instant};
 use keyway_e2e::cluster::hex_key;
 use keyway_e2e::stack::{free_port, http_get};
 use keyway_e2e::*;
+
+/// Leases per generated file.
+const LEASES_PER_FILE: usize = 50_000;
 
 /// Generous: the baseline takes tens of seconds per step at 100,000 leases.
 const SLOW: Duration = Duration::from_secs(1800);
@@ -165,16 +168,16 @@ fn run(n: usize, edits: usize) -> Run {
         &dir.join("pool.yaml"),
         &pool_yaml("bench", &["127.0.61.0/24"]),
     );
-    let mut all = String::with_capacity(n * 230);
-    for i in 0..n {
-        all.push_str(&lease_doc(
-            i,
-            &format!("user-{}", i % 100_000),
-            "127.0.0.1:22",
-        ));
+    // Files of at most 50,000 leases (about 12 MB; local mode reads files
+    // up to 32 MiB).
+    for (f, first) in (0..n).step_by(LEASES_PER_FILE).enumerate() {
+        let mut all = String::with_capacity(LEASES_PER_FILE * 240);
+        for i in first..n.min(first + LEASES_PER_FILE) {
+            let user = format!("user-{}", i % 100_000);
+            all.push_str(&lease_doc(i, &user, "127.0.0.1:22"));
+        }
+        write_file(&dir.join(format!("leases-{f:03}.yaml")), &all);
     }
-    write_file(&dir.join("leases.yaml"), &all);
-    drop(all);
     let edit_path = dir.join("edit.yaml");
     write_file(
         &edit_path,
