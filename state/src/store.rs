@@ -263,6 +263,23 @@ impl Store {
         }
     }
 
+    /// Just the record of the snapshot last published (no objects read):
+    /// what a watcher polls cheaply, whatever the object count.
+    pub fn snapshot_record(&self) -> Result<Option<crate::records::SnapshotRecord>> {
+        let path = self.path.display().to_string();
+        let value: Option<String> = self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'snapshot'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .with_context(|| format!("reading the snapshot record from {path}"))?;
+        match value {
+            Some(v) => decode(&path, "snapshot", &v),
+            None => Ok(None),
+        }
+    }
+
     /// Reads the whole state, as of the last committed round.
     pub fn load(&mut self) -> Result<StateFile> {
         let path = self.path.display().to_string();

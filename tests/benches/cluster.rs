@@ -1,6 +1,7 @@
-//! Cluster mode through the API double: time from creating 10,000 leases to
-//! all Ready, and from a lease edit to a subscriber (the proxy's snapshot
-//! client) applying it. Run by `make bench`; figures go to BENCHMARKS.md.
+//! Cluster mode through the API double: time from creating N leases (10,000
+//! by default, `KEYWAY_CLUSTER_LEASES` to change) to all Ready, and from a
+//! lease edit to a subscriber (the proxy's snapshot client) applying it. Run
+//! by `make bench`; figures go to BENCHMARKS.md.
 #![allow(clippy::unwrap_used)]
 
 use std::time::{Duration, Instant};
@@ -12,8 +13,6 @@ use keyway_snapshot::client::{SubscriberConfig, subscribe};
 use kube::api::{Patch, PatchParams};
 use serde_json::json;
 
-const LEASES: u32 = 10_000;
-const USERS: u32 = 1_000;
 const EDITS: usize = 200;
 
 fn fmt(d: Duration) -> String {
@@ -29,6 +28,11 @@ async fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
+    let leases: u32 = std::env::var("KEYWAY_CLUSTER_LEASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10_000);
+    let users = (leases / 10).max(1);
     let env = ClusterEnv::start().await.unwrap();
     env.create("ippools", pool_obj("bench", &["127.0.60.0/24"]))
         .await
@@ -40,7 +44,7 @@ async fn main() {
     .unwrap();
 
     let start = Instant::now();
-    futures::stream::iter(0..LEASES)
+    futures::stream::iter(0..leases)
         .map(|i| {
             let env = &env;
             async move {
@@ -48,8 +52,8 @@ async fn main() {
                     "vmleases",
                     lease_obj(
                         "bench",
-                        &format!("vm-{i:05}"),
-                        &format!("user-{}", i % USERS),
+                        &format!("vm-{i:06}"),
+                        &format!("user-{}", i % users),
                         "bench",
                         &hex_key(i),
                     ),
@@ -68,7 +72,7 @@ async fn main() {
             .iter()
             .filter(|l| l["status"]["phase"] == "Ready")
             .count();
-        (ready == LEASES as usize).then_some(())
+        (ready == leases as usize).then_some(())
     })
     .unwrap();
     let all_ready = start.elapsed();
@@ -90,14 +94,14 @@ async fn main() {
     snaps
         .wait_for(|s| {
             s.as_ref()
-                .is_some_and(|s| s.leases.len() == LEASES as usize)
+                .is_some_and(|s| s.leases.len() == leases as usize)
         })
         .await
         .unwrap();
     let api = env.dynamic("vmleases", Some("bench"));
     let mut samples = Vec::with_capacity(EDITS);
     for i in 0..EDITS {
-        let name = format!("vm-{:05}", i * 37 % LEASES as usize);
+        let name = format!("vm-{:06}", i * 37 % leases as usize);
         let user = format!("edit-{i}");
         let t0 = Instant::now();
         api.patch(
@@ -134,9 +138,9 @@ async fn main() {
         })
         .unwrap_or_default();
     let table = format!(
-        "| what ({LEASES} leases of {USERS} users, one /24 pool, through the API double) | figure |\n|---|---|\n\
-         | create {LEASES} leases (32 concurrent POSTs) | {} |\n\
-         | from the first create to all {LEASES} Ready (status written) | {} |\n\
+        "| what ({leases} leases of {users} users, one /24 pool, through the API double) | figure |\n|---|---|\n\
+         | create {leases} leases (32 concurrent POSTs) | {} |\n\
+         | from the first create to all {leases} Ready (status written) | {} |\n\
          | lease edit → the subscriber applied it, median ({EDITS} edits) | {} |\n\
          | lease edit → the subscriber applied it, p99 | {} |\n\
          | operator status rounds in the run | {rounds} |\n",

@@ -86,14 +86,22 @@ fn lease_doc(i: usize, user: &str, target: &str) -> String {
     )
 }
 
-/// Bytes the operator says it sent each subscriber (from its state;
-/// `None` where the operator does not record them).
+/// The snapshot record the operator last saved (read alone: the objects
+/// are millions of rows at this scale).
+fn snapshot_record(dir: &Path) -> Option<keyway_state::SnapshotRecord> {
+    let store = keyway_state::Store::open_existing(&keyway_state::Paths::new(dir)).ok()??;
+    store.snapshot_record().ok()?
+}
+
+/// Bytes the operator says it sent its subscribers.
 fn bytes_sent(dir: &Path) -> Option<u64> {
-    let state = state_json(dir);
-    let subs = state["snapshot"]["subscribers"].as_array()?;
-    subs.iter()
-        .map(|s| s["bytesSent"].as_u64())
-        .sum::<Option<u64>>()
+    Some(
+        snapshot_record(dir)?
+            .subscribers
+            .iter()
+            .map(|s| s.bytes_sent)
+            .sum(),
+    )
 }
 
 struct Run {
@@ -145,8 +153,7 @@ fn operator(dir: &Path, log: &Path, total: usize) -> Proc {
             return None;
         }
         seen = Some(stamp);
-        let state = state_json(dir);
-        (state["snapshot"]["leases"].as_u64()? as usize == total).then_some(())
+        (snapshot_record(dir)?.leases == total).then_some(())
     })
     .unwrap();
     op
