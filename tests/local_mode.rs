@@ -55,7 +55,12 @@ async fn snapshot_where(
 ) -> Arc<pb::Snapshot> {
     let rx = sub.snapshot.clone();
     wait_for_async(WAIT, what, || {
-        let s = rx.borrow().clone().filter(|s| f(s));
+        // The tests' copy of the whole snapshot (small here).
+        let s = rx
+            .borrow()
+            .as_ref()
+            .map(|h| Arc::new(h.to_snapshot()))
+            .filter(|s| f(s));
         async move { s }
     })
     .await
@@ -216,7 +221,7 @@ async fn edits_adds_deletes_and_renames_reach_the_subscriber() {
         (st["leases"]["default/bob-1"]["file"] == "bob-renamed.yaml").then_some(())
     })
     .unwrap();
-    let s4 = sub.snapshot.borrow().clone().unwrap();
+    let s4 = sub.snapshot.borrow().clone().unwrap().to_snapshot();
     assert_eq!(lease_names(&s4), ["alice-1", "bob-1"]);
     assert_eq!(
         s4.leases.iter().find(|l| l.name == "bob-1").unwrap().ip,
@@ -248,11 +253,7 @@ async fn edits_adds_deletes_and_renames_reach_the_subscriber() {
 
     // The operator saw our ACKs: its state lists us with the latest version.
     let latest = sub.snapshot.borrow().clone().unwrap();
-    let want = format!(
-        "e{}.v{}",
-        latest.version.unwrap().epoch,
-        latest.version.unwrap().version
-    );
+    let want = format!("e{}.v{}", latest.version.epoch, latest.version.version);
     wait_for(WAIT, "operator records our ack", || {
         let st = state_json(&dir);
         let subs = st["snapshot"]["subscribers"].as_array()?.clone();
@@ -645,7 +646,8 @@ async fn next_snapshot_where(
     let mut rx = sub.snapshot.clone();
     let wait = async {
         loop {
-            if let Some(s) = rx.borrow_and_update().clone().filter(|s| f(s)) {
+            let held = rx.borrow_and_update().clone();
+            if let Some(s) = held.map(|h| Arc::new(h.to_snapshot())).filter(|s| f(s)) {
                 return s;
             }
             if rx.changed().await.is_err() {
@@ -790,9 +792,10 @@ async fn kill_9_in_a_burst_of_edits_loses_no_allocation() {
         let mut rx = sub.snapshot.clone();
         tokio::spawn(async move {
             while rx.changed().await.is_ok() {
-                let Some(s) = rx.borrow_and_update().clone() else {
+                let Some(held) = rx.borrow_and_update().clone() else {
                     continue;
                 };
+                let s = held.to_snapshot();
                 let mut seen = seen.lock().unwrap();
                 seen.versions.insert(version(&s), s.leases.len());
                 for l in &s.leases {
@@ -908,7 +911,7 @@ async fn kill_9_in_a_burst_of_edits_loses_no_allocation() {
     }
     let final_version = wait_for(WAIT, "the subscriber to see every lease", || {
         let s = sub.snapshot.borrow().clone()?;
-        (s.leases.len() == created).then(|| version(&s))
+        (s.lease_count() == created).then_some((s.version.epoch, s.version.version))
     })
     .unwrap();
     let seen = seen.lock().unwrap();

@@ -180,7 +180,7 @@ async fn snapshot_cmd(source: Source, follow: bool, json: bool, timeout: Duratio
     loop {
         let next = tokio::time::timeout(
             timeout,
-            rx.wait_for(|s| s.as_ref().and_then(|s| s.version) != last),
+            rx.wait_for(|s| s.as_ref().map(|s| s.version) != last),
         )
         .await;
         let snap = match next {
@@ -197,8 +197,10 @@ async fn snapshot_cmd(source: Source, follow: bool, json: bool, timeout: Duratio
                 anyhow::bail!("no snapshot within {timeout:?}: {err}");
             }
         };
-        let Some(snap) = snap else { continue };
-        last = snap.version;
+        let Some(held) = snap else { continue };
+        last = Some(held.version);
+        // A tool's copy: the whole snapshot, once per version shown.
+        let snap = held.to_snapshot();
         let text = if json {
             format!("{}\n", serde_json::to_string_pretty(&to_json(&snap))?)
         } else {

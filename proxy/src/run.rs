@@ -305,12 +305,22 @@ pub async fn run(args: RunArgs) -> Result<()> {
         let relay = relay.clone();
         tokio::spawn(async move {
             let mut warned_ca = false;
+            // The version the current route table indexes.
+            let mut indexed: Option<(keyway_snapshot::pb::Version, Arc<RouteTable>)> = None;
             loop {
                 let snap = rx.borrow_and_update().clone();
                 if let Some(snap) = snap {
-                    let table = Arc::new(RouteTable::build(&snap));
-                    let v = snap.version.unwrap_or_default();
-                    if let Some(r) = &snap.relay {
+                    // The delta that led here, when it starts from what the
+                    // table indexes (the watch keeps only the latest): O(change).
+                    // Otherwise (start, full snapshot, skipped versions) the
+                    // whole table is indexed again.
+                    let table = match (&indexed, &snap.change) {
+                        (Some((v, t)), Some(d)) if d.base == Some(*v) => Arc::new(t.apply(d)),
+                        _ => Arc::new(RouteTable::from_table(&snap.table)),
+                    };
+                    indexed = Some((snap.version, table.clone()));
+                    let v = snap.version;
+                    if let Some(r) = snap.table.relay() {
                         if r.cert_validity_secs > 0 {
                             gw.cert_validity_secs
                                 .store(u64::from(r.cert_validity_secs), Ordering::Relaxed);

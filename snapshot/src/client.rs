@@ -23,9 +23,10 @@ use tonic::transport::Endpoint;
 use tracing::{debug, error, info, warn};
 
 use crate::disk::{DiskCopy, Saved};
+use crate::held::Held;
 use crate::pb::snapshot_service_client::SnapshotServiceClient;
 use crate::pb::{self, SnapshotResponse, SubscribeRequest};
-use crate::{check, delta, version};
+use crate::version;
 
 /// Shortest reconnect delay, whatever the config says (zero would spin).
 const MIN_BACKOFF: Duration = Duration::from_millis(10);
@@ -85,7 +86,7 @@ pub struct SubscriptionStatus {
 #[derive(Clone)]
 pub struct Subscription {
     /// The snapshot served now (`None` until one is loaded or received).
-    pub snapshot: watch::Receiver<Option<Arc<pb::Snapshot>>>,
+    pub snapshot: watch::Receiver<Option<Arc<Held>>>,
     /// Connection state.
     pub status: watch::Receiver<SubscriptionStatus>,
     stop: Arc<watch::Sender<bool>>,
@@ -113,7 +114,7 @@ use crate::disk::Validate;
 /// `Subscription` does not stop it either.
 pub fn subscribe(
     config: SubscriberConfig,
-    validate: impl Fn(&pb::Snapshot) -> Result<(), String> + Send + Sync + 'static,
+    validate: impl Fn(&Held) -> Result<(), String> + Send + Sync + 'static,
 ) -> (Subscription, JoinHandle<()>) {
     let (snap_tx, snap_rx) = watch::channel(None);
     let (status_tx, status_rx) = watch::channel(SubscriptionStatus::default());
@@ -135,20 +136,20 @@ struct Shared {
     /// The disk copy, when `cache_path` is set; used on blocking threads.
     disk: Option<Arc<Mutex<DiskCopy>>>,
     validate: Arc<Validate>,
-    snap_tx: watch::Sender<Option<Arc<pb::Snapshot>>>,
+    snap_tx: watch::Sender<Option<Arc<Held>>>,
     status_tx: watch::Sender<SubscriptionStatus>,
 }
 
 impl Shared {
     fn held(&self) -> Option<pb::Version> {
-        self.snap_tx.borrow().as_ref().and_then(|s| s.version)
+        self.snap_tx.borrow().as_ref().map(|s| s.version)
     }
 }
 
 async fn run(
     config: SubscriberConfig,
     validate: Arc<Validate>,
-    snap_tx: watch::Sender<Option<Arc<pb::Snapshot>>>,
+    snap_tx: watch::Sender<Option<Arc<Held>>>,
     status_tx: watch::Sender<SubscriptionStatus>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -202,8 +203,8 @@ async fn load_disk_copy(shared: &Shared) {
     };
     match tokio::task::spawn_blocking(job).await {
         Ok(Ok(Some(s))) => {
-            let v = s.version;
-            info!(version = %version::show_opt(v.as_ref()), path = %shown, "serving the snapshot kept on disk");
+            let v = Some(s.version);
+            info!(version = %s.version, leases = s.lease_count(), path = %shown, "serving the snapshot kept on disk");
             shared.snap_tx.send_replace(Some(Arc::new(s)));
             shared.status_tx.send_modify(|st| {
                 st.applied = v;
@@ -356,7 +357,7 @@ async fn stream(shared: &Shared, streams: &mut u64, delivered: &mut bool) -> Res
         *delivered = true;
         let nonce = resp.nonce.clone();
         let held_snapshot = shared.snap_tx.borrow().clone();
-        let held = held_snapshot.as_ref().and_then(|s| s.version);
+        let held = held_snapshot.as_ref().map(|s| s.version);
         let offered = resp.version;
         // Check, validate and persist off the async threads: for 100,000
         // leases each takes a while, and `validate` is the caller's code.
@@ -384,8 +385,8 @@ async fn stream(shared: &Shared, streams: &mut u64, delivered: &mut bool) -> Res
                 if let Some(e) = &persist_error {
                     error!(version = %v, "could not keep the snapshot on disk (serving it anyway): {e}");
                 }
-                info!(version = %v, leases = snapshot.leases.len(), routes = snapshot.routes.len(), "snapshot applied");
-                shared.snap_tx.send_replace(Some(Arc::new(snapshot)));
+                info!(version = %v, leases = snapshot.lease_count(), routes = snapshot.route_count(), "snapshot applied");
+                shared.snap_tx.send_replace(Some(snapshot));
                 shared.status_tx.send_modify(|st| {
                     st.applied = Some(v);
                     st.last_applied_at = Some(SystemTime::now());
@@ -419,7 +420,7 @@ enum Verdict {
     Same(pb::Version),
     /// Passed every check (and was persisted, unless `persist_error`).
     Apply {
-        snapshot: pb::Snapshot,
+        snapshot: Arc<Held>,
         version: pb::Version,
         persist_error: Option<String>,
     },
@@ -431,15 +432,14 @@ enum Verdict {
 /// snapshot served now (a delta applies to it).
 fn judge(
     resp: SnapshotResponse,
-    held: Option<&pb::Snapshot>,
+    held: Option<&Held>,
     validate: &Validate,
     disk: Option<&Mutex<DiskCopy>>,
 ) -> Verdict {
     let Some(v) = resp.version else {
         return Verdict::Refuse("response without a version".into());
     };
-    let held_version = held.and_then(|h| h.version);
-    if let Some(h) = held_version {
+    if let Some(h) = held.map(|h| h.version) {
         if h.is_newer_than(&v) {
             return Verdict::Refuse(format!("stale: {v} is older than the applied {h}"));
         }
@@ -447,15 +447,17 @@ fn judge(
             return Verdict::Same(v);
         }
     }
-    let mut applied_delta = None;
-    let mut s = match (resp.snapshot, resp.delta) {
-        (Some(s), None) => {
+    // A delta is checked for what it touches, in O(change); a full
+    // snapshot whole.
+    let next = match (resp.snapshot, resp.delta) {
+        (Some(mut s), None) => {
             if let Some(inner) = s.version
                 && inner != v
             {
                 return Verdict::Refuse(format!("response says {v} but its snapshot says {inner}"));
             }
-            s
+            s.version = Some(v);
+            Held::from_snapshot(&s)
         }
         (None, Some(d)) => {
             if d.version != Some(v) {
@@ -470,33 +472,28 @@ fn judge(
                     version::show_opt(d.base.as_ref())
                 ));
             };
-            match delta::apply(base, &d) {
-                Ok(s) => {
-                    applied_delta = Some(d);
-                    s
-                }
-                Err(e) => return Verdict::Refuse(format!("delta not applicable: {e}")),
-            }
+            base.apply(&d)
+                .map_err(|e| format!("delta not applicable: {e}"))
         }
         (Some(_), Some(_)) => {
             return Verdict::Refuse("response carries both a snapshot and a delta".into());
         }
         (None, None) => return Verdict::Refuse("response without a snapshot or a delta".into()),
     };
-    if let Err(errors) = check::check(&s) {
-        return Verdict::Refuse(format!("consistency check failed: {}", summarize(&errors)));
-    }
-    if let Err(e) = validate(&s) {
+    let next = match next {
+        Ok(n) => n,
+        Err(e) => return Verdict::Refuse(e),
+    };
+    if let Err(e) = validate(&next) {
         return Verdict::Refuse(e);
     }
-    s.version = Some(v);
     let persist_error = disk.and_then(|disk| {
         let Ok(mut disk) = disk.lock() else {
             return Some("the disk copy's lock is poisoned".to_string());
         };
-        let e = match disk.save(&s, applied_delta.as_ref()) {
+        let e = match disk.save(&next, next.change.as_deref()) {
             Ok(saved) => {
-                if saved == Saved::Rewrote && applied_delta.is_some() {
+                if saved == Saved::Rewrote && next.change.is_some() {
                     debug!(version = %v, "disk copy compacted");
                 }
                 return None;
@@ -512,25 +509,10 @@ fn judge(
         Some(format!("{e:#} (older copy removed)"))
     });
     Verdict::Apply {
-        snapshot: s,
+        snapshot: Arc::new(next),
         version: v,
         persist_error,
     }
-}
-
-/// The first problems and how many more, for a NACK that stays small.
-fn summarize(errors: &[String]) -> String {
-    const SHOWN: usize = 10;
-    let mut out = errors
-        .iter()
-        .take(SHOWN)
-        .cloned()
-        .collect::<Vec<_>>()
-        .join("; ");
-    if errors.len() > SHOWN {
-        out.push_str(&format!(" (and {} more)", errors.len() - SHOWN));
-    }
-    out
 }
 
 fn truncate(s: &str, max: usize) -> String {
@@ -595,7 +577,11 @@ mod tests {
         }
     }
 
-    fn ok(_: &pb::Snapshot) -> Result<(), String> {
+    fn held(v: pb::Version, n: u8) -> Held {
+        Held::from_snapshot(&response(v, n).snapshot.unwrap()).unwrap()
+    }
+
+    fn ok(_: &Held) -> Result<(), String> {
         Ok(())
     }
 
@@ -609,7 +595,7 @@ mod tests {
 
     #[test]
     fn older_versions_are_refused_epoch_first() {
-        let h = response(pb::Version::new(5, 1), 1).snapshot.unwrap();
+        let h = held(pb::Version::new(5, 1), 1);
         let held = Some(&h);
         let e = refused(judge(response(pb::Version::new(4, 9), 1), held, &ok, None));
         assert!(
@@ -629,7 +615,7 @@ mod tests {
     #[test]
     fn a_delta_applies_to_the_held_snapshot_and_only_to_it() {
         let (v1, v2) = (pb::Version::new(5, 1), pb::Version::new(5, 2));
-        let h = response(v1, 1).snapshot.unwrap();
+        let h = held(v1, 1);
         let Verdict::Apply {
             snapshot, version, ..
         } = judge(delta_response(v1, v2, 2), Some(&h), &ok, None)
@@ -637,8 +623,9 @@ mod tests {
             panic!("not applied");
         };
         assert_eq!(version, v2);
-        assert_eq!(snapshot.version, Some(v2));
-        assert_eq!(snapshot.leases, vec![lease(1), lease(2)]);
+        assert_eq!(snapshot.version, v2);
+        assert_eq!(snapshot.to_snapshot().leases, vec![lease(1), lease(2)]);
+        assert!(snapshot.change.is_some(), "reached by a delta");
         // From a version we do not hold, or with nothing held: refused.
         let e = refused(judge(
             delta_response(pb::Version::new(5, 0), v2, 2),
@@ -672,7 +659,7 @@ mod tests {
         let mut bad = response(pb::Version::new(1, 1), 2);
         bad.snapshot.as_mut().unwrap().leases[1].ip = "nope".into();
         assert!(refused(judge(bad, None, &ok, None)).contains("consistency check failed"));
-        let no = |_: &pb::Snapshot| Err("no thanks".to_string());
+        let no = |_: &Held| Err("no thanks".to_string());
         assert_eq!(
             refused(judge(response(pb::Version::new(1, 1), 1), None, &no, None)),
             "no thanks"
@@ -687,7 +674,7 @@ mod tests {
     #[test]
     fn a_huge_list_of_problems_makes_a_small_nack() {
         let errors: Vec<String> = (0..100_000).map(|i| format!("lease d/l{i}: bad")).collect();
-        let s = summarize(&errors);
+        let s = crate::held::summarize(&errors);
         assert!(s.ends_with("(and 99990 more)"), "{s}");
         assert!(s.len() < MAX_NACK_BYTES);
     }
@@ -712,8 +699,8 @@ mod tests {
         };
         assert_eq!(persist_error, None);
         let loaded = DiskCopy::new(&path).load(&ok).unwrap().unwrap();
-        assert_eq!(loaded, snapshot);
-        assert_eq!(loaded.version, Some(v));
+        assert_eq!(loaded.to_snapshot(), snapshot.to_snapshot());
+        assert_eq!(loaded.version, v);
         // No temp files left behind.
         let names: Vec<_> = std::fs::read_dir(path.parent().unwrap())
             .unwrap()

@@ -26,7 +26,8 @@ use anyhow::{Context, Result, anyhow};
 use prost::Message;
 use tracing::warn;
 
-use crate::{check, delta, pb};
+use crate::held::Held;
+use crate::pb;
 
 /// Journal bytes allowed beyond half the base before compaction, so small
 /// snapshots are not rewritten on every change.
@@ -35,7 +36,7 @@ pub const JOURNAL_SLACK: u64 = 256 * 1024;
 const MAX_RECORD: u32 = crate::MAX_MESSAGE_BYTES as u32;
 
 /// What a caller runs on each loaded snapshot (see `client::subscribe`).
-pub type Validate = dyn Fn(&pb::Snapshot) -> Result<(), String> + Send + Sync;
+pub type Validate = dyn Fn(&Held) -> Result<(), String> + Send + Sync;
 
 /// The disk copy at one path. Not shared between processes: one subscriber
 /// writes it.
@@ -87,9 +88,11 @@ impl DiskCopy {
     }
 
     /// Reads base and journal: `None` if there is no base; an error if the
-    /// result does not decode, has no version, fails the consistency check or
-    /// is refused by `validate`.
-    pub fn load(&mut self, validate: &Validate) -> Result<Option<pb::Snapshot>> {
+    /// base does not decode, has no version, fails the consistency check or
+    /// is refused by `validate`. Journal records are checked as they are
+    /// replayed (O(change) each); replay stops at the first that does not
+    /// chain or apply.
+    pub fn load(&mut self, validate: &Validate) -> Result<Option<Held>> {
         self.head = None;
         self.journal = None;
         let bytes = match std::fs::read(&self.path) {
@@ -98,32 +101,28 @@ impl DiskCopy {
             Err(e) => return Err(e).with_context(|| format!("reading {}", self.path.display())),
         };
         self.base_bytes = bytes.len() as u64;
-        let mut s =
+        let s =
             pb::Snapshot::decode(bytes.as_slice()).context("not a snapshot (decoding failed)")?;
         drop(bytes);
-        anyhow::ensure!(s.version.is_some(), "the snapshot has no version");
-        let (replayed, valid) = self.replay(&mut s)?;
+        let base = Held::from_snapshot(&s).map_err(|e| anyhow!("{e}"))?;
+        drop(s);
+        let (mut held, replayed, valid) = self.replay(base)?;
         self.journal_bytes = valid;
         if replayed > 0 {
             tracing::debug!(replayed, path = %self.journal_path.display(), "journal replayed onto the disk copy");
         }
-        check::check(&s).map_err(|e| {
-            anyhow!(
-                "fails the consistency check: {}",
-                e.into_iter().take(10).collect::<Vec<_>>().join("; ")
-            )
-        })?;
-        validate(&s).map_err(|e| anyhow!("refused: {e}"))?;
-        self.head = s.version;
-        Ok(Some(s))
+        held.change = None;
+        validate(&held).map_err(|e| anyhow!("refused: {e}"))?;
+        self.head = Some(held.version);
+        Ok(Some(held))
     }
 
-    /// Applies the journal's chained records to `s`; returns how many, and
-    /// the byte length of the valid prefix.
-    fn replay(&self, s: &mut pb::Snapshot) -> Result<(usize, u64)> {
+    /// Applies the journal's chained records; returns the result, how many
+    /// applied, and the byte length of the valid prefix.
+    fn replay(&self, mut held: Held) -> Result<(Held, usize, u64)> {
         let journal = match std::fs::read(&self.journal_path) {
             Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, 0)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((held, 0, 0)),
             Err(e) => {
                 return Err(e).with_context(|| format!("reading {}", self.journal_path.display()));
             }
@@ -134,14 +133,11 @@ impl DiskCopy {
             let Ok(d) = pb::SnapshotDelta::decode(payload) else {
                 break;
             };
-            if d.base != s.version || d.version.is_none() {
+            if d.base != Some(held.version) || d.version.is_none() {
                 break;
             }
-            match delta::apply(s, &d) {
-                Ok(mut n) => {
-                    n.version = d.version;
-                    *s = n;
-                }
+            match held.apply(&d) {
+                Ok(n) => held = n,
                 Err(e) => {
                     warn!(path = %self.journal_path.display(), "journal record does not apply ({e}); ignoring the rest");
                     break;
@@ -158,29 +154,25 @@ impl DiskCopy {
                 "the journal's tail is torn or from an older base; it is cut at the next save"
             );
         }
-        Ok((applied, at as u64))
+        Ok((held, applied, at as u64))
     }
 
-    /// Keeps `snapshot` (already checked, version set). When `delta` leads
-    /// from the version held on disk to it and the journal is small enough,
-    /// appends the delta; otherwise rewrites the base. Synced before return.
-    pub fn save(
-        &mut self,
-        snapshot: &pb::Snapshot,
-        delta: Option<&pb::SnapshotDelta>,
-    ) -> Result<Saved> {
+    /// Keeps `held` (already checked). When `delta` leads from the version
+    /// held on disk to it and the journal is small enough, appends the delta;
+    /// otherwise rewrites the base. Synced before return.
+    pub fn save(&mut self, held: &Held, delta: Option<&pb::SnapshotDelta>) -> Result<Saved> {
         let appendable = delta.filter(|d| {
             self.head.is_some()
                 && d.base == self.head
-                && d.version == snapshot.version
+                && d.version == Some(held.version)
                 && self.journal_bytes <= self.base_bytes / 2 + JOURNAL_SLACK
         });
         let result = match appendable {
             Some(d) => self.append(d).map(|()| Saved::Appended),
-            None => self.rewrite(snapshot).map(|()| Saved::Rewrote),
+            None => self.rewrite(held).map(|()| Saved::Rewrote),
         };
         match &result {
-            Ok(_) => self.head = snapshot.version,
+            Ok(_) => self.head = Some(held.version),
             // Unknown state on disk: the next save rewrites the base.
             Err(_) => {
                 self.head = None;
@@ -222,8 +214,10 @@ impl DiskCopy {
         Ok(())
     }
 
-    fn rewrite(&mut self, snapshot: &pb::Snapshot) -> Result<()> {
-        let bytes = snapshot.encode_to_vec();
+    fn rewrite(&mut self, held: &Held) -> Result<()> {
+        let bytes = held
+            .table
+            .encode_snapshot(Some(held.version), held.generated_unix_ms);
         write_atomic(&self.path, &bytes)?;
         self.base_bytes = bytes.len() as u64;
         // Old records no longer chain onto the new base; emptying the journal
@@ -319,9 +313,15 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+    use crate::delta;
     use proptest::prelude::*;
 
-    fn ok(_: &pb::Snapshot) -> Result<(), String> {
+    /// The pb::Snapshot-level tests save what a subscriber would hold.
+    fn h(s: &pb::Snapshot) -> Held {
+        Held::from_snapshot(s).unwrap()
+    }
+
+    fn ok(_: &Held) -> Result<(), String> {
         Ok(())
     }
 
@@ -354,9 +354,12 @@ mod tests {
     }
 
     fn save_all(disk: &mut DiskCopy, snaps: &[pb::Snapshot]) -> Vec<Saved> {
-        let mut out = vec![disk.save(&snaps[0], None).unwrap()];
+        let mut out = vec![disk.save(&h(&snaps[0]), None).unwrap()];
         for w in snaps.windows(2) {
-            out.push(disk.save(&w[1], Some(&delta::diff(&w[0], &w[1]))).unwrap());
+            out.push(
+                disk.save(&h(&w[1]), Some(&delta::diff(&w[0], &w[1])))
+                    .unwrap(),
+            );
         }
         out
     }
@@ -379,12 +382,26 @@ mod tests {
             snaps[0],
             "the base is not rewritten per delta"
         );
-        assert_eq!(DiskCopy::new(&path).load(&ok).unwrap().unwrap(), snaps[2]);
+        assert_eq!(
+            DiskCopy::new(&path)
+                .load(&ok)
+                .unwrap()
+                .unwrap()
+                .to_snapshot(),
+            snaps[2]
+        );
         // A full snapshot replaces base and journal.
         let full = snap(9, &[(4, 4)]);
-        assert_eq!(disk.save(&full, None).unwrap(), Saved::Rewrote);
+        assert_eq!(disk.save(&h(&full), None).unwrap(), Saved::Rewrote);
         assert!(!disk.journal_path().exists());
-        assert_eq!(DiskCopy::new(&path).load(&ok).unwrap().unwrap(), full);
+        assert_eq!(
+            DiskCopy::new(&path)
+                .load(&ok)
+                .unwrap()
+                .unwrap()
+                .to_snapshot(),
+            full
+        );
     }
 
     #[test]
@@ -400,12 +417,19 @@ mod tests {
         f.set_len(len - 3).unwrap();
         drop(f);
         let mut disk = DiskCopy::new(&path);
-        assert_eq!(disk.load(&ok).unwrap().unwrap(), snaps[1]);
+        assert_eq!(disk.load(&ok).unwrap().unwrap().to_snapshot(), snaps[1]);
         // The next append follows the last good record, not the torn bytes.
         let next = snap(4, &[(1, 4)]);
         let d = delta::diff(&snaps[1], &next);
-        assert_eq!(disk.save(&next, Some(&d)).unwrap(), Saved::Appended);
-        assert_eq!(DiskCopy::new(&path).load(&ok).unwrap().unwrap(), next);
+        assert_eq!(disk.save(&h(&next), Some(&d)).unwrap(), Saved::Appended);
+        assert_eq!(
+            DiskCopy::new(&path)
+                .load(&ok)
+                .unwrap()
+                .unwrap()
+                .to_snapshot(),
+            next
+        );
     }
 
     #[test]
@@ -419,7 +443,14 @@ mod tests {
         // Flip a payload byte of the first record: its CRC no longer holds.
         bytes[10] ^= 0xff;
         std::fs::write(&journal, bytes).unwrap();
-        assert_eq!(DiskCopy::new(&path).load(&ok).unwrap().unwrap(), snaps[0]);
+        assert_eq!(
+            DiskCopy::new(&path)
+                .load(&ok)
+                .unwrap()
+                .unwrap()
+                .to_snapshot(),
+            snaps[0]
+        );
     }
 
     #[test]
@@ -431,7 +462,14 @@ mod tests {
         // A crash between replacing the base and removing the journal.
         let newer = snap(5, &[(7, 7)]);
         write_atomic(&path, &newer.encode_to_vec()).unwrap();
-        assert_eq!(DiskCopy::new(&path).load(&ok).unwrap().unwrap(), newer);
+        assert_eq!(
+            DiskCopy::new(&path)
+                .load(&ok)
+                .unwrap()
+                .unwrap()
+                .to_snapshot(),
+            newer
+        );
     }
 
     #[test]
@@ -440,19 +478,30 @@ mod tests {
         let path = dir.path().join("snapshot.pb");
         let mut disk = DiskCopy::new(&path);
         let mut prev = snap(1, &[(1, 1)]);
-        disk.save(&prev, None).unwrap();
+        disk.save(&h(&prev), None).unwrap();
         let mut rewrites = 0;
         // Each delta is tens of bytes; JOURNAL_SLACK is 256 KiB.
         for v in 2..20_000u64 {
             let next = snap(v, &[(1, (v % 200) as u8 + 1)]);
-            if disk.save(&next, Some(&delta::diff(&prev, &next))).unwrap() == Saved::Rewrote {
+            if disk
+                .save(&h(&next), Some(&delta::diff(&prev, &next)))
+                .unwrap()
+                == Saved::Rewrote
+            {
                 rewrites += 1;
             }
             prev = next;
         }
         assert!(rewrites >= 1, "never compacted");
         assert!(disk.journal_bytes <= disk.base_bytes / 2 + JOURNAL_SLACK + 1024);
-        assert_eq!(DiskCopy::new(&path).load(&ok).unwrap().unwrap(), prev);
+        assert_eq!(
+            DiskCopy::new(&path)
+                .load(&ok)
+                .unwrap()
+                .unwrap()
+                .to_snapshot(),
+            prev
+        );
     }
 
     #[test]
@@ -463,18 +512,25 @@ mod tests {
         let b = snap(2, &[(1, 2)]);
         let c = snap(3, &[(1, 3)]);
         let mut disk = DiskCopy::new(&path);
-        disk.save(&a, None).unwrap();
+        disk.save(&h(&a), None).unwrap();
         // The delta claims base b, but the disk holds a.
         assert_eq!(
-            disk.save(&c, Some(&delta::diff(&b, &c))).unwrap(),
+            disk.save(&h(&c), Some(&delta::diff(&b, &c))).unwrap(),
             Saved::Rewrote
         );
-        assert_eq!(DiskCopy::new(&path).load(&ok).unwrap().unwrap(), c);
+        assert_eq!(
+            DiskCopy::new(&path)
+                .load(&ok)
+                .unwrap()
+                .unwrap()
+                .to_snapshot(),
+            c
+        );
         // A fresh instance that did not load knows nothing: it rewrites too.
         let d = snap(4, &[(1, 4)]);
         assert_eq!(
             DiskCopy::new(&path)
-                .save(&d, Some(&delta::diff(&c, &d)))
+                .save(&h(&d), Some(&delta::diff(&c, &d)))
                 .unwrap(),
             Saved::Rewrote
         );
@@ -500,23 +556,23 @@ mod tests {
             for (i, (leases, restart)) in steps.into_iter().enumerate() {
                 if restart {
                     disk = DiskCopy::new(&path);
-                    let loaded = disk.load(&ok).unwrap();
+                    let loaded = disk.load(&ok).unwrap().map(|h| h.to_snapshot());
                     prop_assert_eq!(loaded.as_ref(), saved.last());
                 }
                 let leases: Vec<(u8, u8)> = leases.into_iter().collect();
                 let next = snap(i as u64 + 1, &leases);
                 let d = saved.last().map(|p| delta::diff(p, &next));
-                disk.save(&next, d.as_ref()).unwrap();
+                disk.save(&h(&next), d.as_ref()).unwrap();
                 saved.push(next);
             }
-            let last = DiskCopy::new(&path).load(&ok).unwrap();
+            let last = DiskCopy::new(&path).load(&ok).unwrap().map(|h| h.to_snapshot());
             prop_assert_eq!(last.as_ref(), saved.last());
             if let Ok(len) = std::fs::metadata(disk.journal_path()).map(|m| m.len()) {
                 let cut = tear.index(usize::try_from(len).unwrap().max(1)) as u64;
                 let f = OpenOptions::new().write(true).open(disk.journal_path()).unwrap();
                 f.set_len(cut).unwrap();
                 drop(f);
-                let loaded = DiskCopy::new(&path).load(&ok).unwrap().unwrap();
+                let loaded = DiskCopy::new(&path).load(&ok).unwrap().unwrap().to_snapshot();
                 prop_assert!(saved.contains(&loaded));
             }
         }

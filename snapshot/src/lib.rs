@@ -6,6 +6,7 @@ pub mod check;
 pub mod client;
 pub mod delta;
 pub mod disk;
+pub mod held;
 pub mod server;
 pub mod table;
 pub mod version;

@@ -100,13 +100,19 @@ impl Table {
         }
     }
 
-    /// `SnapshotResponse.snapshot` as encoded on the wire (field 3: key,
-    /// length, the snapshot's bytes), written straight from the maps without
-    /// copying the snapshot first; byte for byte what encoding
-    /// [`Table::to_snapshot`] gives.
-    pub fn encode_full(&self, version: Option<pb::Version>, generated_unix_ms: i64) -> Bytes {
-        use prost::encoding::{encode_key, encode_varint, encoded_len_varint, int64, message};
-        let body = version.as_ref().map_or(0, |v| message::encoded_len(1, v))
+    /// Every lease, in canonical order.
+    pub fn leases(&self) -> impl Iterator<Item = &pb::Lease> {
+        self.leases.values().map(|l| &**l)
+    }
+
+    /// Every route, in canonical order.
+    pub fn routes(&self) -> impl Iterator<Item = &pb::Route> {
+        self.routes.values().map(|r| &**r)
+    }
+
+    fn snapshot_len(&self, version: Option<&pb::Version>, generated_unix_ms: i64) -> usize {
+        use prost::encoding::{int64, message};
+        version.map_or(0, |v| message::encoded_len(1, v))
             + self
                 .leases
                 .values()
@@ -125,25 +131,51 @@ impl Table {
                 0
             } else {
                 int64::encoded_len(5, &generated_unix_ms)
-            };
+            }
+    }
+
+    fn encode_fields(
+        &self,
+        version: Option<&pb::Version>,
+        generated_unix_ms: i64,
+        out: &mut Vec<u8>,
+    ) {
+        use prost::encoding::{int64, message};
+        if let Some(v) = version {
+            message::encode(1, v, out);
+        }
+        for l in self.leases.values() {
+            message::encode(2, &**l, out);
+        }
+        for r in self.routes.values() {
+            message::encode(3, &**r, out);
+        }
+        if let Some(r) = &self.relay {
+            message::encode(4, r, out);
+        }
+        if generated_unix_ms != 0 {
+            int64::encode(5, &generated_unix_ms, out);
+        }
+    }
+
+    /// The snapshot it holds, encoded (a `Snapshot` message), written straight
+    /// from the maps; byte for byte what encoding [`Table::to_snapshot`] gives.
+    pub fn encode_snapshot(&self, version: Option<pb::Version>, generated_unix_ms: i64) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.snapshot_len(version.as_ref(), generated_unix_ms));
+        self.encode_fields(version.as_ref(), generated_unix_ms, &mut out);
+        out
+    }
+
+    /// `SnapshotResponse.snapshot` as encoded on the wire (field 3: key,
+    /// length, the snapshot's bytes), written straight from the maps without
+    /// copying the snapshot first.
+    pub fn encode_full(&self, version: Option<pb::Version>, generated_unix_ms: i64) -> Bytes {
+        use prost::encoding::{encode_key, encode_varint, encoded_len_varint};
+        let body = self.snapshot_len(version.as_ref(), generated_unix_ms);
         let mut out = Vec::with_capacity(body + 1 + encoded_len_varint(body as u64));
         encode_key(3, prost::encoding::WireType::LengthDelimited, &mut out);
         encode_varint(body as u64, &mut out);
-        if let Some(v) = &version {
-            message::encode(1, v, &mut out);
-        }
-        for l in self.leases.values() {
-            message::encode(2, &**l, &mut out);
-        }
-        for r in self.routes.values() {
-            message::encode(3, &**r, &mut out);
-        }
-        if let Some(r) = &self.relay {
-            message::encode(4, r, &mut out);
-        }
-        if generated_unix_ms != 0 {
-            int64::encode(5, &generated_unix_ms, &mut out);
-        }
+        self.encode_fields(version.as_ref(), generated_unix_ms, &mut out);
         Bytes::from(out)
     }
 

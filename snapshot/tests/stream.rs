@@ -24,7 +24,7 @@ async fn full_snapshot_on_connect_then_updates_acked() {
 
     let (sub, task) = subscribe(config(&srv.endpoint, TOKEN, None), |_| Ok(()));
     until_applied(&sub, v1).await;
-    assert_eq!(sub.snapshot.borrow().as_ref().unwrap().leases.len(), 1);
+    assert_eq!(sub.snapshot.borrow().as_ref().unwrap().lease_count(), 1);
     until_acked(&srv.publisher, "test-node", v1).await;
     assert!(acks.has_changed().unwrap(), "ack watch not notified");
 
@@ -103,7 +103,7 @@ async fn nack_is_counted_and_never_resent() {
     let (sub, task) = {
         let (seen, refuse) = (seen.clone(), refuse.clone());
         subscribe(config(&srv.endpoint, TOKEN, None), move |s| {
-            seen.lock().unwrap().push(s.version.unwrap());
+            seen.lock().unwrap().push(s.version);
             if refuse.load(Ordering::SeqCst) {
                 Err("not today".into())
             } else {
@@ -174,7 +174,7 @@ async fn latest_wins_with_one_unacked_response() {
     let (sub, task) = {
         let (received, gate) = (received.clone(), gate.clone());
         subscribe(config(&srv.endpoint, TOKEN, None), move |s| {
-            let version = s.version.unwrap().version;
+            let version = s.version.version;
             received.lock().unwrap().push(version);
             // A slow subscriber: busy with v1 while v2..v30 are published.
             if version == 1 {
@@ -226,7 +226,7 @@ async fn disk_copy_serves_while_the_operator_is_away_and_epochs_only_grow() {
     // Operator gone: a restarted subscriber serves its disk copy at once.
     let (sub, task) = subscribe(config(&endpoint, TOKEN, Some(cache.clone())), |_| Ok(()));
     until_applied(&sub, v(5, 1)).await;
-    assert_eq!(sub.snapshot.borrow().as_ref().unwrap().leases.len(), 3);
+    assert_eq!(sub.snapshot.borrow().as_ref().unwrap().lease_count(), 3);
     let st = sub.status.borrow().clone();
     assert!(st.from_disk && st.applied == Some(v(5, 1)), "{st:?}");
     until("a failed connection attempt", || {
@@ -254,7 +254,7 @@ async fn disk_copy_serves_while_the_operator_is_away_and_epochs_only_grow() {
     assert_eq!(nacked.acked, None);
     assert!(!old.publisher.acked_by_all_connected(&v(4, 1)));
     assert_eq!(applied(&sub), Some(v(5, 1)));
-    assert_eq!(sub.snapshot.borrow().as_ref().unwrap().leases.len(), 3);
+    assert_eq!(sub.snapshot.borrow().as_ref().unwrap().lease_count(), 3);
     old.stop().await;
 
     // A newer writer (higher epoch): applied and persisted.
@@ -269,7 +269,7 @@ async fn disk_copy_serves_while_the_operator_is_away_and_epochs_only_grow() {
 
     let (again, task) = subscribe(config(&endpoint, TOKEN, Some(cache)), |_| Ok(()));
     until_applied(&again, v(6, 1)).await;
-    assert_eq!(again.snapshot.borrow().as_ref().unwrap().leases.len(), 2);
+    assert_eq!(again.snapshot.borrow().as_ref().unwrap().lease_count(), 2);
     task.abort();
 }
 
@@ -329,9 +329,7 @@ async fn a_malformed_snapshot_is_never_published() {
     let (sub, task) = {
         let seen = seen.clone();
         subscribe(config(&srv.endpoint, TOKEN, None), move |s| {
-            seen.lock()
-                .unwrap()
-                .push((s.version.unwrap(), s.leases.len()));
+            seen.lock().unwrap().push((s.version, s.lease_count()));
             Ok(())
         })
     };
@@ -441,7 +439,7 @@ async fn a_snapshot_larger_than_the_grpc_default_limit_goes_through() {
     let (sub, task) = subscribe(config(&srv.endpoint, TOKEN, None), |_| Ok(()));
     until_applied(&sub, v1).await;
     assert_eq!(
-        sub.snapshot.borrow().as_ref().unwrap().leases.len(),
+        sub.snapshot.borrow().as_ref().unwrap().lease_count(),
         N as usize
     );
     until_acked(&srv.publisher, "test-node", v1).await;
@@ -540,15 +538,15 @@ async fn random_edits_and_reconnects_converge_to_the_published_snapshot() {
     // Rebuilt from deltas, the subscriber's snapshot is the writer's, byte
     // for byte, and so is its disk copy.
     let held = sub.snapshot.borrow().clone().unwrap();
-    assert_eq!(*held, *publisher.current().unwrap());
+    assert_eq!(held.to_snapshot(), *publisher.current().unwrap());
     let on_disk = keyway_snapshot::disk::DiskCopy::new(&cache)
         .load(&|_| Ok(()))
         .unwrap()
         .unwrap();
-    assert_eq!(on_disk, *held);
+    assert_eq!(on_disk.to_snapshot(), held.to_snapshot());
     // Deltas went to the journal: the base alone is an older version.
     let base = pb::Snapshot::decode(std::fs::read(&cache).unwrap().as_slice()).unwrap();
-    assert!(base.version <= held.version);
+    assert!(base.version <= Some(held.version));
     let t = publisher.totals();
     assert!(t.deltas_sent > t.full_sent, "{t:?}");
     assert_eq!(t.nacks, 0, "{t:?}");

@@ -94,7 +94,7 @@ async fn main() {
     snaps
         .wait_for(|s| {
             s.as_ref()
-                .is_some_and(|s| s.leases.len() == leases as usize)
+                .is_some_and(|s| s.lease_count() == leases as usize)
         })
         .await
         .unwrap();
@@ -115,9 +115,9 @@ async fn main() {
             Duration::from_secs(60),
             snaps.wait_for(|s| {
                 s.as_ref().is_some_and(|s| {
-                    s.leases
-                        .iter()
-                        .any(|l| l.name == name && l.upstream_user == user)
+                    s.table
+                        .lease("bench", &name)
+                        .is_some_and(|l| l.upstream_user == user)
                 })
             }),
         )

@@ -93,10 +93,18 @@ pub struct Book {
 
 impl Book {
     /// Indexes `snap` for the agent whose peer id is `me`.
+    #[cfg(test)]
     pub fn build(snap: &pb::Snapshot, me: &str, forwards: Arc<Forwards>) -> Book {
-        let leases = snap
-            .leases
-            .iter()
+        Self::from_leases(snap.leases.iter(), me, forwards)
+    }
+
+    /// Indexes these leases (a snapshot's) for the agent whose peer id is `me`.
+    pub fn from_leases<'a>(
+        leases: impl Iterator<Item = &'a pb::Lease>,
+        me: &str,
+        forwards: Arc<Forwards>,
+    ) -> Book {
+        let leases = leases
             .filter_map(|l| {
                 let hash: [u8; 32] = l.lease_hash.as_slice().try_into().ok()?;
                 let provider = match &l.target {

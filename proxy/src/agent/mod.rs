@@ -174,11 +174,15 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         tokio::spawn(async move {
             loop {
                 if let Some(snap) = rx.borrow_and_update().clone() {
-                    let book = Arc::new(Book::build(&snap, &me, forwards.clone()));
+                    let book = Arc::new(Book::from_leases(
+                        snap.table.leases(),
+                        &me,
+                        forwards.clone(),
+                    ));
                     let served = book.served();
                     let closed = agent.state().replace(book);
                     agent.metrics.settled.inc_by(closed as u64);
-                    let v = snap.version.unwrap_or_default();
+                    let v = snap.version;
                     base.snapshot_applied(v.epoch, v.version, served, snap.generated_unix_ms);
                     info!(version = %format!("e{}.v{}", v.epoch, v.version), served, closed, "routing snapshot applied");
                 }

@@ -139,7 +139,7 @@ pub async fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
 
 /// The version the subscription serves.
 pub fn applied(sub: &Subscription) -> Option<pb::Version> {
-    sub.snapshot.borrow().as_ref().and_then(|s| s.version)
+    sub.snapshot.borrow().as_ref().map(|s| s.version)
 }
 
 /// Waits until the subscription serves `want`.
