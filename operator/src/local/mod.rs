@@ -45,6 +45,8 @@ use loader::{FileScan, Kind, ObjKey, Object, Problem};
 const MAX_EVENTS: usize = 300;
 /// How long the first round waits for the first parses.
 const STARTUP_PARSE_BUDGET: Duration = Duration::from_secs(5);
+/// How long file events are gathered before a round runs.
+const FS_DEBOUNCE: Duration = Duration::from_millis(20);
 /// How soon a round that could not save the state tries again.
 const SAVE_RETRY: Duration = Duration::from_secs(1);
 
@@ -966,8 +968,10 @@ pub async fn run(opts: LocalOptions) -> Result<()> {
         };
         tokio::select! {
             _ = fs_rx.recv() => {
-                // Debounce: editors write several events per save.
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                // Debounce: editors write several events per save. Short:
+                // a round costs what changed, and a half-written file is
+                // the edit grace's business, not this wait's.
+                tokio::time::sleep(FS_DEBOUNCE).await;
                 while fs_rx.try_recv().is_ok() {}
                 rescan = true;
             }
