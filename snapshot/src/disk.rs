@@ -321,6 +321,15 @@ mod tests {
         Held::from_snapshot(s).unwrap()
     }
 
+    /// What a new instance loads from `path` (which must hold a copy).
+    fn reload(path: &Path) -> pb::Snapshot {
+        DiskCopy::new(path)
+            .load(&ok)
+            .unwrap()
+            .unwrap()
+            .to_snapshot()
+    }
+
     fn ok(_: &Held) -> Result<(), String> {
         Ok(())
     }
@@ -382,26 +391,12 @@ mod tests {
             snaps[0],
             "the base is not rewritten per delta"
         );
-        assert_eq!(
-            DiskCopy::new(&path)
-                .load(&ok)
-                .unwrap()
-                .unwrap()
-                .to_snapshot(),
-            snaps[2]
-        );
+        assert_eq!(reload(&path), snaps[2]);
         // A full snapshot replaces base and journal.
         let full = snap(9, &[(4, 4)]);
         assert_eq!(disk.save(&h(&full), None).unwrap(), Saved::Rewrote);
         assert!(!disk.journal_path().exists());
-        assert_eq!(
-            DiskCopy::new(&path)
-                .load(&ok)
-                .unwrap()
-                .unwrap()
-                .to_snapshot(),
-            full
-        );
+        assert_eq!(reload(&path), full);
     }
 
     #[test]
@@ -422,14 +417,7 @@ mod tests {
         let next = snap(4, &[(1, 4)]);
         let d = delta::diff(&snaps[1], &next);
         assert_eq!(disk.save(&h(&next), Some(&d)).unwrap(), Saved::Appended);
-        assert_eq!(
-            DiskCopy::new(&path)
-                .load(&ok)
-                .unwrap()
-                .unwrap()
-                .to_snapshot(),
-            next
-        );
+        assert_eq!(reload(&path), next);
     }
 
     #[test]
@@ -443,14 +431,7 @@ mod tests {
         // Flip a payload byte of the first record: its CRC no longer holds.
         bytes[10] ^= 0xff;
         std::fs::write(&journal, bytes).unwrap();
-        assert_eq!(
-            DiskCopy::new(&path)
-                .load(&ok)
-                .unwrap()
-                .unwrap()
-                .to_snapshot(),
-            snaps[0]
-        );
+        assert_eq!(reload(&path), snaps[0]);
     }
 
     #[test]
@@ -462,14 +443,7 @@ mod tests {
         // A crash between replacing the base and removing the journal.
         let newer = snap(5, &[(7, 7)]);
         write_atomic(&path, &newer.encode_to_vec()).unwrap();
-        assert_eq!(
-            DiskCopy::new(&path)
-                .load(&ok)
-                .unwrap()
-                .unwrap()
-                .to_snapshot(),
-            newer
-        );
+        assert_eq!(reload(&path), newer);
     }
 
     #[test]
@@ -494,14 +468,7 @@ mod tests {
         }
         assert!(rewrites >= 1, "never compacted");
         assert!(disk.journal_bytes <= disk.base_bytes / 2 + JOURNAL_SLACK + 1024);
-        assert_eq!(
-            DiskCopy::new(&path)
-                .load(&ok)
-                .unwrap()
-                .unwrap()
-                .to_snapshot(),
-            prev
-        );
+        assert_eq!(reload(&path), prev);
     }
 
     #[test]
@@ -518,14 +485,7 @@ mod tests {
             disk.save(&h(&c), Some(&delta::diff(&b, &c))).unwrap(),
             Saved::Rewrote
         );
-        assert_eq!(
-            DiskCopy::new(&path)
-                .load(&ok)
-                .unwrap()
-                .unwrap()
-                .to_snapshot(),
-            c
-        );
+        assert_eq!(reload(&path), c);
         // A fresh instance that did not load knows nothing: it rewrites too.
         let d = snap(4, &[(1, 4)]);
         assert_eq!(
@@ -572,7 +532,7 @@ mod tests {
                 let f = OpenOptions::new().write(true).open(disk.journal_path()).unwrap();
                 f.set_len(cut).unwrap();
                 drop(f);
-                let loaded = DiskCopy::new(&path).load(&ok).unwrap().unwrap().to_snapshot();
+                let loaded = reload(&path);
                 prop_assert!(saved.contains(&loaded));
             }
         }
