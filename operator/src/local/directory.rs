@@ -18,9 +18,9 @@ use super::loader::{Doc, FileScan, ObjKey, Problem};
 pub struct Directory {
     /// The parse admitted last, per file.
     files: HashMap<String, Arc<FileScan>>,
-    /// Where each object is defined: file → position of the document in
-    /// that file's `docs`.
-    defs: HashMap<ObjKey, BTreeMap<String, usize>>,
+    /// Where each object is defined: file → positions of its documents in
+    /// that file's `docs` (more than one: a duplicate within the file).
+    defs: HashMap<ObjKey, BTreeMap<String, Vec<usize>>>,
     /// Files naming an object they could not read (it keeps its last good
     /// version).
     held: HashMap<ObjKey, BTreeSet<String>>,
@@ -59,7 +59,9 @@ impl Directory {
                 self.defs
                     .entry(doc.id.clone())
                     .or_default()
-                    .insert(scan.file.clone(), i);
+                    .entry(scan.file.clone())
+                    .or_default()
+                    .push(i);
                 affected.insert(doc.id.clone());
             }
             for id in &scan.held {
@@ -116,23 +118,26 @@ impl Directory {
     /// The parse and document index that define `id`, if any, and a problem
     /// for every other copy. With duplicates the copy in `prev_file` (where
     /// the object came from before) wins, so an added duplicate cannot hijack
-    /// a live object; else the first by file name.
+    /// a live object; else the first by file name; within a file, the first
+    /// document.
     pub fn choose(
         &self,
         id: &ObjKey,
         prev_file: Option<&str>,
     ) -> Option<(Arc<FileScan>, usize, Vec<Problem>)> {
         let defs = self.defs.get(id)?;
-        let doc = |file: &str, i: usize| self.files.get(file).and_then(|s| s.docs.get(i));
-        let (keep_file, keep_i) = prev_file
+        let (keep_file, keep_at) = prev_file
             .and_then(|f| defs.get_key_value(f))
             .or_else(|| defs.iter().next())?;
-        let keep: &Doc = doc(keep_file, *keep_i)?;
+        let scan = self.files.get(keep_file)?;
+        let keep_i = *keep_at.first()?;
+        let keep: &Doc = scan.docs.get(keep_i)?;
         let problems = defs
             .iter()
-            .filter(|(f, _)| *f != keep_file)
+            .flat_map(|(f, at)| at.iter().map(move |i| (f, *i)))
+            .filter(|(f, i)| !(*f == keep_file && *i == keep_i))
             .filter_map(|(f, i)| {
-                let drop = doc(f, *i)?;
+                let drop = self.files.get(f)?.docs.get(i)?;
                 Some(Problem {
                     file: f.clone(),
                     document: Some(drop.index),
@@ -145,7 +150,7 @@ impl Directory {
                 })
             })
             .collect();
-        Some((self.files.get(keep_file)?.clone(), *keep_i, problems))
+        Some((scan.clone(), keep_i, problems))
     }
 }
 
@@ -206,5 +211,23 @@ mod tests {
         let (scan, _, problems) = d.choose(&id, Some("z.yaml")).unwrap();
         assert_eq!(scan.file, "z.yaml", "where it came from");
         assert_eq!(problems[0].file, "a.yaml");
+    }
+
+    #[test]
+    fn a_duplicate_within_one_file_is_reported_and_the_first_document_wins() {
+        let mut d = Directory::default();
+        let text = format!(
+            "{}---\n{}",
+            pool("p"),
+            pool("p").replace("127.0.10.1", "127.0.10.2")
+        );
+        d.update(&[scan("a.yaml", &text)]);
+        let (scan, i, problems) = d.choose(&ObjKey::new(Kind::Pool, "", "p"), None).unwrap();
+        assert_eq!((scan.file.as_str(), scan.docs[i].index), ("a.yaml", 1));
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(
+            (problems[0].file.as_str(), problems[0].document),
+            ("a.yaml", Some(2))
+        );
     }
 }
