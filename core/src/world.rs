@@ -82,10 +82,23 @@ pub struct RouteObject {
 #[derive(Clone, Debug)]
 struct LeaseEntry {
     obj: LeaseObject,
-    /// The spec in force: the object's if valid, else the last valid one.
-    effective: Option<ValidLease>,
+    /// The last valid spec, kept while the latest one is refused (not a copy
+    /// of a valid current spec: this map holds every lease).
+    kept: Option<ValidLease>,
     /// Set when the latest spec was refused while an older valid one is kept.
     rejected: Option<FieldErrors>,
+}
+
+impl LeaseEntry {
+    /// The spec in force: the object's if valid, else the last valid one.
+    fn effective(&self) -> Option<&ValidLease> {
+        self.obj.spec.as_ref().ok().or(self.kept.as_ref())
+    }
+
+    fn into_effective(self: Box<Self>) -> Option<ValidLease> {
+        let e = *self;
+        e.obj.spec.ok().or(e.kept)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -193,7 +206,7 @@ struct Live {
     /// Its keys' fingerprints, in spec order, each once.
     fingerprints: Vec<String>,
     created: u64,
-    hash: Vec<u8>,
+    hash: [u8; 32],
 }
 
 /// A route as the indexes hold it.
@@ -211,14 +224,17 @@ pub struct World {
     settings: Settings,
     allocator: Allocator,
     pools: BTreeMap<String, PoolEntry>,
-    leases: BTreeMap<LeaseKey, LeaseEntry>,
+    /// Boxed: a B-tree node has room for eleven entries and is often half
+    /// full, and an entry is a few hundred bytes.
+    leases: BTreeMap<LeaseKey, Box<LeaseEntry>>,
     routes: BTreeMap<LeaseKey, RouteObject>,
     notices: Vec<Notice>,
     /// Leases that route, by key.
     live: HashMap<LeaseKey, Live>,
     /// `(ip, fingerprint)` → the live leases with that key on that IP, oldest
-    /// first: the first routes it by IP, the others only by lease hash.
-    owners: HashMap<(IpAddr, String), BTreeSet<(u64, LeaseKey)>>,
+    /// first: the first routes it by IP, the others only by lease hash. A
+    /// sorted vector, not a tree: nearly always one lease, for every lease.
+    owners: HashMap<(IpAddr, String), Vec<(u64, LeaseKey)>>,
     /// Every route as indexed.
     indexed_routes: HashMap<LeaseKey, IndexedRoute>,
     /// Lease → the routes naming it (whether or not it exists).
@@ -283,17 +299,16 @@ impl World {
                 )
             })
             .collect();
-        let leases: BTreeMap<LeaseKey, LeaseEntry> = leases
+        let leases: BTreeMap<LeaseKey, Box<LeaseEntry>> = leases
             .into_iter()
             .map(|l| {
-                let effective = l.spec.as_ref().ok().cloned();
                 (
                     l.key.clone(),
-                    LeaseEntry {
+                    Box::new(LeaseEntry {
                         obj: l,
-                        effective,
+                        kept: None,
                         rejected: None,
-                    },
+                    }),
                 )
             })
             .collect();
@@ -303,7 +318,7 @@ impl World {
                 .filter_map(|(n, p)| Some((n.clone(), p.effective.clone()?))),
             leases
                 .values()
-                .filter_map(|e| Some(request(&e.obj, e.effective.as_ref()?))),
+                .filter_map(|e| Some(request(&e.obj, e.effective()?))),
         );
         // A lease that keeps the IP its status records was not allocated
         // anything new: no notice (a restart must not replay an Event per lease).
@@ -397,14 +412,15 @@ impl World {
         let key = obj.key.clone();
         let prev = self.leases.remove(&key);
         self.pending.leases.insert(key.clone());
-        if let Some(old) = prev.as_ref().and_then(|p| p.effective.as_ref()) {
+        if let Some(old) = prev.as_ref().and_then(|p| p.effective()) {
             self.pending.pools.insert(old.pool.clone());
         }
-        let (effective, rejected) = admit(&obj.spec, prev.and_then(|p| p.effective));
+        let (effective, rejected) = admit(&obj.spec, prev.and_then(|p| p.into_effective()));
         let events = match &effective {
             Some(spec) => self.allocator.upsert_lease(request(&obj, spec)),
             None => self.allocator.remove_lease(&key),
         };
+        let kept = if obj.spec.is_ok() { None } else { effective };
         if let Some(e) = &rejected {
             self.notice(
                 Severity::Warning,
@@ -415,11 +431,11 @@ impl World {
         }
         self.leases.insert(
             key,
-            LeaseEntry {
+            Box::new(LeaseEntry {
                 obj,
-                effective,
+                kept,
                 rejected,
-            },
+            }),
         );
         self.note_events(events);
     }
@@ -428,7 +444,7 @@ impl World {
     pub fn delete_lease(&mut self, key: &LeaseKey) {
         if let Some(old) = self.leases.remove(key) {
             self.pending.leases.insert(key.clone());
-            if let Some(spec) = &old.effective {
+            if let Some(spec) = old.effective() {
                 self.pending.pools.insert(spec.pool.clone());
             }
             let events = self.allocator.remove_lease(key);
@@ -469,7 +485,7 @@ impl World {
 
     /// The spec in force for a lease (the last valid one).
     pub fn effective_lease(&self, key: &LeaseKey) -> Option<&ValidLease> {
-        self.leases.get(key)?.effective.as_ref()
+        self.leases.get(key)?.effective()
     }
 
     /// The IP a lease holds.
@@ -598,7 +614,7 @@ impl World {
         let mut pending = std::mem::take(&mut self.pending);
         pending.leases.extend(self.allocator.take_touched());
         for key in &pending.leases {
-            if let Some(spec) = self.leases.get(key).and_then(|e| e.effective.as_ref()) {
+            if let Some(spec) = self.leases.get(key).and_then(|e| e.effective()) {
                 self.dirty.pools.insert(spec.pool.clone());
             }
             self.reindex_lease(key);
@@ -620,7 +636,7 @@ impl World {
     /// What the indexes should hold for a lease now.
     fn live_now(&self, key: &LeaseKey) -> Option<Live> {
         let e = self.leases.get(key)?;
-        let spec = e.effective.as_ref()?;
+        let spec = e.effective()?;
         if spec.settled {
             return None;
         }
@@ -635,7 +651,7 @@ impl World {
             ip,
             fingerprints,
             created: e.obj.created_ms,
-            hash: lease_hash(&e.obj.uid).to_vec(),
+            hash: lease_hash(&e.obj.uid),
         })
     }
 
@@ -650,7 +666,9 @@ impl World {
             for fp in old.fingerprints {
                 let pair = (old.ip, fp);
                 if let Some(set) = self.owners.get_mut(&pair) {
-                    set.remove(&(old.created, key.clone()));
+                    if let Ok(at) = set.binary_search(&(old.created, key.clone())) {
+                        set.remove(at);
+                    }
                     self.dirty.leases.extend(set.iter().map(|(_, k)| k.clone()));
                     if set.is_empty() {
                         self.owners.remove(&pair);
@@ -661,7 +679,10 @@ impl World {
         if let Some(new) = now {
             for fp in &new.fingerprints {
                 let set = self.owners.entry((new.ip, fp.clone())).or_default();
-                set.insert((new.created, key.clone()));
+                let owner = (new.created, key.clone());
+                if let Err(at) = set.binary_search(&owner) {
+                    set.insert(at, owner);
+                }
                 self.dirty.leases.extend(set.iter().map(|(_, k)| k.clone()));
             }
             self.live.insert(key.clone(), new);
@@ -772,12 +793,12 @@ impl World {
     pub fn lease_entry(&self, key: &LeaseKey) -> Option<pb::Lease> {
         let live = self.live.get(key)?;
         let e = self.leases.get(key)?;
-        let spec = e.effective.as_ref()?;
+        let spec = e.effective()?;
         let hash_hex = hex::encode(&live.hash);
         Some(pb::Lease {
             namespace: key.namespace.clone(),
             name: key.name.clone(),
-            lease_hash: live.hash.clone(),
+            lease_hash: live.hash.to_vec(),
             user: spec.user.clone(),
             ip: live.ip.to_string(),
             pool: spec.pool.clone(),
@@ -891,7 +912,7 @@ impl World {
             RouteTo::Lease(name) => {
                 let lk = LeaseKey::new(&key.namespace, name);
                 match self.live.get(&lk) {
-                    Some(l) => Ok(pb::route::To::LeaseHash(l.hash.clone())),
+                    Some(l) => Ok(pb::route::To::LeaseHash(l.hash.to_vec())),
                     None if self.leases.contains_key(&lk) => Err((
                         "LeaseNotReady",
                         format!("lease {name} is not Ready, so it has no route"),
@@ -923,7 +944,7 @@ impl World {
             observed_generation: generation,
             ..Default::default()
         };
-        let Some(spec) = &e.effective else {
+        let Some(spec) = e.effective() else {
             let msg = match &e.obj.spec {
                 Err(errs) => errs.to_string(),
                 Ok(_) => "invalid spec".to_string(),

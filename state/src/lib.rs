@@ -21,8 +21,8 @@ pub mod store;
 
 pub use paths::{OperatorInfo, Paths, STATE_DIR, ensure_state_dir, write_atomic};
 pub use records::{
-    EventRecord, LeaseRecord, PoolRecord, Problem, RouteRecord, SnapshotRecord, StateFile,
-    SubscriberRecord,
+    EventRecord, LeaseRecord, PoolRecord, Problem, RouteRecord, SeenSpec, SnapshotRecord,
+    StateFile, SubscriberRecord,
 };
 pub use rows::{LeaseRow, rows};
 pub use store::{Changes, Store, read};

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use keyway_crds::{
     IPPoolSpec, IPPoolStatus, SshRouteSpec, SshRouteStatus, VMLeaseSpec, VMLeaseStatus,
@@ -13,6 +14,52 @@ use keyway_crds::{
 use serde::{Deserialize, Serialize};
 
 /// Where a problem was found in the directory, and what it is.
+/// A spec as last seen in its file (even when it did not validate), held as
+/// compact JSON text: a parsed tree costs about seven times as much memory,
+/// once per object. Two are equal when they hold the same JSON (texts are
+/// compared first; a differently formatted equal text, as a legacy
+/// `state.json` holds, is parsed to compare).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SeenSpec(Box<serde_json::value::RawValue>);
+
+impl SeenSpec {
+    /// The spec `value` as seen.
+    pub fn new(value: &serde_json::Value) -> SeenSpec {
+        // Serializing a `Value` cannot fail (its keys are strings).
+        SeenSpec(
+            serde_json::value::to_raw_value(value)
+                .unwrap_or_else(|_| serde_json::value::RawValue::NULL.to_owned()),
+        )
+    }
+
+    /// A top-level string field, as `status` shows a spec that did not
+    /// validate.
+    pub fn str_field(&self, field: &str) -> Option<String> {
+        let v: serde_json::Value = serde_json::from_str(self.0.get()).ok()?;
+        v.get(field)?.as_str().map(str::to_string)
+    }
+
+    /// The JSON text.
+    pub fn as_json(&self) -> &str {
+        self.0.get()
+    }
+}
+
+impl PartialEq for SeenSpec {
+    fn eq(&self, other: &SeenSpec) -> bool {
+        let (a, b) = (self.0.get(), other.0.get());
+        a == b
+            || matches!(
+                (
+                    serde_json::from_str::<serde_json::Value>(a),
+                    serde_json::from_str::<serde_json::Value>(b),
+                ),
+                (Ok(x), Ok(y)) if x == y
+            )
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Problem {
@@ -64,10 +111,10 @@ pub struct LeaseRecord {
     /// Bumped whenever the spec in the file changes.
     pub generation: i64,
     /// The spec as last read (valid or not), to detect edits.
-    pub seen_spec: serde_json::Value,
+    pub seen_spec: SeenSpec,
     /// The last valid spec, kept when an edit is rejected or the file breaks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub spec: Option<VMLeaseSpec>,
+    pub spec: Option<Arc<VMLeaseSpec>>,
     /// Status as last computed.
     #[serde(default)]
     pub status: VMLeaseStatus,
@@ -86,10 +133,10 @@ pub struct PoolRecord {
     /// Bumped whenever the spec in the file changes.
     pub generation: i64,
     /// The spec as last read.
-    pub seen_spec: serde_json::Value,
+    pub seen_spec: SeenSpec,
     /// The last valid spec.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub spec: Option<IPPoolSpec>,
+    pub spec: Option<Arc<IPPoolSpec>>,
     /// Status as last computed.
     #[serde(default)]
     pub status: IPPoolStatus,
@@ -110,10 +157,10 @@ pub struct RouteRecord {
     /// Bumped whenever the spec in the file changes.
     pub generation: i64,
     /// The spec as last read.
-    pub seen_spec: serde_json::Value,
+    pub seen_spec: SeenSpec,
     /// The spec as last read, if it parsed as an SshRoute.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub spec: Option<SshRouteSpec>,
+    pub spec: Option<Arc<SshRouteSpec>>,
     /// Status as last computed.
     #[serde(default)]
     pub status: SshRouteStatus,
@@ -184,9 +231,10 @@ pub struct StateFile {
     /// Pools by name.
     #[serde(default)]
     pub pools: BTreeMap<String, PoolRecord>,
-    /// Leases by `namespace/name`.
+    /// Leases by `namespace/name` (boxed: a record is a few hundred bytes and
+    /// B-tree nodes are often half empty).
     #[serde(default)]
-    pub leases: BTreeMap<String, LeaseRecord>,
+    pub leases: BTreeMap<String, Box<LeaseRecord>>,
     /// Routes by `namespace/name`.
     #[serde(default)]
     pub routes: BTreeMap<String, RouteRecord>,
@@ -199,4 +247,32 @@ pub struct StateFile {
     /// The snapshot as last published.
     #[serde(default)]
     pub snapshot: Option<SnapshotRecord>,
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_seen_spec_compares_as_json_and_round_trips_as_written() {
+        let v = serde_json::json!({"user": "alice", "poolRef": "p", "keys": ["a", "b"]});
+        let a = SeenSpec::new(&v);
+        // As a legacy state.json holds it: pretty-printed, other key order.
+        let pretty: SeenSpec = serde_json::from_str(
+            "{\n  \"user\": \"alice\",\n  \"keys\": [\"a\", \"b\"],\n  \"poolRef\": \"p\"\n}",
+        )
+        .unwrap();
+        assert_eq!(a, pretty);
+        assert_ne!(a, SeenSpec::new(&serde_json::json!({"user": "bob"})));
+        assert_eq!(a.str_field("user").as_deref(), Some("alice"));
+        assert_eq!(a.str_field("keys"), None);
+        // Stored inside a record as JSON, not as a string of JSON.
+        let text = serde_json::to_string(&a).unwrap();
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&text).unwrap(), v);
+        assert_eq!(
+            serde_json::from_str::<SeenSpec>(&text).unwrap().as_json(),
+            a.as_json()
+        );
+    }
 }

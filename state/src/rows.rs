@@ -36,11 +36,7 @@ pub struct LeaseRow {
 }
 
 fn raw_str(r: &LeaseRecord, field: &str) -> String {
-    r.seen_spec
-        .get(field)
-        .and_then(|v| v.as_str())
-        .unwrap_or_default()
-        .to_string()
+    r.seen_spec.str_field(field).unwrap_or_default()
 }
 
 /// Rows for every lease, in namespace/name order.

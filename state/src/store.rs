@@ -485,7 +485,7 @@ mod tests {
             created_ms: 1,
             file: "leases.yaml".into(),
             generation: 1,
-            seen_spec: serde_json::json!({"user": "alice"}),
+            seen_spec: crate::SeenSpec::new(&serde_json::json!({"user": "alice"})),
             spec: None,
             status: keyway_crds::VMLeaseStatus {
                 ip: ip.map(str::to_string),
@@ -524,14 +524,14 @@ mod tests {
                 created_ms: 1,
                 file: "p.yaml".into(),
                 generation: 1,
-                seen_spec: serde_json::json!({}),
+                seen_spec: crate::SeenSpec::new(&serde_json::json!({})),
                 spec: None,
                 status: Default::default(),
             },
         );
         for i in 0..3 {
             let l = lease("default", &format!("vm{i}"), Some("127.0.10.1"));
-            st.leases.insert(format!("default/vm{i}"), l);
+            st.leases.insert(format!("default/vm{i}"), Box::new(l));
         }
         st.problems.push(Problem {
             file: "bad.yaml".into(),
@@ -710,8 +710,10 @@ mod tests {
         let mut store = Store::open(&paths).unwrap();
         store.commit(&st, &Changes::everything(&st)).unwrap();
         let mut reader = Store::open_existing(&paths).unwrap().unwrap();
-        st.leases
-            .insert("default/new".into(), lease("default", "new", None));
+        st.leases.insert(
+            "default/new".into(),
+            Box::new(lease("default", "new", None)),
+        );
         store
             .commit(
                 &st,

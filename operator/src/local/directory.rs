@@ -8,7 +8,7 @@
 //! did not change are not looked at, so a one-line edit in one file among
 //! thousands costs that file.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use super::loader::{Doc, FileScan, ObjKey, Problem};
@@ -18,9 +18,11 @@ use super::loader::{Doc, FileScan, ObjKey, Problem};
 pub struct Directory {
     /// The parse admitted last, per file.
     files: HashMap<String, Arc<FileScan>>,
-    /// Where each object is defined: file → positions of its documents in
-    /// that file's `docs` (more than one: a duplicate within the file).
-    defs: HashMap<ObjKey, BTreeMap<String, Vec<usize>>>,
+    /// Where each object is defined: (file, position of the document in
+    /// that file's `docs`), sorted; more than one is a duplicate. A short
+    /// vector sharing one name per file: almost every object has one
+    /// definition, and this index holds every object.
+    defs: HashMap<ObjKey, Vec<(Arc<str>, usize)>>,
     /// Files naming an object they could not read (it keeps its last good
     /// version).
     held: HashMap<ObjKey, BTreeSet<String>>,
@@ -55,13 +57,12 @@ impl Directory {
             }
             self.forget(&scan.file, &mut affected);
             changed.push(scan.file.clone());
+            let file: Arc<str> = Arc::from(scan.file.as_str());
             for (i, doc) in scan.docs.iter().enumerate() {
-                self.defs
-                    .entry(doc.id.clone())
-                    .or_default()
-                    .entry(scan.file.clone())
-                    .or_default()
-                    .push(i);
+                let defs = self.defs.entry(doc.id.clone()).or_default();
+                let def = (file.clone(), i);
+                let at = defs.partition_point(|d| *d < def);
+                defs.insert(at, def);
                 affected.insert(doc.id.clone());
             }
             for id in &scan.held {
@@ -86,7 +87,7 @@ impl Directory {
         };
         for doc in &old.docs {
             if let Some(defs) = self.defs.get_mut(&doc.id) {
-                defs.remove(file);
+                defs.retain(|(f, _)| &**f != file);
                 if defs.is_empty() {
                     self.defs.remove(&doc.id);
                 }
@@ -126,20 +127,19 @@ impl Directory {
         prev_file: Option<&str>,
     ) -> Option<(Arc<FileScan>, usize, Vec<Problem>)> {
         let defs = self.defs.get(id)?;
-        let (keep_file, keep_at) = prev_file
-            .and_then(|f| defs.get_key_value(f))
-            .or_else(|| defs.iter().next())?;
-        let scan = self.files.get(keep_file)?;
-        let keep_i = *keep_at.first()?;
+        let (keep_file, keep_i) = prev_file
+            .and_then(|p| defs.iter().find(|(f, _)| &**f == p))
+            .or_else(|| defs.first())?;
+        let keep_i = *keep_i;
+        let scan = self.files.get(&**keep_file)?;
         let keep: &Doc = scan.docs.get(keep_i)?;
         let problems = defs
             .iter()
-            .flat_map(|(f, at)| at.iter().map(move |i| (f, *i)))
-            .filter(|(f, i)| !(*f == keep_file && *i == keep_i))
+            .filter(|(f, i)| !(f == keep_file && *i == keep_i))
             .filter_map(|(f, i)| {
-                let drop = self.files.get(f)?.docs.get(i)?;
+                let drop = self.files.get(&**f)?.docs.get(*i)?;
                 Some(Problem {
-                    file: f.clone(),
+                    file: f.to_string(),
                     document: Some(drop.index),
                     object: Some(id.to_string()),
                     field: Some("metadata.name".into()),

@@ -11,8 +11,9 @@
 //! [`nesting::MAX_NESTING`] levels is refused before the YAML parser sees it.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use keyway_crds::{API_VERSION, IPPool, SshRoute, VMLease};
+use keyway_crds::{API_VERSION, IPPool, IPPoolSpec, SshRoute, SshRouteSpec, VMLease, VMLeaseSpec};
 use serde::Deserialize;
 use sha2::Digest as _;
 
@@ -23,26 +24,28 @@ pub const MAX_FILE_BYTES: u64 = 32 * 1024 * 1024;
 
 pub use keyway_core::{Kind, ObjKey};
 
-/// A typed object read from a document.
+/// A typed object read from a document: its spec only (who it is lives in
+/// [`Doc::id`]; the rest of the metadata is not used), shared with the
+/// object's record, since a parse is kept while its file is unchanged.
 #[derive(Clone, Debug)]
 pub enum Object {
     /// An IPPool.
-    Pool(IPPool),
+    Pool(Arc<IPPoolSpec>),
     /// A VMLease.
-    Lease(Box<VMLease>),
+    Lease(Arc<VMLeaseSpec>),
     /// An SshRoute.
-    Route(SshRoute),
+    Route(Arc<SshRouteSpec>),
 }
 
 impl Object {
     /// The spec as JSON, to tell whether an object changed between scans.
-    pub fn spec_json(&self) -> serde_json::Value {
+    pub fn spec_json(&self) -> keyway_state::SeenSpec {
         let v = match self {
-            Object::Pool(p) => serde_json::to_value(&p.spec),
-            Object::Lease(l) => serde_json::to_value(&l.spec),
-            Object::Route(r) => serde_json::to_value(&r.spec),
+            Object::Pool(p) => serde_json::to_value(&**p),
+            Object::Lease(l) => serde_json::to_value(&**l),
+            Object::Route(r) => serde_json::to_value(&**r),
         };
-        v.unwrap_or(serde_json::Value::Null)
+        keyway_state::SeenSpec::new(&v.unwrap_or(serde_json::Value::Null))
     }
 }
 
@@ -349,18 +352,9 @@ fn read_doc(value: serde_norway::Value) -> Result<(ObjKey, Object), DocError> {
         ));
     }
     let object = match kind {
-        Kind::Pool => typed::<IPPool>(value).map(|mut p| {
-            p.metadata.namespace = None;
-            Object::Pool(p)
-        }),
-        Kind::Lease => typed::<VMLease>(value).map(|mut l| {
-            l.metadata.namespace = Some(namespace.clone());
-            Object::Lease(Box::new(l))
-        }),
-        Kind::Route => typed::<SshRoute>(value).map(|mut r| {
-            r.metadata.namespace = Some(namespace.clone());
-            Object::Route(r)
-        }),
+        Kind::Pool => typed::<IPPool>(value).map(|p| Object::Pool(Arc::new(p.spec))),
+        Kind::Lease => typed::<VMLease>(value).map(|l| Object::Lease(Arc::new(l.spec))),
+        Kind::Route => typed::<SshRoute>(value).map(|r| Object::Route(Arc::new(r.spec))),
     };
     object
         .map(|o| (id.clone(), o))

@@ -85,7 +85,10 @@ fn obj_id(kind: Kind, namespace: &str, name: &str) -> ObjKey {
 
 /// The generation an object gets when its spec as read is `seen`: unchanged
 /// specs keep theirs, edits bump it, new objects start at 1.
-fn next_generation(prev: Option<(&serde_json::Value, i64)>, seen: &serde_json::Value) -> i64 {
+fn next_generation(
+    prev: Option<(&keyway_state::SeenSpec, i64)>,
+    seen: &keyway_state::SeenSpec,
+) -> i64 {
     match prev {
         Some((old, g)) if old == seen => g,
         Some((_, g)) => g + 1,
@@ -409,7 +412,7 @@ impl Local {
             if !first && rec.is_some_and(|r| r.seen_spec == seen && r.file == file) {
                 continue;
             }
-            let spec = validate::pool(&p.spec);
+            let spec = validate::pool(p);
             let generation = next_generation(rec.map(|r| (&r.seen_spec, r.generation)), &seen);
             let old_file = rec.map(|r| r.file.clone());
             let mut r = rec.cloned().unwrap_or_else(|| PoolRecord {
@@ -426,7 +429,7 @@ impl Local {
             r.seen_spec = seen;
             match &spec {
                 Ok(_) => {
-                    r.spec = Some(p.spec.clone());
+                    r.spec = Some(p.clone());
                     self.object_problems.remove(id);
                 }
                 Err(e) => {
@@ -463,24 +466,26 @@ impl Local {
             }
             let generation = next_generation(rec.map(|r| (&r.seen_spec, r.generation)), &seen);
             let old_file = rec.map(|r| r.file.clone());
-            let mut r = rec.cloned().unwrap_or_else(|| LeaseRecord {
-                namespace: key.namespace.clone(),
-                name: key.name.clone(),
-                uid: new_uid(),
-                created_ms: now_ms,
-                file: file.to_string(),
-                generation,
-                seen_spec: seen.clone(),
-                spec: None,
-                status: Default::default(),
+            let mut r = rec.cloned().unwrap_or_else(|| {
+                Box::new(LeaseRecord {
+                    namespace: key.namespace.clone(),
+                    name: key.name.clone(),
+                    uid: new_uid(),
+                    created_ms: now_ms,
+                    file: file.to_string(),
+                    generation,
+                    seen_spec: seen.clone(),
+                    spec: None,
+                    status: Default::default(),
+                })
             });
             r.file = file.to_string();
             r.generation = generation;
             r.seen_spec = seen;
-            let spec = validate::lease(&l.spec);
+            let spec = validate::lease(l);
             match &spec {
                 Ok(_) => {
-                    r.spec = Some(l.spec.clone());
+                    r.spec = Some(l.clone());
                     self.object_problems.remove(id);
                 }
                 Err(e) => {
@@ -556,8 +561,8 @@ impl Local {
             r.file = file.to_string();
             r.generation = generation;
             r.seen_spec = seen;
-            r.spec = Some(rt.spec.clone());
-            let spec = validate::route(&rt.spec);
+            r.spec = Some(rt.clone());
+            let spec = validate::route(rt);
             match &spec {
                 Ok(_) => {
                     self.object_problems.remove(id);
@@ -571,7 +576,7 @@ impl Local {
                 key: key.clone(),
                 created_ms: r.created_ms,
                 generation: Some(r.generation),
-                from_raw: rt.spec.from.clone(),
+                from_raw: rt.from.clone(),
                 spec,
             });
             if self.state.routes.get(&rk) != Some(&r) {
