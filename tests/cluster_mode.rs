@@ -578,6 +578,57 @@ async fn a_subscribed_proxy_gets_new_leases_and_routed_follows_its_ack() {
     .unwrap();
 }
 
+/// Pools and routes carry no finalizer: their deletion reaches the operator
+/// only as a watch event, and the round acts on it (here before any other
+/// change could wake it): the lease goes Pending and leaves the proxy's
+/// table, and comes back with its pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deleting_a_pool_takes_its_leases_off_the_proxy_and_recreating_it_brings_them_back() {
+    let env = ClusterEnv::start().await.unwrap();
+    let op = env.operator("op-a", &[]).unwrap();
+    wait_for(WAIT, "the operator to lead", || op.ready().then_some(())).unwrap();
+    env.create("ippools", pool_obj("doomed", &["127.0.28.1"]))
+        .await
+        .unwrap();
+    env.create("vmleases", lease_obj("t", "vm", "u", "doomed", &hex_key(3)))
+        .await
+        .unwrap();
+    let (_proxy, pm) = proxy(&env, &op.endpoint(), &[]);
+    wait_for(WAIT, "the proxy to hold the lease", || {
+        proxy_leases(pm).filter(|n| *n == 1)
+    })
+    .unwrap();
+    env.dynamic("ippools", None)
+        .delete("doomed", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for(WAIT, "the proxy to drop the lease", || {
+        proxy_leases(pm).filter(|n| *n == 0)
+    })
+    .unwrap();
+    let pending = wait_for(WAIT, "the lease Pending", || {
+        env.lease("t", "vm")
+            .filter(|l| l["status"]["phase"] == "Pending")
+    })
+    .unwrap();
+    let allocated = condition(&pending, "Allocated").unwrap();
+    assert!(
+        allocated["message"].as_str().unwrap().contains("not found"),
+        "{allocated}"
+    );
+    env.create("ippools", pool_obj("doomed", &["127.0.28.1"]))
+        .await
+        .unwrap();
+    wait_for(WAIT, "the lease back on the proxy", || {
+        proxy_leases(pm).filter(|n| *n == 1)
+    })
+    .unwrap();
+    wait_for(WAIT, "the lease Ready again", || {
+        (env.ready_ips().get("t/vm").map(String::as_str) == Some("127.0.28.1")).then_some(())
+    })
+    .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_snapshot_server_speaks_tls_when_certificates_are_configured() {
     let env = ClusterEnv::start().await.unwrap();

@@ -794,7 +794,7 @@ impl World {
         let live = self.live.get(key)?;
         let e = self.leases.get(key)?;
         let spec = e.effective()?;
-        let hash_hex = hex::encode(&live.hash);
+        let hash_hex = hex::encode(live.hash);
         Some(pb::Lease {
             namespace: key.namespace.clone(),
             name: key.name.clone(),

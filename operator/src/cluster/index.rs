@@ -246,12 +246,31 @@ impl Index {
     /// acknowledgements. Objects the watch has not shown yet are skipped
     /// (their status would 404) until it does.
     pub fn plan(&mut self, observed: &Observed, acks: &[Ack], now: Timestamp) -> Vec<StatusWrite> {
+        self.plan_changed(observed.keys(), |k| observed.get(k).cloned(), acks, now)
+    }
+
+    /// [`Index::plan`] when only the objects in `seen` may look different
+    /// through the watches since the last plan (the watch events of a round:
+    /// O(change)); `lookup` finds any object as the watch shows it now.
+    pub fn plan_changed<'a>(
+        &mut self,
+        seen: impl IntoIterator<Item = &'a ObjKey>,
+        lookup: impl Fn(&ObjKey) -> Option<std::sync::Arc<DynamicObject>>,
+        acks: &[Ack],
+        now: Timestamp,
+    ) -> Vec<StatusWrite> {
         self.absorb_world();
         self.to_plan.extend(self.tracker.moved(acks));
         // One string comparison per object, no status derived.
-        for (key, obs) in observed {
-            let seen = self.parsed.get(key).map(|(rv, _)| rv);
-            if seen != Some(&obs.metadata.resource_version) && self.applied.contains_key(key) {
+        for key in seen {
+            if !self.applied.contains_key(key) {
+                continue;
+            }
+            let Some(obs) = lookup(key) else {
+                continue;
+            };
+            let parsed = self.parsed.get(key).map(|(rv, _)| rv);
+            if parsed != Some(&obs.metadata.resource_version) {
                 self.to_plan.insert(key.clone());
             }
         }
@@ -260,7 +279,7 @@ impl Index {
             if !self.applied.contains_key(&key) {
                 continue;
             }
-            let Some(obs) = observed.get(&key) else {
+            let Some(obs) = lookup(&key) else {
                 continue;
             };
             let rv = obs.metadata.resource_version.clone();
@@ -268,9 +287,9 @@ impl Index {
                 Some((seen, p)) if rv.is_some() && *seen == rv => p,
                 _ => {
                     let p = match &key {
-                        ObjKey::Pool(_) => Parsed::Pool(convert::pool_status(obs)),
-                        ObjKey::Lease(_) => Parsed::Lease(convert::lease_status(obs)),
-                        ObjKey::Route(_) => Parsed::Route(convert::route_status(obs)),
+                        ObjKey::Pool(_) => Parsed::Pool(convert::pool_status(&obs)),
+                        ObjKey::Lease(_) => Parsed::Lease(convert::lease_status(&obs)),
+                        ObjKey::Route(_) => Parsed::Route(convert::route_status(&obs)),
                     };
                     &self
                         .parsed

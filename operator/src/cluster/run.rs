@@ -18,8 +18,8 @@ use kube::api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
-use kube::runtime::reflector::Store;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tokio::sync::{Notify, watch};
 use tracing::{debug, error, info, warn};
@@ -138,6 +138,19 @@ struct Ctx {
     publish_wake: Notify,
     /// Consecutive failures per object, for backoff.
     failures: Mutex<HashMap<(String, String, String), u32>>,
+    /// What the watches showed since the last status round.
+    seen: Mutex<Seen>,
+}
+
+/// Objects a watch event named since the last status round (changed, a
+/// status write coming back, or deleted), so a round looks only at those:
+/// O(change), not O(objects). After a relist a watch names no deletions,
+/// so `everything` makes the next round look at every object (as the 30 s
+/// safety-net round does).
+#[derive(Default)]
+struct Seen {
+    keys: HashSet<ObjKey>,
+    everything: bool,
 }
 
 impl Ctx {
@@ -159,6 +172,26 @@ impl Ctx {
             self.publish_wake.notify_one();
             self.wake.notify_one();
         }
+    }
+
+    /// Notes what a watch event names and wakes the status round.
+    fn saw(&self, kind: Kind, ev: &Result<watcher::Event<DynamicObject>, watcher::Error>) {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        match ev {
+            Ok(watcher::Event::Apply(o) | watcher::Event::Delete(o)) => {
+                if let Some(k) = key_of(kind, o) {
+                    seen.keys.insert(k);
+                }
+            }
+            Ok(watcher::Event::InitDone) => seen.everything = true,
+            Ok(watcher::Event::Init | watcher::Event::InitApply(_)) | Err(_) => return,
+        }
+        drop(seen);
+        self.wake.notify_one();
+    }
+
+    fn take_seen(&self) -> Seen {
+        std::mem::take(&mut *self.seen.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Publishes the snapshot now if the world changed.
@@ -471,6 +504,10 @@ async fn lead(
         wake: Notify::new(),
         publish_wake: Notify::new(),
         failures: Mutex::new(HashMap::new()),
+        seen: Mutex::new(Seen {
+            keys: HashSet::new(),
+            everything: true,
+        }),
     });
     ctx.publish_if_changed();
 
@@ -489,14 +526,26 @@ async fn lead(
     metrics.set_ready(true);
 
     let wc = watcher::Config::default();
-    let controller = |ar: &ApiResource| {
-        Controller::new_with(Api::all_with(client.clone(), ar), wc.clone(), ar.clone())
+    // As `Controller::new_with` builds it, with every watch event also
+    // noted for the status round (deletions included, which the controller
+    // does not reconcile).
+    let controller = |kind: Kind, ar: &ApiResource| {
+        let writer = reflector::store::Writer::<DynamicObject>::new(ar.clone());
+        let reader = writer.as_reader();
+        let c = ctx.clone();
+        let events = reflector::reflector(
+            writer,
+            watcher(Api::all_with(client.clone(), ar), wc.clone()),
+        )
+        .inspect(move |ev| c.saw(kind, ev))
+        .applied_objects();
+        Controller::for_stream_with(events, reader, ar.clone())
             .graceful_shutdown_on(stopped(stop.clone()))
     };
     let (pool_ctl, lease_ctl, route_ctl) = (
-        controller(&kinds.pool),
-        controller(&kinds.lease),
-        controller(&kinds.route),
+        controller(Kind::Pool, &kinds.pool),
+        controller(Kind::Lease, &kinds.lease),
+        controller(Kind::Route, &kinds.route),
     );
     let stores = [pool_ctl.store(), lease_ctl.store(), route_ctl.store()];
     let drive = |name: &'static str| {
@@ -636,6 +685,28 @@ fn error_policy(obj: Arc<DynamicObject>, err: &ReconcileError, ctx: Arc<Ctx>) ->
     Action::requeue(delay)
 }
 
+/// An object as its watch shows it now.
+fn lookup(
+    stores: &[Store<DynamicObject>; 3],
+    kinds: &Kinds,
+    key: &ObjKey,
+) -> Option<Arc<DynamicObject>> {
+    let (namespace, name) = key.namespace_name();
+    let r = ObjectRef::new_with(name, kinds.of(key).clone());
+    let r = if namespace.is_empty() {
+        r
+    } else {
+        r.within(namespace)
+    };
+    let store = match key {
+        ObjKey::Pool(_) => &stores[0],
+        ObjKey::Lease(_) => &stores[1],
+        ObjKey::Route(_) => &stores[2],
+    };
+    store.get(&r)
+}
+
+/// Every object the watches show, and those of them not being deleted.
 fn observe(stores: &[Store<DynamicObject>; 3]) -> (Observed, HashSet<ObjKey>) {
     let mut observed = Observed::new();
     let mut present = HashSet::new();
@@ -671,6 +742,11 @@ async fn status_loop(
     // seen when written, what was written). Keeps a slow watch from causing
     // the same write twice.
     let mut inflight: HashMap<ObjKey, (Option<String>, serde_json::Value)> = HashMap::new();
+    // The safety net looks at every object once per period, however busy
+    // the watches keep the loop.
+    let mut full = tokio::time::interval(SAFETY_NET);
+    full.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    full.reset();
     loop {
         let failed = round(&ctx, &stores, &mut inflight).await;
         let retry = async {
@@ -684,13 +760,19 @@ async fn status_loop(
             () = ctx.wake.notified() => {}
             _ = acks.changed() => {}
             () = retry => {}
-            () = tokio::time::sleep(Duration::from_secs(30)) => {}
+            _ = full.tick() => {
+                ctx.seen.lock().unwrap_or_else(|p| p.into_inner()).everything = true;
+            }
             _ = stop.wait_for(|s| *s) => return,
         }
         // Let a burst of changes land in one round.
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// How often a status round looks at every object, not only those watch
+/// events named.
+const SAFETY_NET: Duration = Duration::from_secs(30);
 
 /// Publishes the snapshot soon after every admitted change (bursts coalesce:
 /// a change that lands while a snapshot is being built goes into the next).
@@ -717,17 +799,65 @@ async fn publish_loop(ctx: Arc<Ctx>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-/// One round; returns whether a write failed (retried soon).
+/// One round; returns whether a write failed (retried soon). It looks at
+/// the objects watch events named since the last round, or at every object
+/// after a relist and every 30 s (the safety net).
 async fn round(
     ctx: &Arc<Ctx>,
     stores: &[Store<DynamicObject>; 3],
     inflight: &mut HashMap<ObjKey, (Option<String>, serde_json::Value)>,
 ) -> bool {
     let started = std::time::Instant::now();
-    let (observed, present) = observe(stores);
+    let seen = ctx.take_seen();
+    let (observed, changed, gone): (Observed, Vec<ObjKey>, Vec<ObjKey>) = if seen.everything {
+        let (observed, present) = observe(stores);
+        let changed = observed.keys().cloned().collect();
+        // Admitted objects missing from `present`, found under the lock.
+        inflight
+            .retain(|k, (rv, _)| observed.get(k).map(|o| &o.metadata.resource_version) == Some(rv));
+        (observed, changed, present.into_iter().collect())
+    } else {
+        let mut observed = Observed::new();
+        let mut gone = Vec::new();
+        for key in seen.keys {
+            match lookup(stores, &ctx.kinds, &key) {
+                Some(o) => {
+                    if is_deleting(&o) {
+                        gone.push(key.clone());
+                    }
+                    // A watch event: an in-flight write came back (or was
+                    // overtaken), so it no longer stands for the status.
+                    if inflight
+                        .get(&key)
+                        .is_some_and(|(rv, _)| o.metadata.resource_version != *rv)
+                    {
+                        inflight.remove(&key);
+                    }
+                    observed.insert(key, o);
+                }
+                None => {
+                    inflight.remove(&key);
+                    gone.push(key);
+                }
+            }
+        }
+        let changed = observed.keys().cloned().collect();
+        (observed, changed, gone)
+    };
+    let find = |k: &ObjKey| {
+        observed
+            .get(k)
+            .cloned()
+            .or_else(|| lookup(stores, &ctx.kinds, k))
+    };
     let (writes, notices) = {
         let mut idx = ctx.index();
-        let swept = idx.sweep(&present);
+        let swept = if seen.everything {
+            let present: HashSet<ObjKey> = gone.into_iter().collect();
+            idx.sweep(&present)
+        } else {
+            gone.iter().filter(|k| idx.remove(k)).count()
+        };
         if swept > 0 {
             debug!(swept, "objects gone without a finalizer");
         }
@@ -745,12 +875,14 @@ async fn round(
                 .with_label_values(&[kind.name()])
                 .set(i64::try_from(n).unwrap_or(0));
         }
-        let plan = idx.plan(&observed, &acks, Timestamp::now());
+        let plan = idx.plan_changed(&changed, find, &acks, Timestamp::now());
         debug!(
             observe = ?(t0 - started),
             publish = ?published,
             plan = ?(t0.elapsed() - published),
             writes = plan.len(),
+            looked_at = changed.len(),
+            everything = seen.everything,
             "status round"
         );
         (plan, idx.take_notices())
@@ -759,14 +891,11 @@ async fn round(
         .round_seconds
         .observe(started.elapsed().as_secs_f64());
     ctx.metrics.rounds.inc();
-    inflight.retain(|k, (rv, _)| observed.get(k).map(|o| &o.metadata.resource_version) == Some(rv));
     let writes: Vec<(StatusWrite, Option<String>)> = writes
         .into_iter()
         .filter(|w| inflight.get(&w.key).is_none_or(|(_, v)| *v != w.status))
         .map(|w| {
-            let rv = observed
-                .get(&w.key)
-                .and_then(|o| o.metadata.resource_version.clone());
+            let rv = find(&w.key).and_then(|o| o.metadata.resource_version.clone());
             (w, rv)
         })
         .collect();
@@ -791,7 +920,8 @@ async fn round(
         }
     }
     for n in notices {
-        publish_event(ctx, &observed, n);
+        let uid = find(&n.object).and_then(|o| o.metadata.uid.clone());
+        publish_event(ctx, uid, n);
     }
     failed
 }
@@ -834,7 +964,7 @@ async fn write_status(ctx: &Ctx, w: &StatusWrite) -> bool {
     }
 }
 
-fn publish_event(ctx: &Arc<Ctx>, observed: &Observed, n: Notice) {
+fn publish_event(ctx: &Arc<Ctx>, uid: Option<String>, n: Notice) {
     let key = n.object.clone();
     let (namespace, name) = key.namespace_name();
     let ar = ctx.kinds.of(&key);
@@ -843,7 +973,7 @@ fn publish_event(ctx: &Arc<Ctx>, observed: &Observed, n: Notice) {
         kind: Some(ar.kind.clone()),
         name: Some(name.to_string()),
         namespace: (!namespace.is_empty()).then(|| namespace.to_string()),
-        uid: observed.get(&key).and_then(|o| o.metadata.uid.clone()),
+        uid,
         resource_version: None,
         field_path: None,
     };
