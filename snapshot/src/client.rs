@@ -457,7 +457,7 @@ fn judge(
                 return Verdict::Refuse(format!("response says {v} but its snapshot says {inner}"));
             }
             s.version = Some(v);
-            Held::from_snapshot(&s)
+            Held::from_snapshot(s)
         }
         (None, Some(d)) => {
             if d.version != Some(v) {
@@ -578,7 +578,7 @@ mod tests {
     }
 
     fn held(v: pb::Version, n: u8) -> Held {
-        Held::from_snapshot(&response(v, n).snapshot.unwrap()).unwrap()
+        Held::from_snapshot(response(v, n).snapshot.unwrap()).unwrap()
     }
 
     fn ok(_: &Held) -> Result<(), String> {
