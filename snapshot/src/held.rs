@@ -16,9 +16,9 @@ use crate::table::{Builder, Table};
 /// one lease at a time into the table, so the whole decoded snapshot never
 /// sits in memory beside the table.
 #[derive(Clone, PartialEq, prost::Message)]
-struct LazySnapshot {
+pub(crate) struct LazySnapshot {
     #[prost(message, optional, tag = "1")]
-    version: Option<pb::Version>,
+    pub(crate) version: Option<pb::Version>,
     #[prost(bytes = "bytes", repeated, tag = "2")]
     leases: Vec<Bytes>,
     #[prost(message, repeated, tag = "3")]
@@ -73,7 +73,12 @@ impl Held {
     /// An encoded `Snapshot`, checked as [`Held::from_snapshot`] checks it,
     /// decoded one lease at a time (the peak stays near the bytes' size).
     pub fn decode(bytes: Bytes) -> Result<Held, LoadError> {
-        let lazy = LazySnapshot::decode(bytes)?;
+        Held::from_lazy(LazySnapshot::decode(bytes)?)
+    }
+
+    /// A snapshot whose leases are still encoded, checked as
+    /// [`Held::from_snapshot`] checks it.
+    pub(crate) fn from_lazy(lazy: LazySnapshot) -> Result<Held, LoadError> {
         let version = lazy
             .version
             .ok_or_else(|| LoadError::Invalid("the snapshot has no version".into()))?;
