@@ -1,10 +1,13 @@
 //! The routing table: a snapshot indexed for the SSH listener.
 //!
-//! Pure code, no I/O. A table is built once from a whole snapshot and then
-//! follows each applied delta in O(change · log n) ([`RouteTable::apply`]):
-//! its maps are persistent (`imbl`), so the next table shares everything the
-//! delta did not touch, and connections keep reading the one they hold while
-//! it is built. It answers one question: given the user name a client sent,
+//! Pure code, no I/O. Leases are looked up in the subscriber's checked
+//! [`Table`] itself (its indexes by hash, by (IP, key) and by name), held as a
+//! cheap copy that shares the maps, so the proxy keeps each lease once; only
+//! routes are indexed here. A table is built once from a whole snapshot and
+//! then follows each applied delta in O(change · log n)
+//! ([`RouteTable::apply`]): its maps are persistent (`imbl`), so the next
+//! table shares everything the delta did not touch, and connections keep
+//! reading the one they hold while it is built. It answers one question: given the user name a client sent,
 //! the destination IP it dialed and the key it offers, where (if anywhere)
 //! does it go? Rules, in DESIGN.md's order:
 //!
@@ -23,6 +26,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use keyway_snapshot::pb;
+use keyway_snapshot::table::Table;
 
 /// Where a routed connection's bytes go.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -77,21 +81,6 @@ pub struct Destination {
 }
 
 #[derive(Debug)]
-struct LeaseEntry {
-    hash: [u8; 32],
-    label: String,
-    tenant: Arc<str>,
-    target: Option<Target>,
-    upstream_user: String,
-    relay_principal: String,
-    fingerprints: HashSet<String>,
-    /// OpenSSH lines (the upgrade endpoint verifies raw signatures with them).
-    access_keys: Vec<String>,
-    /// The IP and the fingerprints it routes by IP (not disabled).
-    ip_keys: Option<(IpAddr, Vec<String>)>,
-}
-
-#[derive(Debug)]
 struct RouteEntry {
     namespace: String,
     name: String,
@@ -121,11 +110,9 @@ type Name = (String, String);
 /// The indexed snapshot. Cheap to clone and share: persistent maps.
 #[derive(Clone, Debug, Default)]
 pub struct RouteTable {
-    leases: imbl::HashMap<[u8; 32], Arc<LeaseEntry>>,
-    /// Leases by (namespace, name): deltas name them so, and
-    /// `<name>.<namespace>.<lease domain>` too.
-    by_name: imbl::HashMap<Name, [u8; 32]>,
-    by_ip_key: imbl::HashMap<(IpAddr, String), [u8; 32]>,
+    /// The checked snapshot this table indexes (a copy sharing its maps):
+    /// leases by hash, by (IP, key) and by name come from its indexes.
+    leases: Table,
     routes: imbl::HashMap<Name, Arc<RouteEntry>>,
     /// SSH routes by (user, host); the first by name that allows the key wins.
     by_user_host: imbl::HashMap<(String, IpAddr), imbl::OrdSet<Name>>,
@@ -153,36 +140,26 @@ pub struct ConnectDecision {
 pub const DEFAULT_HASH_UPSTREAM_USER: &str = "root";
 
 impl RouteTable {
-    /// Indexes a (checked) snapshot. Entries that cannot route (an IP that
-    /// does not parse, a hash of the wrong length) are skipped, never guessed.
-    #[cfg(test)]
-    pub fn build(snap: &pb::Snapshot) -> Self {
-        let mut t = RouteTable::default();
-        for l in &snap.leases {
-            t.insert_lease(l);
-        }
-        for r in &snap.routes {
-            t.insert_route(r);
-        }
-        t
-    }
-
     /// Indexes a checked table (a subscriber's [`keyway_snapshot::held::Held`]).
-    pub fn from_table(table: &keyway_snapshot::table::Table) -> Self {
-        let mut t = RouteTable::default();
-        for l in table.leases() {
-            t.insert_lease(l);
-        }
+    /// Routes that cannot route (a hash of the wrong length, an SSH host
+    /// that is not an IP) are skipped, never guessed.
+    pub fn from_table(table: &Table) -> Self {
+        let mut t = RouteTable {
+            leases: table.clone(),
+            ..RouteTable::default()
+        };
         for r in table.routes() {
             t.insert_route(r);
         }
         t
     }
 
-    /// The table after `d` (checked, applied to the snapshot this table
-    /// indexes): only what it names is touched; `self` is unchanged.
-    pub fn apply(&self, d: &pb::SnapshotDelta) -> Self {
+    /// The table after `d`, where `table` is the checked result of applying
+    /// `d` to the snapshot this table indexes: leases come from `table`, and
+    /// only the routes `d` names are touched; `self` is unchanged.
+    pub fn apply(&self, d: &pb::SnapshotDelta, table: &Table) -> Self {
         let mut t = self.clone();
+        t.leases = table.clone();
         for r in d
             .removed_routes
             .iter()
@@ -191,93 +168,10 @@ impl RouteTable {
         {
             t.remove_route(&(r.0.clone(), r.1.clone()));
         }
-        for l in d
-            .removed_leases
-            .iter()
-            .map(|r| (&r.namespace, &r.name))
-            .chain(d.upserted_leases.iter().map(|l| (&l.namespace, &l.name)))
-        {
-            t.remove_lease(&(l.0.clone(), l.1.clone()));
-        }
-        for l in &d.upserted_leases {
-            t.insert_lease(l);
-        }
         for r in &d.upserted_routes {
             t.insert_route(r);
         }
         t
-    }
-
-    fn remove_lease(&mut self, name: &Name) {
-        let Some(hash) = self.by_name.remove(name) else {
-            return;
-        };
-        let Some(old) = self.leases.remove(&hash) else {
-            return;
-        };
-        if let Some((ip, fps)) = &old.ip_keys {
-            for fp in fps {
-                let k = (*ip, fp.clone());
-                if self.by_ip_key.get(&k) == Some(&hash) {
-                    self.by_ip_key.remove(&k);
-                }
-            }
-        }
-    }
-
-    fn insert_lease(&mut self, l: &pb::Lease) {
-        let Ok(hash) = <[u8; 32]>::try_from(l.lease_hash.as_slice()) else {
-            return;
-        };
-        let target = match &l.target {
-            Some(pb::lease::Target::Address(a)) => Some(Target::Address(a.clone())),
-            Some(pb::lease::Target::Provider(p)) => Some(Target::Provider {
-                peer_id: p.peer_id.clone(),
-                addresses: p.addresses.clone(),
-                lease_hash: hash,
-            }),
-            None => None,
-        };
-        let ip_keys = l.ip.parse::<IpAddr>().ok().map(|ip| {
-            let disabled: HashSet<&str> = l
-                .ip_route_disabled_fingerprints
-                .iter()
-                .map(String::as_str)
-                .collect();
-            let fps: Vec<String> = l
-                .access_keys
-                .iter()
-                .map(|k| k.fingerprint.clone())
-                .filter(|fp| !disabled.contains(fp.as_str()))
-                .collect();
-            (ip, fps)
-        });
-        if let Some((ip, fps)) = &ip_keys {
-            for fp in fps {
-                // The operator guarantees uniqueness; first one wins if not.
-                self.by_ip_key.entry((*ip, fp.clone())).or_insert(hash);
-            }
-        }
-        let name = (l.namespace.clone(), l.name.clone());
-        self.by_name.insert(name, hash);
-        self.leases.insert(
-            hash,
-            Arc::new(LeaseEntry {
-                hash,
-                label: format!("{}/{}", l.namespace, l.name),
-                tenant: l.user.as_str().into(),
-                target,
-                upstream_user: l.upstream_user.clone(),
-                relay_principal: l.relay_principal.clone(),
-                fingerprints: l
-                    .access_keys
-                    .iter()
-                    .map(|k| k.fingerprint.clone())
-                    .collect(),
-                access_keys: l.access_keys.iter().map(|k| k.openssh.clone()).collect(),
-                ip_keys,
-            }),
-        );
     }
 
     fn remove_route(&mut self, name: &Name) {
@@ -361,7 +255,7 @@ impl RouteTable {
 
     /// Number of leases indexed.
     pub fn leases(&self) -> usize {
-        self.leases.len()
+        self.leases.lease_count()
     }
 
     /// Decides where a login goes. `fingerprint` is the offered key's OpenSSH
@@ -375,17 +269,16 @@ impl RouteTable {
         let dst = canonical(dst);
         if let Some(hash) = parse_hash(user) {
             let fp = fingerprint?;
-            let l = self.leases.get(&hash)?;
-            if !l.fingerprints.contains(fp) {
+            let l = self.leases.lease_by_hash(&hash)?;
+            if !l.access_keys.iter().any(|k| k.fingerprint == fp) {
                 return None;
             }
-            return lease_destination(l, Via::LeaseHash, DEFAULT_HASH_UPSTREAM_USER);
+            return lease_destination(&l, Via::LeaseHash, DEFAULT_HASH_UPSTREAM_USER);
         }
         if let Some(fp) = fingerprint
-            && let Some(hash) = self.by_ip_key.get(&(dst, fp.to_string()))
-            && let Some(l) = self.leases.get(hash)
+            && let Some(l) = self.leases.lease_by_ip_key(dst, fp)
         {
-            return lease_destination(l, Via::PooledIp, user);
+            return lease_destination(&l, Via::PooledIp, user);
         }
         let candidates = self.by_user_host.get(&(user.to_string(), dst))?;
         let r = candidates
@@ -396,13 +289,13 @@ impl RouteTable {
             })?;
         match &r.to {
             RouteTo::Lease(h) => {
-                let l = self.leases.get(h)?;
-                let mut d = lease_destination(l, Via::Route, user)?;
+                let l = self.leases.lease_by_hash(h)?;
+                let mut d = lease_destination(&l, Via::Route, user)?;
                 d.key = DestKey::Route {
                     namespace: r.namespace.clone(),
                     name: r.name.clone(),
                 };
-                d.label = format!("{}/{} -> {}", r.namespace, r.name, l.label);
+                d.label = format!("{}/{} -> {}", r.namespace, r.name, d.label);
                 Some(d)
             }
             RouteTo::Address(a) => Some(Destination {
@@ -425,7 +318,7 @@ impl RouteTable {
     /// True while `key` still names something in this table.
     pub fn contains(&self, key: &DestKey) -> bool {
         match key {
-            DestKey::Lease(h) => self.leases.contains_key(h),
+            DestKey::Lease(h) => self.leases.has_lease_hash(h),
             DestKey::Route { namespace, name } => {
                 self.routes.contains_key(&(namespace.clone(), name.clone()))
             }
@@ -450,7 +343,10 @@ impl RouteTable {
         {
             let target = match &r.to {
                 RouteTo::Address(a) => Target::Address(a.clone()),
-                RouteTo::Lease(h) => self.leases.get(h)?.target.clone()?,
+                RouteTo::Lease(h) => {
+                    let l = self.leases.lease_by_hash(h)?;
+                    target_of(&l, *h)?
+                }
             };
             return Some(ConnectDecision {
                 key: DestKey::Route {
@@ -466,15 +362,13 @@ impl RouteTable {
         let domain = lease_domain?.trim_end_matches('.').to_ascii_lowercase();
         let prefix = host.strip_suffix(&domain)?.strip_suffix('.')?;
         let (name, namespace) = prefix.split_once('.')?;
-        let hash = self
-            .by_name
-            .get(&(namespace.to_string(), name.to_string()))?;
-        let l = self.leases.get(hash)?;
+        let l = self.leases.lease(namespace, name)?;
+        let hash = <[u8; 32]>::try_from(l.lease_hash.as_slice()).ok()?;
         Some(ConnectDecision {
-            key: DestKey::Lease(l.hash),
-            label: l.label.clone(),
-            target: l.target.clone()?,
-            allow: l.fingerprints.clone(),
+            key: DestKey::Lease(hash),
+            label: label_of(&l),
+            target: target_of(&l, hash)?,
+            allow: fingerprints_of(&l),
             allow_unauthenticated: false,
         })
     }
@@ -482,35 +376,61 @@ impl RouteTable {
     /// The lease behind `POST /tunnel/{hash}/tcp`, with its keys (OpenSSH
     /// lines) for the plain signature.
     pub fn upgrade(&self, hash: &[u8; 32]) -> Option<(ConnectDecision, Vec<String>)> {
-        let l = self.leases.get(hash)?;
+        let l = self.leases.lease_by_hash(hash)?;
         Some((
             ConnectDecision {
-                key: DestKey::Lease(l.hash),
-                label: l.label.clone(),
-                target: l.target.clone()?,
-                allow: l.fingerprints.clone(),
+                key: DestKey::Lease(*hash),
+                label: label_of(&l),
+                target: target_of(&l, *hash)?,
+                allow: fingerprints_of(&l),
                 allow_unauthenticated: false,
             },
-            l.access_keys.clone(),
+            l.access_keys.iter().map(|k| k.openssh.clone()).collect(),
         ))
     }
 }
 
+/// `namespace/name`, for logs.
+fn label_of(l: &pb::Lease) -> String {
+    format!("{}/{}", l.namespace, l.name)
+}
+
+/// The lease's access key fingerprints.
+fn fingerprints_of(l: &pb::Lease) -> HashSet<String> {
+    l.access_keys
+        .iter()
+        .map(|k| k.fingerprint.clone())
+        .collect()
+}
+
+/// Where the lease's bytes go (`hash` is its hash).
+fn target_of(l: &pb::Lease, hash: [u8; 32]) -> Option<Target> {
+    match l.target.as_ref()? {
+        pb::lease::Target::Address(a) => Some(Target::Address(a.clone())),
+        pb::lease::Target::Provider(p) => Some(Target::Provider {
+            peer_id: p.peer_id.clone(),
+            addresses: p.addresses.clone(),
+            lease_hash: hash,
+        }),
+    }
+}
+
 /// `default_user` is the upstream user when the lease names none.
-fn lease_destination(l: &LeaseEntry, via: Via, default_user: &str) -> Option<Destination> {
+fn lease_destination(l: &pb::Lease, via: Via, default_user: &str) -> Option<Destination> {
+    let hash = <[u8; 32]>::try_from(l.lease_hash.as_slice()).ok()?;
     let upstream_user = if l.upstream_user.is_empty() {
         default_user
     } else {
         &l.upstream_user
     };
     Some(Destination {
-        key: DestKey::Lease(l.hash),
+        key: DestKey::Lease(hash),
         via,
-        label: l.label.clone(),
-        target: l.target.clone()?,
+        label: label_of(l),
+        target: target_of(l, hash)?,
         upstream_user: upstream_user.to_string(),
         relay_principal: l.relay_principal.clone(),
-        tenant: l.tenant.clone(),
+        tenant: l.user.as_str().into(),
     })
 }
 
@@ -539,6 +459,13 @@ pub fn parse_hash(user: &str) -> Option<[u8; 32]> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    impl RouteTable {
+        /// Indexes a snapshot that passes the check.
+        fn build(snap: &pb::Snapshot) -> Self {
+            RouteTable::from_table(&Table::from_snapshot(snap.clone()).unwrap())
+        }
+    }
 
     fn key(fp: &str) -> pb::AccessKey {
         pb::AccessKey {
@@ -873,14 +800,17 @@ mod tests {
             ) {
                 prop_assume!(check::check(&a).is_ok() && check::check(&b).is_ok());
                 let d = delta::diff(&a, &b);
-                let followed = RouteTable::build(&a).apply(&d);
+                // The table a subscriber reaches by applying the delta.
+                let base = Table::from_snapshot(a.clone()).unwrap();
+                let mut next = base.clone();
+                next.apply(&d).unwrap();
+                let followed = RouteTable::from_table(&base).apply(&d, &next);
                 let rebuilt = RouteTable::build(&b);
                 prop_assert_eq!(answers(&followed), answers(&rebuilt));
                 // The table it came from still answers for `a`.
-                prop_assert_eq!(
-                    answers(&RouteTable::build(&a)),
-                    answers(&RouteTable::build(&a).apply(&pb::SnapshotDelta::default()))
-                );
+                let from = RouteTable::from_table(&base);
+                let _ = from.apply(&d, &next);
+                prop_assert_eq!(answers(&from), answers(&RouteTable::build(&a)));
             }
         }
     }

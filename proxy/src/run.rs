@@ -315,7 +315,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
                     // Otherwise (start, full snapshot, skipped versions) the
                     // whole table is indexed again.
                     let table = match (&indexed, &snap.change) {
-                        (Some((v, t)), Some(d)) if d.base == Some(*v) => Arc::new(t.apply(d)),
+                        (Some((v, t)), Some(d)) if d.base == Some(*v) => {
+                            Arc::new(t.apply(d, &snap.table))
+                        }
                         _ => Arc::new(RouteTable::from_table(&snap.table)),
                     };
                     indexed = Some((snap.version, table.clone()));

@@ -23,10 +23,29 @@ use tonic::transport::Endpoint;
 use tracing::{debug, error, info, warn};
 
 use crate::disk::{DiskCopy, Saved};
-use crate::held::Held;
-use crate::pb::snapshot_service_client::SnapshotServiceClient;
-use crate::pb::{self, SnapshotResponse, SubscribeRequest};
+use crate::held::{Held, LazySnapshot};
+use crate::pb::{self, SubscribeRequest};
 use crate::version;
+
+/// `SnapshotResponse` as the subscriber decodes it (same wire format): a
+/// whole snapshot's leases stay encoded, slices of the received message, and
+/// are decoded one at a time into the table, so the fully decoded snapshot
+/// (about three times the bytes) never sits in memory beside it.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Response {
+    #[prost(message, optional, tag = "1")]
+    version: Option<pb::Version>,
+    #[prost(string, tag = "2")]
+    nonce: String,
+    #[prost(message, optional, tag = "3")]
+    snapshot: Option<LazySnapshot>,
+    #[prost(message, optional, tag = "4")]
+    delta: Option<pb::SnapshotDelta>,
+}
+
+/// The generated client's `Subscribe` path (the call is made by hand to
+/// decode [`Response`]).
+const SUBSCRIBE_PATH: &str = "/keyway.snapshot.v1.SnapshotService/Subscribe";
 
 /// Shortest reconnect delay, whatever the config says (zero would spin).
 const MIN_BACKOFF: Duration = Duration::from_millis(10);
@@ -314,13 +333,7 @@ async fn stream(shared: &Shared, streams: &mut u64, delivered: &mut bool) -> Res
         .connect()
         .await
         .with_context(|| format!("connecting to {}", config.endpoint))?;
-    let mut client =
-        SnapshotServiceClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
-            if let Some(a) = &authorization {
-                req.metadata_mut().insert("authorization", a.clone());
-            }
-            Ok(req)
-        })
+    let mut client = tonic::client::Grpc::new(channel)
         .max_decoding_message_size(crate::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(crate::MAX_MESSAGE_BYTES);
 
@@ -339,8 +352,19 @@ async fn stream(shared: &Shared, streams: &mut u64, delivered: &mut bool) -> Res
         .send(request(String::new(), shared.held(), String::new()))
         .await
         .map_err(|_| anyhow!("request channel closed"))?;
+    let mut call = tonic::Request::new(ReceiverStream::new(req_rx));
+    if let Some(a) = authorization {
+        call.metadata_mut().insert("authorization", a);
+    }
+    client
+        .ready()
+        .await
+        .map_err(|e| tonic::Status::unknown(format!("Service was not ready: {e}")))
+        .context("subscribing")?;
+    let codec = tonic_prost::ProstCodec::<SubscribeRequest, Response>::default();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(SUBSCRIBE_PATH);
     let mut inbound = client
-        .subscribe(ReceiverStream::new(req_rx))
+        .streaming(call, path, codec)
         .await
         .context("subscribing")?
         .into_inner();
@@ -431,7 +455,7 @@ enum Verdict {
 /// Decides on one response; runs on a blocking thread. `held` is the
 /// snapshot served now (a delta applies to it).
 fn judge(
-    resp: SnapshotResponse,
+    resp: Response,
     held: Option<&Held>,
     validate: &Validate,
     disk: Option<&Mutex<DiskCopy>>,
@@ -457,7 +481,7 @@ fn judge(
                 return Verdict::Refuse(format!("response says {v} but its snapshot says {inner}"));
             }
             s.version = Some(v);
-            Held::from_snapshot(&s)
+            Held::from_lazy(s).map_err(|e| e.to_string())
         }
         (None, Some(d)) => {
             if d.version != Some(v) {
@@ -531,7 +555,19 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+    use crate::pb::SnapshotResponse;
     use prost::Message;
+
+    /// What the subscriber decodes from this response on the wire.
+    fn judge(
+        resp: SnapshotResponse,
+        held: Option<&Held>,
+        validate: &Validate,
+        disk: Option<&Mutex<DiskCopy>>,
+    ) -> Verdict {
+        let wire = Response::decode(resp.encode_to_vec().as_slice()).unwrap();
+        super::judge(wire, held, validate, disk)
+    }
 
     fn lease(i: u8) -> pb::Lease {
         pb::Lease {
@@ -578,7 +614,7 @@ mod tests {
     }
 
     fn held(v: pb::Version, n: u8) -> Held {
-        Held::from_snapshot(&response(v, n).snapshot.unwrap()).unwrap()
+        Held::from_snapshot(response(v, n).snapshot.unwrap()).unwrap()
     }
 
     fn ok(_: &Held) -> Result<(), String> {

@@ -101,11 +101,9 @@ impl DiskCopy {
             Err(e) => return Err(e).with_context(|| format!("reading {}", self.path.display())),
         };
         self.base_bytes = bytes.len() as u64;
-        let s =
-            pb::Snapshot::decode(bytes.as_slice()).context("not a snapshot (decoding failed)")?;
-        drop(bytes);
-        let base = Held::from_snapshot(&s).map_err(|e| anyhow!("{e}"))?;
-        drop(s);
+        // Leases are decoded one at a time into the table (the bytes are
+        // shared, not copied, while the lazy message is decoded).
+        let base = Held::decode(prost::bytes::Bytes::from(bytes)).map_err(|e| anyhow!("{e}"))?;
         let (mut held, replayed, valid) = self.replay(base)?;
         self.journal_bytes = valid;
         if replayed > 0 {
@@ -318,7 +316,7 @@ mod tests {
 
     /// The pb::Snapshot-level tests save what a subscriber would hold.
     fn h(s: &pb::Snapshot) -> Held {
-        Held::from_snapshot(s).unwrap()
+        Held::from_snapshot(s.clone()).unwrap()
     }
 
     /// What a new instance loads from `path` (which must hold a copy).

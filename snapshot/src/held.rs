@@ -6,8 +6,39 @@
 
 use std::sync::Arc;
 
+use prost::Message;
+use prost::bytes::Bytes;
+
 use crate::pb;
-use crate::table::Table;
+use crate::table::{Builder, Table};
+
+/// A `Snapshot` whose leases stay encoded (same wire format): a load decodes
+/// one lease at a time into the table, so the whole decoded snapshot never
+/// sits in memory beside the table.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct LazySnapshot {
+    #[prost(message, optional, tag = "1")]
+    pub(crate) version: Option<pb::Version>,
+    #[prost(bytes = "bytes", repeated, tag = "2")]
+    leases: Vec<Bytes>,
+    #[prost(message, repeated, tag = "3")]
+    routes: Vec<pb::Route>,
+    #[prost(message, optional, tag = "4")]
+    relay: Option<pb::RelayTrust>,
+    #[prost(int64, tag = "5")]
+    generated_unix_ms: i64,
+}
+
+/// Why an encoded snapshot could not be held.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The bytes are not a snapshot.
+    #[error("not a snapshot (decoding failed): {0}")]
+    Decode(#[from] prost::DecodeError),
+    /// A snapshot, but not one to serve.
+    #[error("{0}")]
+    Invalid(String),
+}
 
 /// See the module docs.
 #[derive(Clone, Debug)]
@@ -24,14 +55,46 @@ pub struct Held {
 }
 
 impl Held {
-    /// A whole snapshot (it must carry its version), checked.
-    pub fn from_snapshot(s: &pb::Snapshot) -> Result<Held, String> {
+    /// A whole snapshot (it must carry its version), checked. Taken by value:
+    /// each lease is let go once the table holds it.
+    pub fn from_snapshot(s: pb::Snapshot) -> Result<Held, String> {
         let version = s.version.ok_or("the snapshot has no version")?;
+        let generated_unix_ms = s.generated_unix_ms;
         let table = Table::from_snapshot(s)
             .map_err(|e| format!("consistency check failed: {}", summarize(&e)))?;
         Ok(Held {
             version,
-            generated_unix_ms: s.generated_unix_ms,
+            generated_unix_ms,
+            table,
+            change: None,
+        })
+    }
+
+    /// An encoded `Snapshot`, checked as [`Held::from_snapshot`] checks it,
+    /// decoded one lease at a time (the peak stays near the bytes' size).
+    pub fn decode(bytes: Bytes) -> Result<Held, LoadError> {
+        Held::from_lazy(LazySnapshot::decode(bytes)?)
+    }
+
+    /// A snapshot whose leases are still encoded, checked as
+    /// [`Held::from_snapshot`] checks it.
+    pub(crate) fn from_lazy(lazy: LazySnapshot) -> Result<Held, LoadError> {
+        let version = lazy
+            .version
+            .ok_or_else(|| LoadError::Invalid("the snapshot has no version".into()))?;
+        let mut b = Builder::default();
+        for enc in lazy.leases {
+            b.lease(&pb::Lease::decode(enc)?);
+        }
+        for r in lazy.routes {
+            b.route(r);
+        }
+        let table = b.finish(lazy.relay).map_err(|e| {
+            LoadError::Invalid(format!("consistency check failed: {}", summarize(&e)))
+        })?;
+        Ok(Held {
+            version,
+            generated_unix_ms: lazy.generated_unix_ms,
             table,
             change: None,
         })

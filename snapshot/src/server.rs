@@ -406,7 +406,8 @@ impl Publisher {
     }
 
     fn prepare_locked(&self, snapshot: pb::Snapshot) -> Result<Prepared, PublishError> {
-        let table = match Table::from_snapshot(&snapshot) {
+        let generated_unix_ms = snapshot.generated_unix_ms;
+        let table = match Table::from_snapshot(snapshot) {
             Ok(t) => t,
             Err(errors) => {
                 self.inner.refused.fetch_add(1, Ordering::Relaxed);
@@ -418,7 +419,7 @@ impl Publisher {
             .as_ref()
             .map_or_else(Table::default, |c| c.table.clone())
             .diff(&table);
-        Ok(self.versioned(current, table, change, snapshot.generated_unix_ms))
+        Ok(self.versioned(current, table, change, generated_unix_ms))
     }
 
     /// The next version holding `table`, which `change` leads to from the

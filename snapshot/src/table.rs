@@ -1,20 +1,32 @@
 //! A snapshot held as persistent maps keyed by namespace/name, together with
 //! the indexes the consistency check needs, so that a delta is checked and
 //! applied in O(change · log n) and a copy costs O(1) (the maps share
-//! structure, `imbl`). The publisher keeps its current snapshot this way;
-//! [`crate::check::check`] stays the whole-snapshot reference it is tested
-//! against (same rules, same verdicts).
+//! structure, `imbl`). The publisher keeps its current snapshot this way, and
+//! so do subscribers, whose lookups (by hash, by IP and key, by name) read
+//! the same indexes; [`crate::check::check`] stays the whole-snapshot
+//! reference it is tested against (same rules, same verdicts).
+//!
+//! Memory: each lease is held once, as its protobuf encoding in one
+//! allocation, with the fields the indexes compare located in it; every index
+//! entry is a pointer to it (plus a span for a key's fingerprint), never a
+//! copy of a string. Reads decode the lease they return.
 //!
 //! [`Table::apply`] changes nothing when the result would break a rule: the
 //! caller applies to a copy and keeps it only on success.
 
+use std::borrow::Borrow;
+use std::cmp::Ordering;
+use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use imbl::{HashMap, OrdMap};
+use prost::Message;
 use prost::bytes::Bytes;
+use prost::encoding::{WireType, decode_key, decode_varint, encode_key, encode_varint};
+use prost::encoding::{encoded_len_varint, key_len};
 
-use crate::check::{ip_routed_keys, lease_fields, lease_name, route_fields, route_name};
+use crate::check::{lease_fields, lease_name, route_fields, route_name};
 use crate::pb;
 
 /// Namespace and name.
@@ -24,18 +36,291 @@ fn key_of(namespace: &str, name: &str) -> Key {
     (namespace.to_string(), name.to_string())
 }
 
+/// Where a field's bytes sit in an encoded lease.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Span {
+    at: u32,
+    len: u32,
+}
+
+/// The length-delimited fields of an encoded message, as (tag, span). Every
+/// field of `Lease` and `AccessKey` is length-delimited; anything else (never
+/// in what prost encodes for them) ends the walk.
+fn fields(buf: &[u8], base: u32) -> impl Iterator<Item = (u32, Span)> + '_ {
+    let mut at = 0usize;
+    std::iter::from_fn(move || {
+        let mut rest = buf.get(at..).filter(|r| !r.is_empty())?;
+        let before = rest.len();
+        let (tag, wire) = decode_key(&mut rest).ok()?;
+        if wire != WireType::LengthDelimited {
+            return None;
+        }
+        let len = usize::try_from(decode_varint(&mut rest).ok()?).ok()?;
+        let start = at + (before - rest.len());
+        let end = start.checked_add(len).filter(|e| *e <= buf.len())?;
+        at = end;
+        let span = Span {
+            at: base.checked_add(u32::try_from(start).ok()?)?,
+            len: u32::try_from(len).ok()?,
+        };
+        Some((tag, span))
+    })
+}
+
+/// One lease as a table holds it: its encoding (prost's, so re-encoding a
+/// snapshot copies bytes) and where the fields the indexes compare are.
+#[derive(Debug, PartialEq, Eq)]
+struct Stored {
+    enc: Box<[u8]>,
+    namespace: Span,
+    name: Span,
+    hash: Span,
+    user: Span,
+    pool: Span,
+    /// The IP when it parses (a lease whose IP does not was refused).
+    ip: Option<IpAddr>,
+}
+
+type Lease = Arc<Stored>;
+
+impl Stored {
+    fn new(l: &pb::Lease, ip: Option<IpAddr>) -> Stored {
+        let enc = l.encode_to_vec().into_boxed_slice();
+        let mut spans = [Span::default(); 7];
+        for (tag, span) in fields(&enc, 0) {
+            if let Some(slot) = usize::try_from(tag).ok().and_then(|t| spans.get_mut(t)) {
+                *slot = span;
+            }
+        }
+        Stored {
+            enc,
+            namespace: spans[1],
+            name: spans[2],
+            hash: spans[3],
+            user: spans[4],
+            pool: spans[6],
+            ip,
+        }
+    }
+
+    fn bytes(&self, s: Span) -> &[u8] {
+        let at = s.at as usize;
+        self.enc.get(at..at + s.len as usize).unwrap_or_default()
+    }
+
+    fn text(&self, s: Span) -> &str {
+        std::str::from_utf8(self.bytes(s)).unwrap_or_default()
+    }
+
+    fn name_pair(&self) -> (&[u8], &[u8]) {
+        (self.bytes(self.namespace), self.bytes(self.name))
+    }
+
+    fn hash(&self) -> &[u8] {
+        self.bytes(self.hash)
+    }
+
+    /// The lease itself. It was encoded from a `pb::Lease`, so it decodes.
+    fn decode(&self) -> Option<pb::Lease> {
+        pb::Lease::decode(&*self.enc).ok()
+    }
+
+    /// Whether `l` is this lease (equal messages encode equally).
+    fn is(&self, l: &pb::Lease) -> bool {
+        l.encoded_len() == self.enc.len() && *l.encode_to_vec() == *self.enc
+    }
+
+    /// The fingerprints the lease routes by IP, in key order: non-empty and
+    /// not disabled (`check::ip_routed_keys`, on the encoding).
+    fn routed_fingerprints(&self) -> Vec<Span> {
+        let mut keys = Vec::new();
+        let mut disabled = Vec::new();
+        for (tag, span) in fields(&self.enc, 0) {
+            match tag {
+                7 => keys.extend(
+                    fields(self.bytes(span), span.at)
+                        .filter(|(t, _)| *t == 2)
+                        .map(|(_, fp)| fp)
+                        .last(),
+                ),
+                12 => disabled.push(span),
+                _ => {}
+            }
+        }
+        keys.retain(|fp| fp.len > 0 && !disabled.iter().any(|d| self.bytes(*d) == self.bytes(*fp)));
+        keys
+    }
+}
+
+/// A lease keyed by namespace/name (the canonical order).
+#[derive(Clone, Debug)]
+struct ByName(Lease);
+
+/// Looks a lease up by name without building one: `(&str, &str)` and
+/// [`ByName`] compare as the same pair.
+trait NamePair {
+    fn pair(&self) -> (&[u8], &[u8]);
+}
+
+impl NamePair for ByName {
+    fn pair(&self) -> (&[u8], &[u8]) {
+        self.0.name_pair()
+    }
+}
+
+impl NamePair for (&str, &str) {
+    fn pair(&self) -> (&[u8], &[u8]) {
+        (self.0.as_bytes(), self.1.as_bytes())
+    }
+}
+
+impl PartialEq for dyn NamePair + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.pair() == other.pair()
+    }
+}
+impl Eq for dyn NamePair + '_ {}
+impl PartialOrd for dyn NamePair + '_ {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for dyn NamePair + '_ {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.pair().cmp(&other.pair())
+    }
+}
+impl<'a> Borrow<dyn NamePair + 'a> for ByName {
+    fn borrow(&self) -> &(dyn NamePair + 'a) {
+        self
+    }
+}
+impl PartialEq for ByName {
+    fn eq(&self, other: &Self) -> bool {
+        self.pair() == other.pair()
+    }
+}
+impl Eq for ByName {}
+impl PartialOrd for ByName {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for ByName {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.pair().cmp(&other.pair())
+    }
+}
+
+fn by_name<'a>(namespace: &'a str, name: &'a str) -> impl NamePair + 'a {
+    (namespace, name)
+}
+
+/// A lease keyed by its hash (looked up by the hash's bytes).
+#[derive(Clone, Debug)]
+struct ByHash(Lease);
+
+impl Borrow<[u8]> for ByHash {
+    fn borrow(&self) -> &[u8] {
+        self.0.hash()
+    }
+}
+impl Hash for ByHash {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        self.0.hash().hash(h)
+    }
+}
+impl PartialEq for ByHash {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.hash() == other.0.hash()
+    }
+}
+impl Eq for ByHash {}
+
+/// A lease keyed by (pool, ip, user).
+#[derive(Clone, Debug)]
+struct ByPoolIpUser(Lease);
+
+impl ByPoolIpUser {
+    fn key(&self) -> (&[u8], Option<IpAddr>, &[u8]) {
+        let l = &self.0;
+        (l.bytes(l.pool), l.ip, l.bytes(l.user))
+    }
+}
+impl Hash for ByPoolIpUser {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        self.key().hash(h)
+    }
+}
+impl PartialEq for ByPoolIpUser {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+impl Eq for ByPoolIpUser {}
+
+/// A lease keyed by (ip, one of its fingerprints), the span locating it.
+#[derive(Clone, Debug)]
+struct ByIpKey(Lease, Span);
+
+/// Looks up (ip, fingerprint) without a lease: a pair and [`ByIpKey`] hash
+/// and compare alike.
+trait IpFingerprint {
+    fn ip_fp(&self) -> (Option<IpAddr>, &[u8]);
+}
+
+impl IpFingerprint for ByIpKey {
+    fn ip_fp(&self) -> (Option<IpAddr>, &[u8]) {
+        (self.0.ip, self.0.bytes(self.1))
+    }
+}
+
+impl IpFingerprint for (IpAddr, &str) {
+    fn ip_fp(&self) -> (Option<IpAddr>, &[u8]) {
+        (Some(self.0), self.1.as_bytes())
+    }
+}
+
+impl Hash for dyn IpFingerprint + '_ {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        self.ip_fp().hash(h)
+    }
+}
+impl PartialEq for dyn IpFingerprint + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.ip_fp() == other.ip_fp()
+    }
+}
+impl Eq for dyn IpFingerprint + '_ {}
+impl<'a> Borrow<dyn IpFingerprint + 'a> for ByIpKey {
+    fn borrow(&self) -> &(dyn IpFingerprint + 'a) {
+        self
+    }
+}
+impl Hash for ByIpKey {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        (self as &dyn IpFingerprint).hash(h)
+    }
+}
+impl PartialEq for ByIpKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.ip_fp() == other.ip_fp()
+    }
+}
+impl Eq for ByIpKey {}
+
 /// See the module docs.
 #[derive(Clone, Debug, Default)]
 pub struct Table {
-    leases: OrdMap<Key, Arc<pb::Lease>>,
+    leases: OrdMap<ByName, Lease>,
     routes: OrdMap<Key, Arc<pb::Route>>,
     relay: Option<pb::RelayTrust>,
     /// Lease hash → the lease that has it.
-    by_hash: HashMap<Vec<u8>, Key>,
+    by_hash: HashMap<ByHash, ()>,
     /// (pool, ip, user) → the lease of that user holding that IP.
-    by_pool_ip_user: HashMap<(String, IpAddr, String), Key>,
+    by_pool_ip_user: HashMap<ByPoolIpUser, ()>,
     /// (ip, fingerprint) → the lease that key reaches on that IP.
-    by_ip_key: HashMap<(IpAddr, String), Key>,
+    by_ip_key: HashMap<ByIpKey, ()>,
     /// Lease hash → how many routes lead to it.
     route_refs: HashMap<Vec<u8>, usize>,
 }
@@ -46,17 +331,73 @@ impl PartialEq for Table {
     }
 }
 
+/// Builds a table from a whole snapshot's parts, one lease at a time, so the
+/// caller can let each go (or decode the next) as it is taken in.
+#[derive(Default)]
+pub(crate) struct Builder {
+    table: Table,
+    errors: Vec<String>,
+    twice: Vec<String>,
+    routes: Vec<pb::Route>,
+}
+
+impl Builder {
+    /// Takes a lease in (checked against those before it).
+    pub(crate) fn lease(&mut self, l: &pb::Lease) {
+        if self
+            .table
+            .leases
+            .contains_key(&by_name(&l.namespace, &l.name) as &dyn NamePair)
+        {
+            self.twice.push(format!(
+                "lease {}/{}: appears twice in the delta",
+                l.namespace, l.name
+            ));
+            return;
+        }
+        self.table.insert_lease(l, &mut self.errors);
+    }
+
+    /// Takes a route in (checked in [`Builder::finish`], after every lease).
+    pub(crate) fn route(&mut self, r: pb::Route) {
+        self.routes.push(r);
+    }
+
+    /// The table, or every problem (only the duplicates when there are any,
+    /// as [`Table::apply`] reports them).
+    pub(crate) fn finish(mut self, relay: Option<pb::RelayTrust>) -> Result<Table, Vec<String>> {
+        duplicates(
+            "route",
+            self.routes.iter().map(|r| (&r.namespace, &r.name)),
+            &mut self.twice,
+        );
+        if !self.twice.is_empty() {
+            return Err(self.twice);
+        }
+        for r in &self.routes {
+            self.table.insert_route(r, &mut self.errors);
+        }
+        self.table.relay = relay;
+        if self.errors.is_empty() {
+            Ok(self.table)
+        } else {
+            Err(self.errors)
+        }
+    }
+}
+
 impl Table {
-    /// The table of a whole snapshot, or every problem the check finds.
-    pub fn from_snapshot(s: &pb::Snapshot) -> Result<Table, Vec<String>> {
-        let mut t = Table::default();
-        t.apply(&pb::SnapshotDelta {
-            upserted_leases: s.leases.clone(),
-            upserted_routes: s.routes.clone(),
-            relay: s.relay.clone(),
-            ..Default::default()
-        })?;
-        Ok(t)
+    /// The table of a whole snapshot, or every problem the check finds. Takes
+    /// the snapshot so each lease is let go as soon as it is held.
+    pub fn from_snapshot(s: pb::Snapshot) -> Result<Table, Vec<String>> {
+        let mut b = Builder::default();
+        for l in s.leases {
+            b.lease(&l);
+        }
+        for r in s.routes {
+            b.route(r);
+        }
+        b.finish(s.relay)
     }
 
     /// Leases held.
@@ -69,9 +410,32 @@ impl Table {
         self.routes.len()
     }
 
-    /// A lease by namespace/name.
-    pub fn lease(&self, namespace: &str, name: &str) -> Option<&pb::Lease> {
-        self.leases.get(&key_of(namespace, name)).map(|l| &**l)
+    fn stored(&self, namespace: &str, name: &str) -> Option<&Lease> {
+        self.leases.get(&by_name(namespace, name) as &dyn NamePair)
+    }
+
+    /// A lease by namespace/name (decoded: the table holds it encoded).
+    pub fn lease(&self, namespace: &str, name: &str) -> Option<pb::Lease> {
+        self.stored(namespace, name)?.decode()
+    }
+
+    /// The lease with this hash.
+    pub fn lease_by_hash(&self, hash: &[u8]) -> Option<pb::Lease> {
+        self.by_hash.get_key_value(hash)?.0.0.decode()
+    }
+
+    /// Whether a lease has this hash.
+    pub fn has_lease_hash(&self, hash: &[u8]) -> bool {
+        self.by_hash.contains_key(hash)
+    }
+
+    /// The lease that the key with this fingerprint reaches on this IP.
+    pub fn lease_by_ip_key(&self, ip: IpAddr, fingerprint: &str) -> Option<pb::Lease> {
+        self.by_ip_key
+            .get_key_value(&(ip, fingerprint) as &dyn IpFingerprint)?
+            .0
+            .0
+            .decode()
     }
 
     /// A route by namespace/name.
@@ -93,16 +457,16 @@ impl Table {
     ) -> pb::Snapshot {
         pb::Snapshot {
             version,
-            leases: self.leases.values().map(|l| (**l).clone()).collect(),
+            leases: self.leases().collect(),
             routes: self.routes.values().map(|r| (**r).clone()).collect(),
             relay: self.relay.clone(),
             generated_unix_ms,
         }
     }
 
-    /// Every lease, in canonical order.
-    pub fn leases(&self) -> impl Iterator<Item = &pb::Lease> {
-        self.leases.values().map(|l| &**l)
+    /// Every lease, in canonical order (each decoded as it is reached).
+    pub fn leases(&self) -> impl Iterator<Item = pb::Lease> + '_ {
+        self.leases.values().filter_map(|l| l.decode())
     }
 
     /// Every route, in canonical order.
@@ -116,7 +480,7 @@ impl Table {
             + self
                 .leases
                 .values()
-                .map(|l| message::encoded_len(2, &**l))
+                .map(|l| key_len(2) + encoded_len_varint(l.enc.len() as u64) + l.enc.len())
                 .sum::<usize>()
             + self
                 .routes
@@ -144,8 +508,11 @@ impl Table {
         if let Some(v) = version {
             message::encode(1, v, out);
         }
+        // What message::encode(2, lease) writes: the held bytes are prost's.
         for l in self.leases.values() {
-            message::encode(2, &**l, out);
+            encode_key(2, WireType::LengthDelimited, out);
+            encode_varint(l.enc.len() as u64, out);
+            out.extend_from_slice(&l.enc);
         }
         for r in self.routes.values() {
             message::encode(3, &**r, out);
@@ -170,10 +537,9 @@ impl Table {
     /// length, the snapshot's bytes), written straight from the maps without
     /// copying the snapshot first.
     pub fn encode_full(&self, version: Option<pb::Version>, generated_unix_ms: i64) -> Bytes {
-        use prost::encoding::{encode_key, encode_varint, encoded_len_varint};
         let body = self.snapshot_len(version.as_ref(), generated_unix_ms);
         let mut out = Vec::with_capacity(body + 1 + encoded_len_varint(body as u64));
-        encode_key(3, prost::encoding::WireType::LengthDelimited, &mut out);
+        encode_key(3, WireType::LengthDelimited, &mut out);
         encode_varint(body as u64, &mut out);
         self.encode_fields(version.as_ref(), generated_unix_ms, &mut out);
         Bytes::from(out)
@@ -187,13 +553,13 @@ impl Table {
         let mut upserted_leases: Vec<pb::Lease> = proposed
             .upserted_leases
             .iter()
-            .filter(|l| self.lease(&l.namespace, &l.name) != Some(*l))
+            .filter(|l| !self.stored(&l.namespace, &l.name).is_some_and(|s| s.is(l)))
             .cloned()
             .collect();
         let mut removed_leases: Vec<pb::ObjectRef> = proposed
             .removed_leases
             .iter()
-            .filter(|r| self.lease(&r.namespace, &r.name).is_some())
+            .filter(|r| self.stored(&r.namespace, &r.name).is_some())
             .cloned()
             .collect();
         let mut upserted_routes: Vec<pb::Route> = proposed
@@ -265,16 +631,18 @@ impl Table {
         // so two leases swapping an IP or a hash in one delta is fine.
         let mut gone_hashes: Vec<Vec<u8>> = Vec::new();
         for r in &d.removed_leases {
-            gone_hashes.extend(self.remove_lease(&key_of(&r.namespace, &r.name)));
+            gone_hashes.extend(self.remove_lease(&r.namespace, &r.name));
         }
         for l in &d.upserted_leases {
-            gone_hashes.extend(self.remove_lease(&key_of(&l.namespace, &l.name)));
+            gone_hashes.extend(self.remove_lease(&l.namespace, &l.name));
         }
         for l in &d.upserted_leases {
             self.insert_lease(l, &mut errors);
         }
         for h in gone_hashes {
-            if !self.by_hash.contains_key(&h) && self.route_refs.get(&h).is_some_and(|n| *n > 0) {
+            if !self.by_hash.contains_key(h.as_slice())
+                && self.route_refs.get(&h).is_some_and(|n| *n > 0)
+            {
                 errors.push(format!(
                     "lease {} left the snapshot but a route still leads to it",
                     hex::encode(&h)
@@ -297,66 +665,86 @@ impl Table {
     }
 
     /// Takes a lease out of the map and the indexes; returns its hash.
-    fn remove_lease(&mut self, key: &Key) -> Option<Vec<u8>> {
-        let old = self.leases.remove(key)?;
-        let mine = |m: Option<&Key>| m == Some(key);
-        if mine(self.by_hash.get(&old.lease_hash)) {
-            self.by_hash.remove(&old.lease_hash);
+    fn remove_lease(&mut self, namespace: &str, name: &str) -> Option<Vec<u8>> {
+        let old = self
+            .leases
+            .remove(&by_name(namespace, name) as &dyn NamePair)?;
+        let mine = |other: &Lease| other.name_pair() == old.name_pair();
+        if self
+            .by_hash
+            .get_key_value(old.hash())
+            .is_some_and(|(k, ())| mine(&k.0))
+        {
+            self.by_hash.remove(old.hash());
         }
-        if let Ok(ip) = old.ip.parse::<IpAddr>() {
-            let piu = (old.pool.clone(), ip, old.user.clone());
-            if mine(self.by_pool_ip_user.get(&piu)) {
+        if old.ip.is_some() {
+            let piu = ByPoolIpUser(old.clone());
+            if self
+                .by_pool_ip_user
+                .get_key_value(&piu)
+                .is_some_and(|(k, ())| mine(&k.0))
+            {
                 self.by_pool_ip_user.remove(&piu);
             }
-            for fp in ip_routed_keys(&old) {
-                let k = (ip, fp.to_string());
-                if mine(self.by_ip_key.get(&k)) {
+            for fp in old.routed_fingerprints() {
+                let k = ByIpKey(old.clone(), fp);
+                if self
+                    .by_ip_key
+                    .get_key_value(&k)
+                    .is_some_and(|(k, ())| mine(&k.0))
+                {
                     self.by_ip_key.remove(&k);
                 }
             }
         }
-        Some(old.lease_hash.clone())
+        Some(old.hash().to_vec())
     }
 
     fn insert_lease(&mut self, l: &pb::Lease, errors: &mut Vec<String>) {
-        let key = key_of(&l.namespace, &l.name);
         let who = lease_name(l);
         let ip = lease_fields(l, errors);
+        let new: Lease = Arc::new(Stored::new(l, ip));
+        let other_than_new = |other: &Lease| other.name_pair() != new.name_pair();
         if l.lease_hash.len() == 32 {
-            match self.by_hash.get(&l.lease_hash) {
-                Some(other) if *other != key => {
+            match self.by_hash.get_key_value(new.hash()) {
+                Some((other, ())) if other_than_new(&other.0) => {
                     errors.push(format!("{who}: lease hash shared with another lease"));
                 }
                 _ => {
-                    self.by_hash.insert(l.lease_hash.clone(), key.clone());
+                    self.by_hash.remove(new.hash());
+                    self.by_hash.insert(ByHash(new.clone()), ());
                 }
             }
         }
         if let Some(ip) = ip {
-            let piu = (l.pool.clone(), ip, l.user.clone());
-            match self.by_pool_ip_user.get(&piu) {
-                Some(other) if *other != key => errors.push(format!(
+            let piu = ByPoolIpUser(new.clone());
+            match self.by_pool_ip_user.get_key_value(&piu) {
+                Some((other, ())) if other_than_new(&other.0) => errors.push(format!(
                     "{who}: user {} holds {ip} in pool {} twice",
                     l.user, l.pool
                 )),
                 _ => {
-                    self.by_pool_ip_user.insert(piu, key.clone());
+                    self.by_pool_ip_user.remove(&piu);
+                    self.by_pool_ip_user.insert(piu, ());
                 }
             }
-            for fp in ip_routed_keys(l) {
-                let k = (ip, fp.to_string());
-                match self.by_ip_key.get(&k) {
-                    Some(other) if *other != key => errors.push(format!(
-                        "{who}: ({ip}, {fp}) already routes to lease {}/{}",
-                        other.0, other.1
+            for fp in new.routed_fingerprints() {
+                let k = ByIpKey(new.clone(), fp);
+                match self.by_ip_key.get_key_value(&k) {
+                    Some((other, ())) if other_than_new(&other.0) => errors.push(format!(
+                        "{who}: ({ip}, {}) already routes to lease {}/{}",
+                        new.text(fp),
+                        other.0.text(other.0.namespace),
+                        other.0.text(other.0.name)
                     )),
                     _ => {
-                        self.by_ip_key.insert(k, key.clone());
+                        self.by_ip_key.remove(&k);
+                        self.by_ip_key.insert(k, ());
                     }
                 }
             }
         }
-        self.leases.insert(key, Arc::new(l.clone()));
+        self.leases.insert(ByName(new.clone()), new);
     }
 
     fn remove_route(&mut self, key: &Key) {
@@ -376,7 +764,7 @@ impl Table {
     fn insert_route(&mut self, r: &pb::Route, errors: &mut Vec<String>) {
         route_fields(r, errors);
         if let Some(pb::route::To::LeaseHash(h)) = &r.to {
-            if !self.by_hash.contains_key(h) {
+            if !self.by_hash.contains_key(h.as_slice()) {
                 errors.push(format!(
                     "{}: its lease {} is not in the snapshot",
                     route_name(r),
@@ -402,11 +790,11 @@ impl Table {
             match item {
                 imbl::ordmap::DiffItem::Add(_, l)
                 | imbl::ordmap::DiffItem::Update { new: (_, l), .. } => {
-                    d.upserted_leases.push((**l).clone())
+                    d.upserted_leases.extend(l.decode())
                 }
-                imbl::ordmap::DiffItem::Remove(k, _) => d.removed_leases.push(pb::ObjectRef {
-                    namespace: k.0.clone(),
-                    name: k.1.clone(),
+                imbl::ordmap::DiffItem::Remove(_, l) => d.removed_leases.push(pb::ObjectRef {
+                    namespace: l.text(l.namespace).to_string(),
+                    name: l.text(l.name).to_string(),
                 }),
             }
         }
@@ -559,7 +947,7 @@ mod tests {
         /// delta::apply, for bases and deltas full of collisions.
         #[test]
         fn apply_agrees_with_the_whole_snapshot_check(base in any_base(), d in any_delta()) {
-            let table = Table::from_snapshot(&base);
+            let table = Table::from_snapshot(base.clone());
             prop_assert_eq!(table.is_ok(), check::check(&base).is_ok());
             let Ok(table) = table else { return Ok(()) };
             prop_assert_eq!(table.to_snapshot(base.version, 0), base.clone());

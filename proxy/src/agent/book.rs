@@ -95,20 +95,20 @@ impl Book {
     /// Indexes `snap` for the agent whose peer id is `me`.
     #[cfg(test)]
     pub fn build(snap: &pb::Snapshot, me: &str, forwards: Arc<Forwards>) -> Book {
-        Self::from_leases(snap.leases.iter(), me, forwards)
+        Self::from_leases(snap.leases.iter().cloned(), me, forwards)
     }
 
     /// Indexes these leases (a snapshot's) for the agent whose peer id is `me`.
-    pub fn from_leases<'a>(
-        leases: impl Iterator<Item = &'a pb::Lease>,
+    pub fn from_leases(
+        leases: impl Iterator<Item = pb::Lease>,
         me: &str,
         forwards: Arc<Forwards>,
     ) -> Book {
         let leases = leases
             .filter_map(|l| {
                 let hash: [u8; 32] = l.lease_hash.as_slice().try_into().ok()?;
-                let provider = match &l.target {
-                    Some(pb::lease::Target::Provider(p)) => Some(p.peer_id.clone()),
+                let provider = match l.target {
+                    Some(pb::lease::Target::Provider(p)) => Some(p.peer_id),
                     _ => None,
                 };
                 Some((hash, (format!("{}/{}", l.namespace, l.name), provider)))
