@@ -939,3 +939,28 @@ async fn kill_9_in_a_burst_of_edits_loses_no_allocation() {
     task.abort();
     drop(op2);
 }
+
+/// Reading the directory is not a change: an idle operator runs no rounds
+/// but its periodic rescan (`--rescan-secs 5` here). Its own listings and
+/// reads once woke it every 20 ms, forever.
+#[test]
+fn an_idle_directory_costs_no_rounds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("local");
+    std::fs::create_dir(&dir).unwrap();
+    let key = new_public_key(tmp.path(), "idle");
+    write_file(&dir.join("pool.yaml"), &pool_yaml("p", &["127.0.10.1"]));
+    write_file(
+        &dir.join("vm.yaml"),
+        &lease_yaml("vm", "idle", "p", &key, "127.0.0.1:22", false),
+    );
+    let op = Operator::start(&dir).unwrap();
+    wait_for(WAIT, "the lease Ready", || all_ready(&dir, 1)).unwrap();
+    // `status` read the state: let its reads settle too.
+    std::thread::sleep(Duration::from_secs(1));
+    let rounds = || op.proc.output().matches(" round ").count();
+    let before = rounds();
+    std::thread::sleep(Duration::from_secs(3));
+    let idle = rounds() - before;
+    assert!(idle <= 1, "{idle} rounds in 3 idle seconds");
+}

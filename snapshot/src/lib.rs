@@ -17,5 +17,8 @@ pub mod pb {
     tonic::include_proto!("keyway.snapshot.v1");
 }
 
-/// Largest snapshot either side encodes or decodes (100,000 leases are ~30 MiB).
-pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+/// Largest snapshot either side encodes or decodes, and the largest record of
+/// a subscriber's disk copy: a full snapshot is one message, and 1,000,000
+/// leases are ~320 MB (at most a few million fit). Only the operator's
+/// responses can be this big; what subscribers send is capped far lower.
+pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024 * 1024;

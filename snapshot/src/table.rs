@@ -44,26 +44,42 @@ struct Span {
 }
 
 /// The length-delimited fields of an encoded message, as (tag, span). Every
-/// field of `Lease` and `AccessKey` is length-delimited; anything else (never
-/// in what prost encodes for them) ends the walk.
+/// field of `Lease` and `AccessKey` is length-delimited today; a varint or
+/// fixed-width field (a later proto version) is stepped over, and only bytes
+/// that are not protobuf end the walk.
 fn fields(buf: &[u8], base: u32) -> impl Iterator<Item = (u32, Span)> + '_ {
     let mut at = 0usize;
     std::iter::from_fn(move || {
-        let mut rest = buf.get(at..).filter(|r| !r.is_empty())?;
-        let before = rest.len();
-        let (tag, wire) = decode_key(&mut rest).ok()?;
-        if wire != WireType::LengthDelimited {
-            return None;
+        loop {
+            let mut rest = buf.get(at..).filter(|r| !r.is_empty())?;
+            let before = rest.len();
+            let (tag, wire) = decode_key(&mut rest).ok()?;
+            let skip = match wire {
+                WireType::LengthDelimited => None,
+                WireType::Varint => {
+                    decode_varint(&mut rest).ok()?;
+                    Some(0)
+                }
+                WireType::SixtyFourBit => Some(8),
+                WireType::ThirtyTwoBit => Some(4),
+                WireType::StartGroup | WireType::EndGroup => return None,
+            };
+            if let Some(n) = skip {
+                at = (at + (before - rest.len()))
+                    .checked_add(n)
+                    .filter(|e| *e <= buf.len())?;
+                continue;
+            }
+            let len = usize::try_from(decode_varint(&mut rest).ok()?).ok()?;
+            let start = at + (before - rest.len());
+            let end = start.checked_add(len).filter(|e| *e <= buf.len())?;
+            at = end;
+            let span = Span {
+                at: base.checked_add(u32::try_from(start).ok()?)?,
+                len: u32::try_from(len).ok()?,
+            };
+            return Some((tag, span));
         }
-        let len = usize::try_from(decode_varint(&mut rest).ok()?).ok()?;
-        let start = at + (before - rest.len());
-        let end = start.checked_add(len).filter(|e| *e <= buf.len())?;
-        at = end;
-        let span = Span {
-            at: base.checked_add(u32::try_from(start).ok()?)?,
-            len: u32::try_from(len).ok()?,
-        };
-        Some((tag, span))
     })
 }
 
@@ -839,6 +855,21 @@ mod tests {
     use super::*;
     use crate::{check, delta};
     use proptest::prelude::*;
+
+    /// A varint field (not in today's `Lease`, maybe in a later one) is
+    /// stepped over: the fields after it are still found.
+    #[test]
+    fn fields_step_over_other_wire_types() {
+        let mut buf = Vec::new();
+        prost::encoding::uint64::encode(20, &300, &mut buf);
+        prost::encoding::fixed32::encode(21, &7, &mut buf);
+        prost::encoding::string::encode(1, &"ns".to_string(), &mut buf);
+        let got: Vec<(u32, Span)> = fields(&buf, 0).collect();
+        assert_eq!(got.len(), 1, "{got:?}");
+        let (tag, span) = got[0];
+        assert_eq!(tag, 1);
+        assert_eq!(&buf[span.at as usize..][..span.len as usize], b"ns");
+    }
 
     fn lease(name: u8, hash: u8, ip: u8, user: u8, fp: u8, disabled: bool) -> pb::Lease {
         let fp = format!("f{fp}");

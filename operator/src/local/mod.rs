@@ -815,6 +815,17 @@ pub async fn run(opts: LocalOptions) -> Result<()> {
     let (fs_tx, mut fs_rx) = mpsc::channel::<()>(1);
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         let relevant = match &res {
+            // Opening or reading (the scanner's own reads and directory
+            // listings among them) changes nothing; a close after writing does.
+            Ok(ev)
+                if matches!(
+                    ev.kind,
+                    notify::EventKind::Access(a)
+                        if a != notify::event::AccessKind::Close(notify::event::AccessMode::Write)
+                ) =>
+            {
+                false
+            }
             Ok(ev) => ev.paths.iter().any(|p| {
                 p.file_name()
                     .map(|n| n.to_string_lossy())

@@ -278,6 +278,14 @@ impl ApiServer {
         }
     }
 
+    /// How many objects of a kind satisfy `pred` (nothing is copied).
+    pub fn count(&self, group: &str, plural: &str, pred: impl Fn(&Value) -> bool) -> usize {
+        match resources::find_by_plural(group, plural) {
+            Some(res) => self.shared.lock_store().count(res, pred),
+            None => 0,
+        }
+    }
+
     /// The current global resourceVersion.
     pub fn resource_version(&self) -> u64 {
         self.shared.lock_store().resource_version()

@@ -385,6 +385,14 @@ impl Store {
             .unwrap_or_default()
     }
 
+    /// How many objects of `res` satisfy `pred`, without copying any (a
+    /// count over 100,000 objects must not hold the store long).
+    pub fn count(&self, res: &'static ResourceDef, pred: impl Fn(&Value) -> bool) -> usize {
+        self.objects
+            .get(&res.key())
+            .map_or(0, |m| m.values().filter(|v| pred(v)).count())
+    }
+
     /// The objects of `res` as they were at resourceVersion `at`, reconstructed from history.
     fn snapshot(
         &self,
