@@ -33,7 +33,15 @@ async fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(10_000);
     let users = (leases / 10).max(1);
-    let env = ClusterEnv::start().await.unwrap();
+    // etcd keeps minutes of history; the double's default (10,000 changes)
+    // is a few seconds of this bench's creates, and a watch that falls
+    // further behind relists.
+    let env = ClusterEnv::start_with(keyway_apiserver_double::Options {
+        history_limit: 2_000_000,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     env.create("ippools", pool_obj("bench", &["127.0.60.0/24"]))
         .await
         .unwrap();

@@ -72,7 +72,13 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
 impl ClusterEnv {
     /// Starts the double and stores the token Secret.
     pub async fn start() -> Result<Self> {
-        let api = ApiServer::start().await?;
+        Self::start_with(keyway_apiserver_double::Options::default()).await
+    }
+
+    /// [`ClusterEnv::start`] with the double's options (a scale bench keeps
+    /// more watch history, as etcd keeps minutes of it).
+    pub async fn start_with(opts: keyway_apiserver_double::Options) -> Result<Self> {
+        let api = ApiServer::start_with(opts).await?;
         let dir = tempfile::tempdir()?;
         let kubeconfig = dir.path().join("kubeconfig-test");
         api.write_kubeconfig(&kubeconfig, "test")?;

@@ -226,8 +226,31 @@ fn publish_if_dirty(idx: &mut Index, publisher: &Publisher, metrics: &Metrics) {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct ReconcileError(String);
+enum ReconcileError {
+    /// The finalizer patch's `test` failed (422) or conflicted (409): this
+    /// reconcile saw an older object than the server holds (after a relist
+    /// under churn, say). The watch brings the newer one; retried soon
+    /// without escalating the backoff, or a burst of stale views would park
+    /// every object for minutes.
+    #[error("stale view of the object: {0}")]
+    Stale(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl ReconcileError {
+    fn of(e: kube::runtime::finalizer::Error<ReconcileError>) -> ReconcileError {
+        use kube::runtime::finalizer::Error as F;
+        match &e {
+            F::AddFinalizer(kube::Error::Api(s)) | F::RemoveFinalizer(kube::Error::Api(s))
+                if s.code == 409 || s.code == 422 =>
+            {
+                ReconcileError::Stale(e.to_string())
+            }
+            _ => ReconcileError::Other(e.to_string()),
+        }
+    }
+}
 
 fn identity_default() -> String {
     if let Ok(p) = std::env::var("POD_NAME")
@@ -606,6 +629,17 @@ fn reconciled(ctx: &Ctx, kind: Kind, obj: &DynamicObject) {
         .inc();
 }
 
+/// Retry after a stale view (the watch normally delivers the newer object
+/// first, which reconciles at once).
+const STALE_RETRY: Duration = Duration::from_secs(2);
+
+fn obj_kind(obj: &DynamicObject) -> String {
+    obj.types
+        .as_ref()
+        .map(|t| t.kind.clone())
+        .unwrap_or_else(|| "object".into())
+}
+
 /// Safety-net resync of each object.
 const RESYNC: Duration = Duration::from_secs(600);
 
@@ -652,7 +686,7 @@ async fn reconcile_lease(obj: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Actio
         }
     })
     .await
-    .map_err(|e| ReconcileError(format!("{e}")))?;
+    .map_err(ReconcileError::of)?;
     reconciled(&ctx, Kind::Lease, &obj);
     Ok(action)
 }
@@ -660,11 +694,15 @@ async fn reconcile_lease(obj: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Actio
 /// Transient errors retry with per-object exponential backoff (0.5 s … 5 min);
 /// nothing here can stop the controller.
 fn error_policy(obj: Arc<DynamicObject>, err: &ReconcileError, ctx: Arc<Ctx>) -> Action {
-    let kind = obj
-        .types
-        .as_ref()
-        .map(|t| t.kind.clone())
-        .unwrap_or_else(|| "object".into());
+    if let ReconcileError::Stale(e) = err {
+        ctx.metrics
+            .reconciles
+            .with_label_values(&[obj_kind(&obj).as_str(), "stale"])
+            .inc();
+        debug!(object = ?obj_id(&obj), "{e}; retrying");
+        return Action::requeue(STALE_RETRY);
+    }
+    let kind = obj_kind(&obj);
     let (ns, name) = obj_id(&obj);
     let n = {
         let mut f = ctx.failures.lock().unwrap_or_else(|p| p.into_inner());
