@@ -837,6 +837,14 @@ async fn publish_loop(ctx: Arc<Ctx>, mut stop: watch::Receiver<bool>) {
     }
 }
 
+/// Objects a round finds gone (deleted, or being deleted).
+enum Gone {
+    /// Every admitted object but these (a round that looked at everything).
+    AllBut(HashSet<ObjKey>),
+    /// These (a round that looked at what watch events named).
+    These(Vec<ObjKey>),
+}
+
 /// One round; returns whether a write failed (retried soon). It looks at
 /// the objects watch events named since the last round, or at every object
 /// after a relist and every 30 s (the safety net).
@@ -847,13 +855,12 @@ async fn round(
 ) -> bool {
     let started = std::time::Instant::now();
     let seen = ctx.take_seen();
-    let (observed, changed, gone): (Observed, Vec<ObjKey>, Vec<ObjKey>) = if seen.everything {
+    let (observed, changed, gone): (Observed, Vec<ObjKey>, Gone) = if seen.everything {
         let (observed, present) = observe(stores);
         let changed = observed.keys().cloned().collect();
-        // Admitted objects missing from `present`, found under the lock.
         inflight
             .retain(|k, (rv, _)| observed.get(k).map(|o| &o.metadata.resource_version) == Some(rv));
-        (observed, changed, present.into_iter().collect())
+        (observed, changed, Gone::AllBut(present))
     } else {
         let mut observed = Observed::new();
         let mut gone = Vec::new();
@@ -880,7 +887,7 @@ async fn round(
             }
         }
         let changed = observed.keys().cloned().collect();
-        (observed, changed, gone)
+        (observed, changed, Gone::These(gone))
     };
     let find = |k: &ObjKey| {
         observed
@@ -890,11 +897,9 @@ async fn round(
     };
     let (writes, notices) = {
         let mut idx = ctx.index();
-        let swept = if seen.everything {
-            let present: HashSet<ObjKey> = gone.into_iter().collect();
-            idx.sweep(&present)
-        } else {
-            gone.iter().filter(|k| idx.remove(k)).count()
+        let swept = match &gone {
+            Gone::AllBut(present) => idx.sweep(present),
+            Gone::These(keys) => keys.iter().filter(|k| idx.remove(k)).count(),
         };
         if swept > 0 {
             debug!(swept, "objects gone without a finalizer");
