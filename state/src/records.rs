@@ -13,7 +13,6 @@ use keyway_crds::{
 };
 use serde::{Deserialize, Serialize};
 
-/// Where a problem was found in the directory, and what it is.
 /// A spec as last seen in its file (even when it did not validate), held as
 /// compact JSON text: a parsed tree costs about seven times as much memory,
 /// once per object. Two are equal when they hold the same JSON (texts are
@@ -60,6 +59,7 @@ impl PartialEq for SeenSpec {
     }
 }
 
+/// Where a problem was found in the directory, and what it is.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Problem {

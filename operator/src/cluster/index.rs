@@ -185,18 +185,21 @@ impl Index {
 
     /// Removes every admitted object not in `present` (deleted without our
     /// finalizer running: pools and routes have none, and a finalizer can be
-    /// stripped by hand). Returns how many went.
-    pub fn sweep(&mut self, present: &HashSet<ObjKey>) -> usize {
-        let gone: Vec<ObjKey> = self
+    /// stripped by hand) for which `gone` still holds when asked (the caller
+    /// checks the watch again: an object recreated under the same name since
+    /// `present` was taken stays). Returns how many went.
+    pub fn sweep(&mut self, present: &HashSet<ObjKey>, gone: impl Fn(&ObjKey) -> bool) -> usize {
+        let missing: Vec<ObjKey> = self
             .applied
             .keys()
             .filter(|k| !present.contains(k))
             .cloned()
             .collect();
-        for k in &gone {
-            self.remove(k);
-        }
-        gone.len()
+        missing
+            .iter()
+            .filter(|k| gone(k))
+            .filter(|k| self.remove(k))
+            .count()
     }
 
     /// Objects admitted, by kind.
@@ -423,7 +426,7 @@ mod tests {
         edited.data["spec"]["settled"] = json!(true);
         assert!(idx.apply(Kind::Lease, &edited));
         let present: HashSet<ObjKey> = [key_of(Kind::Pool, &p).unwrap()].into();
-        assert_eq!(idx.sweep(&present), 1);
+        assert_eq!(idx.sweep(&present, |_| true), 1);
         assert_eq!(idx.counts().get(&Kind::Lease), None);
     }
 

@@ -227,11 +227,11 @@ fn publish_if_dirty(idx: &mut Index, publisher: &Publisher, metrics: &Metrics) {
 
 #[derive(Debug, thiserror::Error)]
 enum ReconcileError {
-    /// The finalizer patch's `test` failed (422) or conflicted (409): this
-    /// reconcile saw an older object than the server holds (after a relist
-    /// under churn, say). The watch brings the newer one; retried soon
-    /// without escalating the backoff, or a burst of stale views would park
-    /// every object for minutes.
+    /// The finalizer patch's `test` operation failed (422, "test failed") or
+    /// conflicted (409): this reconcile saw an older object than the server
+    /// holds (after a relist under churn, say). The watch brings the newer
+    /// one; retried soon without escalating the backoff, or a burst of stale
+    /// views would park every object for minutes.
     #[error("stale view of the object: {0}")]
     Stale(String),
     #[error("{0}")]
@@ -242,8 +242,10 @@ impl ReconcileError {
     fn of(e: kube::runtime::finalizer::Error<ReconcileError>) -> ReconcileError {
         use kube::runtime::finalizer::Error as F;
         match &e {
+            // 422 is any validation failure too: only a failed `test`
+            // operation means the view was stale.
             F::AddFinalizer(kube::Error::Api(s)) | F::RemoveFinalizer(kube::Error::Api(s))
-                if s.code == 409 || s.code == 422 =>
+                if s.code == 409 || (s.code == 422 && s.message.contains("test failed")) =>
             {
                 ReconcileError::Stale(e.to_string())
             }
@@ -897,9 +899,17 @@ async fn round(
     };
     let (writes, notices) = {
         let mut idx = ctx.index();
+        // Asked again under the index lock: an object recreated under the
+        // same name since the stores were read is in the store by now if the
+        // controller admitted it (the reflector writes before it triggers).
+        let still_gone = |k: &ObjKey| lookup(stores, &ctx.kinds, k).is_none_or(|o| is_deleting(&o));
         let swept = match &gone {
-            Gone::AllBut(present) => idx.sweep(present),
-            Gone::These(keys) => keys.iter().filter(|k| idx.remove(k)).count(),
+            Gone::AllBut(present) => idx.sweep(present, still_gone),
+            Gone::These(keys) => keys
+                .iter()
+                .filter(|k| still_gone(k))
+                .filter(|k| idx.remove(k))
+                .count(),
         };
         if swept > 0 {
             debug!(swept, "objects gone without a finalizer");
