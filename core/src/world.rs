@@ -415,12 +415,19 @@ impl World {
         if let Some(old) = prev.as_ref().and_then(|p| p.effective()) {
             self.pending.pools.insert(old.pool.clone());
         }
-        let (effective, rejected) = admit(&obj.spec, prev.and_then(|p| p.into_effective()));
-        let events = match &effective {
+        // A valid spec is used where it is (no copy); a refused one keeps
+        // the last valid spec.
+        let (kept, rejected) = match &obj.spec {
+            Ok(_) => (None, None),
+            Err(e) => match prev.and_then(|p| p.into_effective()) {
+                Some(old) => (Some(old), Some(e.clone())),
+                None => (None, None),
+            },
+        };
+        let events = match obj.spec.as_ref().ok().or(kept.as_ref()) {
             Some(spec) => self.allocator.upsert_lease(request(&obj, spec)),
             None => self.allocator.remove_lease(&key),
         };
-        let kept = if obj.spec.is_ok() { None } else { effective };
         if let Some(e) = &rejected {
             self.notice(
                 Severity::Warning,

@@ -120,6 +120,21 @@ pub struct RouteTable {
     by_connect: imbl::HashMap<(String, u16), imbl::OrdSet<Name>>,
 }
 
+/// Takes `name` out of the routes indexed under `k`, dropping the entry
+/// once none is left.
+fn unindex<K: Clone + Eq + std::hash::Hash>(
+    index: &mut imbl::HashMap<K, imbl::OrdSet<Name>>,
+    k: &K,
+    name: &Name,
+) {
+    if let Some(set) = index.get_mut(k) {
+        set.remove(name);
+        if set.is_empty() {
+            index.remove(k);
+        }
+    }
+}
+
 /// Where a CONNECT goes and who may open it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConnectDecision {
@@ -179,24 +194,8 @@ impl RouteTable {
             return;
         };
         match &old.on {
-            On::Connect(host, port) => {
-                let k = (host.clone(), *port);
-                if let Some(set) = self.by_connect.get_mut(&k) {
-                    set.remove(name);
-                    if set.is_empty() {
-                        self.by_connect.remove(&k);
-                    }
-                }
-            }
-            On::Ssh(user, host) => {
-                let k = (user.clone(), *host);
-                if let Some(set) = self.by_user_host.get_mut(&k) {
-                    set.remove(name);
-                    if set.is_empty() {
-                        self.by_user_host.remove(&k);
-                    }
-                }
-            }
+            On::Connect(host, port) => unindex(&mut self.by_connect, &(host.clone(), *port), name),
+            On::Ssh(user, host) => unindex(&mut self.by_user_host, &(user.clone(), *host), name),
         }
     }
 

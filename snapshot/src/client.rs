@@ -25,6 +25,7 @@ use tracing::{debug, error, info, warn};
 use crate::disk::{DiskCopy, Saved};
 use crate::held::{Held, LazySnapshot};
 use crate::pb::{self, SubscribeRequest};
+use crate::server::SUBSCRIBE_PATH;
 use crate::version;
 
 /// `SnapshotResponse` as the subscriber decodes it (same wire format): a
@@ -42,10 +43,6 @@ struct Response {
     #[prost(message, optional, tag = "4")]
     delta: Option<pb::SnapshotDelta>,
 }
-
-/// The generated client's `Subscribe` path (the call is made by hand to
-/// decode [`Response`]).
-const SUBSCRIBE_PATH: &str = "/keyway.snapshot.v1.SnapshotService/Subscribe";
 
 /// Shortest reconnect delay, whatever the config says (zero would spin).
 const MIN_BACKOFF: Duration = Duration::from_millis(10);

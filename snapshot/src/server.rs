@@ -62,7 +62,9 @@ pub const HISTORY_MAX_STEPS: usize = 4096;
 pub const HISTORY_MAX_BYTES: usize = 64 * 1024 * 1024;
 /// NACK error texts are kept up to this many bytes.
 const MAX_ERROR_BYTES: usize = 1024;
-const SUBSCRIBE_PATH: &str = "/keyway.snapshot.v1.SnapshotService/Subscribe";
+/// The one method's path (both sides speak it by hand: the server routes
+/// it, the subscriber decodes its responses into a mirror type).
+pub(crate) const SUBSCRIBE_PATH: &str = "/keyway.snapshot.v1.SnapshotService/Subscribe";
 
 /// Why a snapshot was not published: every problem the consistency check found.
 #[derive(Debug, thiserror::Error)]

@@ -175,7 +175,8 @@ impl Session {
                         ChannelMsg::WindowAdjusted { new_size:_ }=> {
                             // Ignore this message type
                         }
-                        _ => {todo!()}
+                        // Nothing else concerns a forwarded TCP stream.
+                        _ => {}
                     }
                 },
             }
