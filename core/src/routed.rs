@@ -6,7 +6,13 @@
 //! writer (they ACKed one, or their hello named one): a proxy that has not
 //! received anything yet does not hold every object back, and a proxy
 //! connecting or leaving changes the `Routed` condition only of the objects
-//! still in flight (see [`RoutedTracker::moved`]). Everything here is
+//! still in flight (see [`RoutedTracker::moved`]). That holds for the last
+//! proxy leaving too: while none counts, the versions the last ones had
+//! acknowledged (the floor) still decide, so a lone proxy restarting costs
+//! O(objects in flight), not a rewrite of every status. The one step that
+//! looks at every object is the first acknowledgement after the operator
+//! starts (versions are renumbered then; statuses whose content did not
+//! change stay as they were, so it costs no writes). Everything else here is
 //! O(change): [`RoutedTracker::observe`] takes the published delta.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -15,7 +21,7 @@ use std::ops::Bound;
 use keyway_snapshot::pb;
 
 use crate::key::{LeaseKey, ObjKey};
-use crate::world::RoutedInfo;
+use crate::world::{Before, RoutedInfo};
 
 /// A subscriber as the tracker needs it.
 #[derive(Clone, Debug)]
@@ -61,6 +67,9 @@ pub struct RoutedTracker {
     by_since: BTreeMap<Order, HashSet<ObjKey>>,
     /// The counted acknowledgements [`RoutedTracker::moved`] last saw.
     view: Option<Vec<Order>>,
+    /// The lowest of them, the last time any subscriber counted: what every
+    /// proxy then had applied.
+    floor: Option<Order>,
 }
 
 fn lease_key(r: &pb::ObjectRef) -> LeaseKey {
@@ -118,24 +127,32 @@ impl RoutedTracker {
 
     /// The objects whose `Routed` condition may differ from what it was when
     /// this was last called (every published object the first time): those
-    /// whose version lies above the lowest acknowledgement either time, and
-    /// everything when the count of proxies goes to or from zero.
+    /// whose version lies above the lowest acknowledgement either time (the
+    /// floor standing in while none counts), and everything when the first
+    /// acknowledgement since the start arrives.
     pub fn moved(&mut self, subs: &[Ack]) -> Vec<ObjKey> {
         let now = counted(subs);
         let old = self.view.replace(now.clone());
+        let old_floor = self.floor;
+        if let Some(low) = now.first() {
+            self.floor = Some(*low);
+        }
         let all = || self.since.keys().cloned().collect();
         let Some(old) = old else { return all() };
         if old == now {
             return Vec::new();
         }
-        let (Some(a), Some(b)) = (old.first(), now.first()) else {
-            return all();
-        };
-        let low = *a.min(b);
-        self.by_since
-            .range((Bound::Excluded(low), Bound::Unbounded))
-            .flat_map(|(_, keys)| keys.iter().cloned())
-            .collect()
+        let old_low = old.first().copied().or(old_floor);
+        let new_low = now.first().copied().or(self.floor);
+        match (old_low, new_low) {
+            (Some(a), Some(b)) => self
+                .by_since
+                .range((Bound::Excluded(a.min(b)), Bound::Unbounded))
+                .flat_map(|(_, keys)| keys.iter().cloned())
+                .collect(),
+            (None, None) => Vec::new(),
+            _ => all(),
+        }
     }
 
     /// Routed state of one object given the subscribers' acknowledgements.
@@ -144,10 +161,16 @@ impl RoutedTracker {
             return RoutedInfo::default();
         };
         let counted = counted(subs);
+        let before = match self.floor {
+            None => Before::Nothing,
+            Some(floor) if floor >= *since => Before::Applied,
+            Some(_) => Before::NotApplied,
+        };
         RoutedInfo {
             subscribers: counted.len(),
             acked: counted.iter().filter(|a| *a >= since).count(),
             since: Some(format!("e{}.v{}", since.0, since.1)),
+            before,
         }
     }
 }
@@ -242,7 +265,45 @@ mod tests {
         assert_eq!(t.moved(&acked(&[Some(2), None])), vec![]);
         // It comes in at v1: b is in flight again, a is not.
         assert_eq!(t.moved(&acked(&[Some(2), Some(1)])), vec![lease("b")]);
-        // The last proxy leaves: everything goes NoProxy.
+        // Both leave: only b, in flight for the one at v1, moves (the floor,
+        // v1, still covers a).
+        assert_eq!(t.moved(&[]), vec![lease("b")]);
+        assert_eq!(t.info(&lease("a"), &[]).before, Before::Applied);
+        assert_eq!(t.info(&lease("b"), &[]).before, Before::NotApplied);
+        // A proxy comes back at v2: b, above the floor, moves; a does not.
+        assert_eq!(t.moved(&acked(&[Some(2)])), vec![lease("b")]);
+    }
+
+    /// A lone proxy restarting (gone, then back with the version it held)
+    /// moves nothing when nothing changed meanwhile, and only what changed
+    /// when something did.
+    #[test]
+    fn a_lone_proxy_restarting_moves_only_what_changed_meanwhile() {
+        let mut t = RoutedTracker::default();
+        t.observe(&change(1, &["a", "b", "c"], &[]));
+        let _ = t.moved(&acked(&[Some(1)]));
+        assert_eq!(t.moved(&[]), vec![], "it left; everything was applied");
+        t.observe(&change(2, &["c"], &[]));
+        let c = t.info(&lease("c"), &[]);
+        assert_eq!((c.subscribers, c.before), (0, Before::NotApplied));
+        assert_eq!(t.moved(&acked(&[Some(1)])), vec![lease("c")]);
+        assert_eq!(t.moved(&acked(&[Some(2)])), vec![lease("c")]);
+    }
+
+    /// Before any acknowledgement since the start, objects know nothing of
+    /// the proxies; the first one moves everything (versions were
+    /// renumbered), and the proxies coming and going later do not.
+    #[test]
+    fn the_first_acknowledgement_since_the_start_moves_everything() {
+        let mut t = RoutedTracker::default();
+        t.observe(&change(1, &["a", "b"], &[]));
         assert_eq!(sorted(t.moved(&[])), vec![lease("a"), lease("b")]);
+        assert_eq!(t.info(&lease("a"), &[]).before, Before::Nothing);
+        assert_eq!(t.moved(&[]), vec![]);
+        assert_eq!(
+            sorted(t.moved(&acked(&[Some(1)]))),
+            vec![lease("a"), lease("b")]
+        );
+        assert_eq!(t.moved(&[]), vec![]);
     }
 }

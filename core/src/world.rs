@@ -13,6 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 use keyway_crds::addresses::AddressSet;
 use keyway_crds::keys::AccessKey;
@@ -151,6 +152,25 @@ pub struct RoutedInfo {
     pub acked: usize,
     /// That version, once published.
     pub since: Option<String>,
+    /// When no subscriber counts: what the ones counted last had applied.
+    pub before: Before,
+}
+
+/// What the proxies counted last had applied, for the time none counts (all
+/// left, or none has come since the operator started). Kept so that the last
+/// proxy leaving, or the first arriving, changes the `Routed` condition only
+/// of the objects still in flight, never of every object.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Before {
+    /// No proxy has acknowledged anything of this epoch yet: an object keeps
+    /// the `Routed=True` it had while its generation is unchanged (a restart
+    /// renumbers versions, not content).
+    #[default]
+    Nothing,
+    /// They had applied the object's current content.
+    Applied,
+    /// They had not.
+    NotApplied,
 }
 
 /// Objects whose status or snapshot entry may have changed (a superset).
@@ -989,7 +1009,8 @@ impl World {
                         ));
                     }
                 }
-                let (ok, reason, msg) = routed_condition(routed);
+                let prev = prev.map_or(&[][..], |p| &p.conditions);
+                let (ok, reason, msg) = routed_condition(routed, prev, generation);
                 conds.set("Routed", ok, reason, msg.clone());
             }
             Some(Assignment::Pending(reason)) if !spec.settled => {
@@ -1118,7 +1139,8 @@ impl World {
         match accepted {
             Ok(()) => {
                 conds.set("Accepted", true, "Accepted", "valid and resolved");
-                let (ok, reason, msg) = routed_condition(routed);
+                let prev = prev.map_or(&[][..], |p| &p.conditions);
+                let (ok, reason, msg) = routed_condition(routed, prev, generation);
                 conds.set("Routed", ok, reason, msg.clone());
             }
             Err((reason, msg)) => {
@@ -1131,25 +1153,41 @@ impl World {
     }
 }
 
-fn routed_condition(r: &RoutedInfo) -> (bool, &'static str, String) {
+/// The message of `Routed=True`. It names no version and no count: versions
+/// are renumbered by an operator restart and counts change as proxies come
+/// and go, and neither may rewrite the status of every object.
+const APPLIED: &str = "applied by every proxy serving this operator's snapshots";
+
+/// `Routed` for an object at `generation` whose previous conditions were
+/// `prev`.
+fn routed_condition(
+    r: &RoutedInfo,
+    prev: &[Condition],
+    generation: Option<i64>,
+) -> (bool, &'static str, String) {
+    let applied = (true, "Applied", APPLIED.to_string());
+    let no_proxy = (
+        false,
+        "NoProxy",
+        "no proxy serving this operator's snapshots has applied it".to_string(),
+    );
     match &r.since {
         None => (
             false,
             "NotPublished",
             "not yet in a published snapshot".into(),
         ),
-        Some(_) if r.subscribers == 0 => (
-            false,
-            "NoProxy",
-            "no proxy serving this operator's snapshots is connected".into(),
-        ),
-        // No count here: a proxy connecting or leaving must not rewrite the
-        // status of every object it already agrees on.
-        Some(v) if r.acked >= r.subscribers => (
-            true,
-            "Applied",
-            format!("snapshot {v} applied by every connected proxy"),
-        ),
+        Some(_) if r.subscribers == 0 => match r.before {
+            Before::Applied => applied,
+            Before::NotApplied => no_proxy,
+            Before::Nothing => {
+                let kept = prev.iter().any(|c| {
+                    c.type_ == "Routed" && c.status == "True" && c.observed_generation == generation
+                });
+                if kept { applied } else { no_proxy }
+            }
+        },
+        Some(_) if r.acked >= r.subscribers => applied,
         Some(v) => (
             false,
             "Applying",

@@ -1,6 +1,13 @@
 //! `keyway-operator`: allocates pooled IPs, writes status, and streams routing
 //! snapshots to proxies. `run --local DIR` needs no cluster.
 
+/// jemalloc rather than glibc's malloc: with millions of small objects built
+/// on several threads (a snapshot load decodes on one and indexes on
+/// another), glibc's per-thread arenas grow a page per system call and keep
+/// freed memory (docs/operations.md, "Memory and scale").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;

@@ -3,6 +3,13 @@
 //! receives; `agent` is the provider side of `/xe/tunnel/2.0.0`, on the same
 //! subscription.
 
+/// jemalloc rather than glibc's malloc: with millions of small objects built
+/// on several threads (a snapshot load decodes on one and indexes on
+/// another), glibc's per-thread arenas grow a page per system call and keep
+/// freed memory (docs/operations.md, "Memory and scale").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 mod agent;
 mod gateway;
 mod keys;

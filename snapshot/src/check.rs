@@ -85,37 +85,39 @@ pub(crate) fn route_name(r: &pb::Route) -> String {
 
 /// The rules one lease must follow on its own; returns its IP when it parses.
 pub(crate) fn lease_fields(l: &pb::Lease, errors: &mut Vec<String>) -> Option<IpAddr> {
-    let who = lease_name(l);
+    // Named only when something is wrong: loads take millions of leases.
+    let who = || lease_name(l);
     if l.lease_hash.len() != 32 {
         errors.push(format!(
-            "{who}: lease hash has {} bytes, not 32",
+            "{}: lease hash has {} bytes, not 32",
+            who(),
             l.lease_hash.len()
         ));
     }
     if l.access_keys.is_empty() {
-        errors.push(format!("{who}: no access keys"));
+        errors.push(format!("{}: no access keys", who()));
     }
     if l.access_keys
         .iter()
         .any(|k| k.fingerprint.is_empty() || k.openssh.is_empty())
     {
-        errors.push(format!("{who}: access key without key or fingerprint"));
+        errors.push(format!("{}: access key without key or fingerprint", who()));
     }
     match &l.target {
         Some(pb::lease::Target::Address(a)) if valid_host_port(a) => {}
         Some(pb::lease::Target::Address(a)) => {
-            errors.push(format!("{who}: target {a:?} is not host:port"))
+            errors.push(format!("{}: target {a:?} is not host:port", who()))
         }
         Some(pb::lease::Target::Provider(p)) if !p.peer_id.is_empty() => {}
         Some(pb::lease::Target::Provider(_)) => {
-            errors.push(format!("{who}: provider without peer id"))
+            errors.push(format!("{}: provider without peer id", who()))
         }
-        None => errors.push(format!("{who}: no target")),
+        None => errors.push(format!("{}: no target", who())),
     }
     match l.ip.parse() {
         Ok(ip) => Some(ip),
         Err(_) => {
-            errors.push(format!("{who}: ip {:?} does not parse", l.ip));
+            errors.push(format!("{}: ip {:?} does not parse", who(), l.ip));
             None
         }
     }

@@ -83,9 +83,7 @@ impl Held {
             .version
             .ok_or_else(|| LoadError::Invalid("the snapshot has no version".into()))?;
         let mut b = Builder::default();
-        for enc in lazy.leases {
-            b.lease(&pb::Lease::decode(enc)?);
-        }
+        b.load(lazy.leases)?;
         for r in lazy.routes {
             b.route(r);
         }
@@ -153,4 +151,90 @@ pub(crate) fn summarize(errors: &[String]) -> String {
         out.push_str(&format!(" (and {} more)", errors.len() - SHOWN));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn lease(i: usize, hash: usize) -> pb::Lease {
+        pb::Lease {
+            namespace: "d".into(),
+            name: format!("l{i:05}"),
+            lease_hash: {
+                let mut h = vec![0; 32];
+                h[..8].copy_from_slice(&(hash as u64).to_le_bytes());
+                h
+            },
+            user: format!("u{i}"),
+            ip: "10.0.0.1".into(),
+            pool: "p".into(),
+            access_keys: vec![pb::AccessKey {
+                openssh: "ssh-ed25519 AAAA".into(),
+                fingerprint: format!("f{i}"),
+            }],
+            target: Some(pb::lease::Target::Address("127.0.0.1:22".into())),
+            ..Default::default()
+        }
+    }
+
+    /// Enough leases for several of the load's batches between its threads.
+    const MANY: usize = 2_000;
+
+    fn snapshot(leases: Vec<pb::Lease>) -> pb::Snapshot {
+        pb::Snapshot {
+            version: Some(pb::Version::new(1, 1)),
+            leases,
+            ..Default::default()
+        }
+    }
+
+    /// A decoded load (two threads, batched) holds what taking the decoded
+    /// snapshot in one lease at a time holds.
+    #[test]
+    fn a_load_in_batches_holds_what_the_snapshot_holds() {
+        let s = snapshot((0..MANY).map(|i| lease(i, i)).collect());
+        let loaded = Held::decode(s.encode_to_vec().into()).unwrap();
+        let direct = Held::from_snapshot(s).unwrap();
+        assert_eq!(loaded.table, direct.table);
+        assert_eq!(loaded.lease_count(), MANY);
+        assert!(
+            loaded
+                .table
+                .has_lease_hash(&lease(MANY - 1, MANY - 1).lease_hash)
+        );
+    }
+
+    /// Collisions between leases in different batches are found, with the
+    /// same verdict as the one-at-a-time path.
+    #[test]
+    fn a_load_finds_collisions_across_batches() {
+        let mut leases: Vec<pb::Lease> = (0..MANY).map(|i| lease(i, i)).collect();
+        // A hash shared with the first lease, and a name given twice.
+        leases[MANY - 10].lease_hash = leases[0].lease_hash.clone();
+        let twice = leases[3].clone();
+        leases.push(twice);
+        let s = snapshot(leases);
+        let Err(LoadError::Invalid(loaded)) = Held::decode(s.encode_to_vec().into()) else {
+            panic!("the load accepted a colliding snapshot");
+        };
+        let direct = Held::from_snapshot(s).unwrap_err();
+        assert_eq!(loaded, direct);
+        assert!(loaded.contains("appears twice"), "{loaded}");
+    }
+
+    /// A lease that does not decode, after many that do, fails the load
+    /// (and the decoding thread stops).
+    #[test]
+    fn a_lease_that_does_not_decode_fails_the_load() {
+        let mut buf = snapshot((0..MANY).map(|i| lease(i, i)).collect()).encode_to_vec();
+        // Field 2 (a lease), length 3, bytes that are no message.
+        buf.extend_from_slice(&[0x12, 3, 0xff, 0xff, 0xff]);
+        assert!(matches!(
+            Held::decode(buf.into()),
+            Err(LoadError::Decode(_))
+        ));
+    }
 }

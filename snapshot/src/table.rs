@@ -26,7 +26,7 @@ use prost::bytes::Bytes;
 use prost::encoding::{WireType, decode_key, decode_varint, encode_key, encode_varint};
 use prost::encoding::{encoded_len_varint, key_len};
 
-use crate::check::{lease_fields, lease_name, route_fields, route_name};
+use crate::check::{lease_fields, route_fields, route_name};
 use crate::pb;
 
 /// Namespace and name.
@@ -168,6 +168,26 @@ impl Stored {
     }
 }
 
+/// A lease checked on its own and encoded, ready to be indexed: the part of
+/// taking a lease in that needs no other lease, so a load can do it on a
+/// second thread while the first indexes (see [`Builder::load`]).
+pub(crate) struct Prepared {
+    stored: Lease,
+    /// What [`lease_fields`] found wrong.
+    errors: Vec<String>,
+}
+
+impl Prepared {
+    pub(crate) fn new(l: &pb::Lease) -> Prepared {
+        let mut errors = Vec::new();
+        let ip = lease_fields(l, &mut errors);
+        Prepared {
+            stored: Arc::new(Stored::new(l, ip)),
+            errors,
+        }
+    }
+}
+
 /// A lease keyed by namespace/name (the canonical order).
 #[derive(Clone, Debug)]
 struct ByName(Lease);
@@ -181,6 +201,12 @@ trait NamePair {
 impl NamePair for ByName {
     fn pair(&self) -> (&[u8], &[u8]) {
         self.0.name_pair()
+    }
+}
+
+impl NamePair for (&[u8], &[u8]) {
+    fn pair(&self) -> (&[u8], &[u8]) {
+        *self
     }
 }
 
@@ -360,18 +386,57 @@ pub(crate) struct Builder {
 impl Builder {
     /// Takes a lease in (checked against those before it).
     pub(crate) fn lease(&mut self, l: &pb::Lease) {
+        self.prepared(Prepared::new(l));
+    }
+
+    /// Takes a prepared lease in (checked against those before it).
+    fn prepared(&mut self, p: Prepared) {
+        let (namespace, name) = p.stored.name_pair();
         if self
             .table
             .leases
-            .contains_key(&by_name(&l.namespace, &l.name) as &dyn NamePair)
+            .contains_key(&(namespace, name) as &dyn NamePair)
         {
             self.twice.push(format!(
                 "lease {}/{}: appears twice in the delta",
-                l.namespace, l.name
+                String::from_utf8_lossy(namespace),
+                String::from_utf8_lossy(name)
             ));
             return;
         }
-        self.table.insert_lease(l, &mut self.errors);
+        self.table.index_lease(p, &mut self.errors);
+    }
+
+    /// Takes in encoded leases, in order: a second thread decodes and
+    /// prepares them while this one indexes (a million leases take seconds
+    /// on one core, and a proxy's cold start waits for them). Stops at the
+    /// first lease that does not decode.
+    pub(crate) fn load(&mut self, leases: Vec<Bytes>) -> Result<(), prost::DecodeError> {
+        /// Leases per message between the threads.
+        const BATCH: usize = 512;
+        let (tx, rx) =
+            std::sync::mpsc::sync_channel::<Result<Vec<Prepared>, prost::DecodeError>>(8);
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                for chunk in leases.chunks(BATCH) {
+                    let batch: Result<Vec<Prepared>, _> = chunk
+                        .iter()
+                        .map(|enc| pb::Lease::decode(enc.clone()).map(|l| Prepared::new(&l)))
+                        .collect();
+                    let failed = batch.is_err();
+                    // The receiver only goes away after an error of ours.
+                    if tx.send(batch).is_err() || failed {
+                        return;
+                    }
+                }
+            });
+            for batch in rx {
+                for p in batch? {
+                    self.prepared(p);
+                }
+            }
+            Ok(())
+        })
     }
 
     /// Takes a route in (checked in [`Builder::finish`], after every lease).
@@ -716,31 +781,40 @@ impl Table {
         Some(old.hash().to_vec())
     }
 
+    /// Inserts `l` into every index (see [`Prepared`]).
     fn insert_lease(&mut self, l: &pb::Lease, errors: &mut Vec<String>) {
-        let who = lease_name(l);
-        let ip = lease_fields(l, errors);
-        let new: Lease = Arc::new(Stored::new(l, ip));
+        self.index_lease(Prepared::new(l), errors);
+    }
+
+    /// Indexes a prepared lease, reporting what collides with the leases
+    /// held. An entry already present is replaced by `insert` itself (key
+    /// and value), so nothing is removed first.
+    fn index_lease(&mut self, p: Prepared, errors: &mut Vec<String>) {
+        errors.extend(p.errors);
+        let new = p.stored;
+        // Named only when something is wrong: loads take millions of leases.
+        let who = || format!("lease {}/{}", new.text(new.namespace), new.text(new.name));
         let other_than_new = |other: &Lease| other.name_pair() != new.name_pair();
-        if l.lease_hash.len() == 32 {
+        if new.hash.len == 32 {
             match self.by_hash.get_key_value(new.hash()) {
                 Some((other, ())) if other_than_new(&other.0) => {
-                    errors.push(format!("{who}: lease hash shared with another lease"));
+                    errors.push(format!("{}: lease hash shared with another lease", who()));
                 }
                 _ => {
-                    self.by_hash.remove(new.hash());
                     self.by_hash.insert(ByHash(new.clone()), ());
                 }
             }
         }
-        if let Some(ip) = ip {
+        if let Some(ip) = new.ip {
             let piu = ByPoolIpUser(new.clone());
             match self.by_pool_ip_user.get_key_value(&piu) {
                 Some((other, ())) if other_than_new(&other.0) => errors.push(format!(
-                    "{who}: user {} holds {ip} in pool {} twice",
-                    l.user, l.pool
+                    "{}: user {} holds {ip} in pool {} twice",
+                    who(),
+                    new.text(new.user),
+                    new.text(new.pool)
                 )),
                 _ => {
-                    self.by_pool_ip_user.remove(&piu);
                     self.by_pool_ip_user.insert(piu, ());
                 }
             }
@@ -748,13 +822,13 @@ impl Table {
                 let k = ByIpKey(new.clone(), fp);
                 match self.by_ip_key.get_key_value(&k) {
                     Some((other, ())) if other_than_new(&other.0) => errors.push(format!(
-                        "{who}: ({ip}, {}) already routes to lease {}/{}",
+                        "{}: ({ip}, {}) already routes to lease {}/{}",
+                        who(),
                         new.text(fp),
                         other.0.text(other.0.namespace),
                         other.0.text(other.0.name)
                     )),
                     _ => {
-                        self.by_ip_key.remove(&k);
                         self.by_ip_key.insert(k, ());
                     }
                 }
