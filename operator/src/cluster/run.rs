@@ -634,6 +634,8 @@ fn reconciled(ctx: &Ctx, kind: Kind, obj: &DynamicObject) {
 /// Retry after a stale view (the watch normally delivers the newer object
 /// first, which reconciles at once).
 const STALE_RETRY: Duration = Duration::from_secs(2);
+/// Stale views retried at [`STALE_RETRY`] before backing off.
+const STALE_RETRIES: u32 = 10;
 
 fn obj_kind(obj: &DynamicObject) -> String {
     obj.types
@@ -694,16 +696,11 @@ async fn reconcile_lease(obj: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Actio
 }
 
 /// Transient errors retry with per-object exponential backoff (0.5 s … 5 min);
-/// nothing here can stop the controller.
+/// nothing here can stop the controller. A stale view retries sooner (about
+/// 2 s, jittered so a relist's burst of them spreads out), but only
+/// [`STALE_RETRIES`] times in a row: a view that stays stale is not catching
+/// up, and backs off like any other failure.
 fn error_policy(obj: Arc<DynamicObject>, err: &ReconcileError, ctx: Arc<Ctx>) -> Action {
-    if let ReconcileError::Stale(e) = err {
-        ctx.metrics
-            .reconciles
-            .with_label_values(&[obj_kind(&obj).as_str(), "stale"])
-            .inc();
-        debug!(object = ?obj_id(&obj), "{e}; retrying");
-        return Action::requeue(STALE_RETRY);
-    }
     let kind = obj_kind(&obj);
     let (ns, name) = obj_id(&obj);
     let n = {
@@ -714,10 +711,21 @@ fn error_policy(obj: Arc<DynamicObject>, err: &ReconcileError, ctx: Arc<Ctx>) ->
         *n = n.saturating_add(1);
         *n
     };
-    ctx.metrics
-        .reconciles
-        .with_label_values(&[&kind, "error"])
-        .inc();
+    if let ReconcileError::Stale(e) = err {
+        ctx.metrics
+            .reconciles
+            .with_label_values(&[kind.as_str(), "stale"])
+            .inc();
+        if n <= STALE_RETRIES {
+            debug!(object = ?obj_id(&obj), attempt = n, "{e}; retrying");
+            return Action::requeue(STALE_RETRY.mul_f64(0.5 + rand::random::<f64>()));
+        }
+    } else {
+        ctx.metrics
+            .reconciles
+            .with_label_values(&[&kind, "error"])
+            .inc();
+    }
     let delay = Duration::from_millis(500)
         .saturating_mul(1u32 << n.min(10).saturating_sub(1))
         .min(Duration::from_secs(300));
