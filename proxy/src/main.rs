@@ -115,6 +115,7 @@ impl Source {
             backoff_min: Duration::from_millis(200),
             backoff_max: Duration::from_secs(5),
             ca_pem: self.ca_pem()?,
+            reopen_after_full_bytes: keyway_snapshot::client::DEFAULT_REOPEN_AFTER_FULL_BYTES,
         })
     }
 

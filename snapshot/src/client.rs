@@ -72,6 +72,25 @@ pub struct SubscriberConfig {
     /// PEM CA certificate(s) trusted for an `https://` endpoint; `None`
     /// with `https://` trusts nothing and fails to connect.
     pub ca_pem: Option<Vec<u8>>,
+    /// After a full snapshot of more than this many bytes, the stream is
+    /// reopened (at once, from the version now held): the transport keeps
+    /// its receive buffer, and the operator its send buffer, at the size of
+    /// the largest message the stream carried, for as long as it lasts (a
+    /// third of a proxy's memory at 1,000,000 leases). Usually
+    /// [`DEFAULT_REOPEN_AFTER_FULL_BYTES`].
+    pub reopen_after_full_bytes: usize,
+}
+
+/// See [`SubscriberConfig::reopen_after_full_bytes`].
+pub const DEFAULT_REOPEN_AFTER_FULL_BYTES: usize = 64 << 20;
+
+/// How a stream ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// The operator closed it.
+    ByOperator,
+    /// We did, after a big full snapshot, to let its buffers go.
+    ToFreeBuffers,
 }
 
 /// How the subscription is doing (for `/readyz` and metrics).
@@ -250,7 +269,12 @@ async fn connect_loop(shared: &Shared) {
         shared.status_tx.send_modify(|st| st.connected = false);
         let endpoint = &shared.config.endpoint;
         match outcome {
-            Ok(()) => {
+            Ok(Ended::ToFreeBuffers) => {
+                failures_in_row = 0;
+                ceiling = floor;
+                continue;
+            }
+            Ok(Ended::ByOperator) => {
                 failures_in_row = 0;
                 info!(%endpoint, "the operator closed the snapshot stream; reconnecting");
             }
@@ -300,7 +324,7 @@ fn bearer(token: &str) -> Result<Option<MetadataValue<Ascii>>> {
 
 /// One stream: connect, hello, then answer every response. `Ok` when the
 /// operator ends the stream cleanly.
-async fn stream(shared: &Shared, streams: &mut u64, delivered: &mut bool) -> Result<()> {
+async fn stream(shared: &Shared, streams: &mut u64, delivered: &mut bool) -> Result<Ended> {
     let config = &shared.config;
     let authorization = bearer(&config.token)?;
     let mut endpoint = Endpoint::from_shared(config.endpoint.clone())
@@ -377,6 +401,10 @@ async fn stream(shared: &Shared, streams: &mut u64, delivered: &mut bool) -> Res
     while let Some(resp) = inbound.message().await.context("receiving a snapshot")? {
         *delivered = true;
         let nonce = resp.nonce.clone();
+        let full_bytes = resp
+            .snapshot
+            .as_ref()
+            .map_or(0, prost::Message::encoded_len);
         let held_snapshot = shared.snap_tx.borrow().clone();
         let held = held_snapshot.as_ref().map(|s| s.version);
         let offered = resp.version;
@@ -392,6 +420,9 @@ async fn stream(shared: &Shared, streams: &mut u64, delivered: &mut bool) -> Res
             Err(e) if e.is_panic() => Verdict::Refuse("validation panicked".into()),
             Err(e) => return Err(anyhow!("checking the snapshot: {e}")),
         };
+        // Reopened only after applying a new full snapshot (an operator that
+        // resent the one held would otherwise be reconnected to forever).
+        let mut reopen = false;
         let (applied, error) = match verdict {
             Verdict::Same(v) => {
                 debug!(version = %v, "already serving the offered snapshot");
@@ -407,6 +438,7 @@ async fn stream(shared: &Shared, streams: &mut u64, delivered: &mut bool) -> Res
                     error!(version = %v, "could not keep the snapshot on disk (serving it anyway): {e}");
                 }
                 info!(version = %v, leases = snapshot.lease_count(), routes = snapshot.route_count(), "snapshot applied");
+                reopen = full_bytes > config.reopen_after_full_bytes;
                 shared.snap_tx.send_replace(Some(snapshot));
                 shared.status_tx.send_modify(|st| {
                     st.applied = Some(v);
@@ -432,8 +464,14 @@ async fn stream(shared: &Shared, streams: &mut u64, delivered: &mut bool) -> Res
             .send(request(nonce, applied, error))
             .await
             .map_err(|_| anyhow!("request channel closed"))?;
+        if reopen {
+            // The next hello names the version now held, which counts as
+            // its acknowledgement should this one not get through.
+            info!(endpoint = %config.endpoint, mib = full_bytes >> 20, "reopening the snapshot stream to let go of the full snapshot's buffers");
+            return Ok(Ended::ToFreeBuffers);
+        }
     }
-    Ok(())
+    Ok(Ended::ByOperator)
 }
 
 enum Verdict {

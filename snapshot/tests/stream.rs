@@ -552,3 +552,32 @@ async fn random_edits_and_reconnects_converge_to_the_published_snapshot() {
     assert_eq!(t.nacks, 0, "{t:?}");
     task.abort();
 }
+
+/// After a full snapshot bigger than `reopen_after_full_bytes`, the
+/// subscriber reopens its stream at once from the version it holds (so the
+/// transport's buffers, sized to that message, are let go); the operator
+/// then sends only what is new, and deltas never reopen it.
+#[tokio::test]
+async fn a_big_full_snapshot_reopens_the_stream_and_then_deltas_flow() {
+    let srv = Server::start(7).await;
+    let v1 = srv.publisher.publish(snap(3)).unwrap();
+    let mut cfg = config(&srv.endpoint, TOKEN, None);
+    cfg.reopen_after_full_bytes = 1;
+    let (sub, _task) = subscribe(cfg, |_| Ok(()));
+    until_applied(&sub, v1).await;
+    until("the stream reopened from v1", || {
+        let st = sub.status.borrow().clone();
+        (st.connected && st.reconnects == 1).then_some(())
+    })
+    .await;
+    until_acked(&srv.publisher, "test-node", v1).await;
+    let v2 = srv.publisher.publish(snap(4)).unwrap();
+    until_applied(&sub, v2).await;
+    until_acked(&srv.publisher, "test-node", v2).await;
+    let st = sub.status.borrow().clone();
+    assert_eq!((st.reconnects, st.nacks), (1, 0), "{st:?}");
+    let t = srv.publisher.totals();
+    assert_eq!(t.nacks, 0);
+    let subs = srv.publisher.subscribers();
+    assert_eq!(subs.len(), 1, "one node, one entry");
+}

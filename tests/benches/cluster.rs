@@ -102,6 +102,7 @@ async fn main() {
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_millis(500),
             ca_pem: None,
+            reopen_after_full_bytes: keyway_snapshot::client::DEFAULT_REOPEN_AFTER_FULL_BYTES,
         },
         |_| Ok(()),
     );

@@ -122,6 +122,7 @@ pub fn config(endpoint: &str, token: &str, cache: Option<std::path::PathBuf>) ->
         backoff_min: Duration::from_millis(20),
         backoff_max: Duration::from_millis(200),
         ca_pem: None,
+        reopen_after_full_bytes: keyway_snapshot::client::DEFAULT_REOPEN_AFTER_FULL_BYTES,
     }
 }
 
