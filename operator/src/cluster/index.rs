@@ -16,6 +16,12 @@ use keyway_core::world::{Dirty, Notice, Settings, World};
 use keyway_core::{Kind, ObjKey};
 use keyway_snapshot::pb;
 
+/// Objects one plan derives statuses for, at most. The first acknowledgement
+/// after a start may move every object's `Routed` (100,000 statuses take
+/// about 2 s to derive and diff): planned in batches, edits are admitted and
+/// published between them instead of waiting.
+pub const PLAN_BATCH: usize = 2_000;
+
 /// The key of a watched object of `kind` (`None` without a name).
 pub fn key_of(kind: Kind, obj: &DynamicObject) -> Option<ObjKey> {
     let name = obj.metadata.name.as_deref()?;
@@ -235,6 +241,12 @@ impl Index {
         self.to_plan.insert(key);
     }
 
+    /// Whether objects wait to be planned (more than one plan takes, see
+    /// [`PLAN_BATCH`]): the caller runs another round soon.
+    pub fn plan_pending(&self) -> bool {
+        !self.to_plan.is_empty()
+    }
+
     /// World notices (for Events).
     pub fn take_notices(&mut self) -> Vec<Notice> {
         self.world.take_notices()
@@ -278,7 +290,12 @@ impl Index {
             }
         }
         let mut out = Vec::new();
-        for key in std::mem::take(&mut self.to_plan) {
+        // At most a batch per call: the caller holds the index lock, which
+        // admitting and publishing an edit also take.
+        let batch: Vec<ObjKey> = (0..PLAN_BATCH)
+            .map_while(|_| self.to_plan.pop_first())
+            .collect();
+        for key in batch {
             if !self.applied.contains_key(&key) {
                 continue;
             }
@@ -512,5 +529,33 @@ mod tests {
             writes.iter().map(|w| w.key.to_string()).collect::<Vec<_>>(),
             ["VMLease t/l7"]
         );
+    }
+
+    /// A plan derives at most a batch of statuses (it runs under the index
+    /// lock an edit's admission also takes); the rest wait for the next.
+    #[test]
+    fn a_plan_takes_at_most_a_batch_and_the_rest_waits() {
+        let p = pool(&["10.0.0.1", "10.0.0.2"]);
+        let n = PLAN_BATCH + 10;
+        let leases: Vec<DynamicObject> = (0..n)
+            .map(|i| lease(&format!("l{i}"), &format!("u{i}"), 1, None))
+            .collect();
+        let mut idx = Index::restore(settings(), std::slice::from_ref(&p), &leases, &[]);
+        let mut objs: Vec<(Kind, &DynamicObject)> = vec![(Kind::Pool, &p)];
+        objs.extend(leases.iter().map(|l| (Kind::Lease, l)));
+        let obs = observed(&objs);
+        let now = Timestamp::now();
+        let first = idx.plan(&obs, &[], now);
+        assert_eq!(first.len(), PLAN_BATCH);
+        assert!(idx.plan_pending());
+        let second = idx.plan(&obs, &[], now);
+        assert_eq!(
+            first.len() + second.len(),
+            n + 1,
+            "every lease and the pool"
+        );
+        assert!(!idx.plan_pending());
+        let keys: HashSet<ObjKey> = first.iter().chain(&second).map(|w| w.key.clone()).collect();
+        assert_eq!(keys.len(), n + 1, "none planned twice");
     }
 }

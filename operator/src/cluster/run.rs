@@ -797,7 +797,12 @@ async fn status_loop(
     full.reset();
     loop {
         let failed = round(&ctx, &stores, &mut inflight).await;
+        // Objects left for the next batch: go on at once.
+        let pending = ctx.index().plan_pending();
         let retry = async {
+            if pending {
+                return;
+            }
             if failed {
                 tokio::time::sleep(Duration::from_secs(1)).await;
             } else {
