@@ -1062,6 +1062,16 @@ mod tests {
             prop_assert_eq!(got.is_ok(), oracle.is_some(), "{:?}", got);
             if let Some(want) = oracle {
                 prop_assert_eq!(next.to_snapshot(d.version, 0), want.clone());
+                // Lookups go through the indexes, which an upsert updates in
+                // place: each finds the lease as it is now.
+                for l in &want.leases {
+                    prop_assert_eq!(next.lease_by_hash(&l.lease_hash), Some(l.clone()));
+                    if let Ok(ip) = l.ip.parse() {
+                        for fp in check::ip_routed_keys(l) {
+                            prop_assert_eq!(next.lease_by_ip_key(ip, fp), Some(l.clone()));
+                        }
+                    }
+                }
                 // The effective delta of the same change is what diff finds.
                 let eff = table.effective(&d);
                 let mut again = table.clone();
