@@ -23,6 +23,27 @@ fn fmt(d: Duration) -> String {
     }
 }
 
+/// Waits until every lease matches `pred`, counted in place every `poll`:
+/// listing 100,000 objects per poll would hold the double's store and slow
+/// the status writes it measures.
+async fn until_every_lease(
+    env: &ClusterEnv,
+    leases: u32,
+    what: &str,
+    deadline: Instant,
+    poll: Duration,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) {
+    loop {
+        let n = env.api.count("keyway.dev", "vmleases", &pred);
+        if n == leases as usize {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{n} of {leases} leases {what}");
+        tokio::time::sleep(poll).await;
+    }
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 4)]
 async fn main() {
     if std::env::args().any(|a| a == "--list") {
@@ -74,22 +95,16 @@ async fn main() {
         .collect::<Vec<()>>()
         .await;
     let created = start.elapsed();
-    // Counted in place once a second: listing 100,000 objects per poll
-    // would hold the double's store and slow the status writes it measures.
     let deadline = Instant::now() + Duration::from_secs(3600);
-    loop {
-        let ready = env.api.count("keyway.dev", "vmleases", |l| {
-            l["status"]["phase"] == "Ready"
-        });
-        if ready == leases as usize {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{ready} of {leases} leases Ready"
-        );
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+    until_every_lease(
+        &env,
+        leases,
+        "Ready",
+        deadline,
+        Duration::from_secs(1),
+        |l| l["status"]["phase"] == "Ready",
+    )
+    .await;
     let all_ready = start.elapsed();
 
     let (sub, _task) = subscribe(
@@ -119,22 +134,20 @@ async fn main() {
     // a real API server) for a while. Timed on its own; the edits measure
     // the steady state after it.
     let t0 = Instant::now();
-    loop {
-        let routed = env.api.count("keyway.dev", "vmleases", |l| {
+    until_every_lease(
+        &env,
+        leases,
+        "Routed",
+        deadline,
+        Duration::from_millis(200),
+        |l| {
             l["status"]["conditions"].as_array().is_some_and(|cs| {
                 cs.iter()
                     .any(|c| c["type"] == "Routed" && c["status"] == "True")
             })
-        });
-        if routed == leases as usize {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{routed} of {leases} leases Routed"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        },
+    )
+    .await;
     let all_routed = t0.elapsed();
     let api = env.dynamic("vmleases", Some("bench"));
     let mut samples = Vec::with_capacity(EDITS);
