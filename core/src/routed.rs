@@ -70,6 +70,9 @@ pub struct RoutedTracker {
     /// The lowest of them, the last time any subscriber counted: what every
     /// proxy then had applied.
     floor: Option<Order>,
+    /// The first version observed (what the operator published at start):
+    /// objects still current since it are unchanged since the start.
+    first: Option<Order>,
 }
 
 fn lease_key(r: &pb::ObjectRef) -> LeaseKey {
@@ -84,6 +87,7 @@ impl RoutedTracker {
         let Some(v) = change.version.as_ref().map(order) else {
             return;
         };
+        self.first.get_or_insert(v);
         let upserted = change
             .upserted_leases
             .iter()
@@ -162,7 +166,8 @@ impl RoutedTracker {
         };
         let counted = counted(subs);
         let before = match self.floor {
-            None => Before::Nothing,
+            None if self.first == Some(*since) => Before::Nothing,
+            None => Before::NotApplied,
             Some(floor) if floor >= *since => Before::Applied,
             Some(_) => Before::NotApplied,
         };
@@ -300,10 +305,13 @@ mod tests {
         assert_eq!(sorted(t.moved(&[])), vec![lease("a"), lease("b")]);
         assert_eq!(t.info(&lease("a"), &[]).before, Before::Nothing);
         assert_eq!(t.moved(&[]), vec![]);
+        // Changed since the start: nothing to keep.
+        t.observe(&change(2, &["b"], &[]));
+        assert_eq!(t.info(&lease("b"), &[]).before, Before::NotApplied);
         assert_eq!(
             sorted(t.moved(&acked(&[Some(1)]))),
             vec![lease("a"), lease("b")]
         );
-        assert_eq!(t.moved(&[]), vec![]);
+        assert_eq!(t.moved(&[]), vec![lease("b")], "b, above the floor");
     }
 }

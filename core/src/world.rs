@@ -162,9 +162,10 @@ pub struct RoutedInfo {
 /// of the objects still in flight, never of every object.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Before {
-    /// No proxy has acknowledged anything of this epoch yet: an object keeps
-    /// the `Routed=True` it had while its generation is unchanged (a restart
-    /// renumbers versions, not content).
+    /// No proxy has acknowledged anything of this epoch yet, and the object
+    /// is as the operator first published it: a lease keeps the
+    /// `Routed=True` it had while its generation and IP are unchanged (a
+    /// restart renumbers versions, not content).
     #[default]
     Nothing,
     /// They had applied the object's current content.
@@ -1009,8 +1010,9 @@ impl World {
                         ));
                     }
                 }
+                let same_ip = prev.is_some_and(|p| p.ip == st.ip);
                 let prev = prev.map_or(&[][..], |p| &p.conditions);
-                let (ok, reason, msg) = routed_condition(routed, prev, generation);
+                let (ok, reason, msg) = routed_condition(routed, prev, generation, same_ip);
                 conds.set("Routed", ok, reason, msg.clone());
             }
             Some(Assignment::Pending(reason)) if !spec.settled => {
@@ -1140,7 +1142,7 @@ impl World {
             Ok(()) => {
                 conds.set("Accepted", true, "Accepted", "valid and resolved");
                 let prev = prev.map_or(&[][..], |p| &p.conditions);
-                let (ok, reason, msg) = routed_condition(routed, prev, generation);
+                let (ok, reason, msg) = routed_condition(routed, prev, generation, false);
                 conds.set("Routed", ok, reason, msg.clone());
             }
             Err((reason, msg)) => {
@@ -1159,11 +1161,14 @@ impl World {
 const APPLIED: &str = "applied by every proxy serving this operator's snapshots";
 
 /// `Routed` for an object at `generation` whose previous conditions were
-/// `prev`.
+/// `prev`; `same` says whether what else its entry depends on (a lease's IP)
+/// is as the previous status showed (a route keeps nothing: its entry also
+/// depends on its target lease's hash, which its status does not show).
 fn routed_condition(
     r: &RoutedInfo,
     prev: &[Condition],
     generation: Option<i64>,
+    same: bool,
 ) -> (bool, &'static str, String) {
     let applied = (true, "Applied", APPLIED.to_string());
     let no_proxy = (
@@ -1181,9 +1186,12 @@ fn routed_condition(
             Before::Applied => applied,
             Before::NotApplied => no_proxy,
             Before::Nothing => {
-                let kept = prev.iter().any(|c| {
-                    c.type_ == "Routed" && c.status == "True" && c.observed_generation == generation
-                });
+                let kept = same
+                    && prev.iter().any(|c| {
+                        c.type_ == "Routed"
+                            && c.status == "True"
+                            && c.observed_generation == generation
+                    });
                 if kept { applied } else { no_proxy }
             }
         },

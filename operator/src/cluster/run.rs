@@ -137,7 +137,7 @@ struct Ctx {
     /// not wait behind a status round).
     publish_wake: Notify,
     /// Consecutive failures per object, for backoff.
-    failures: Mutex<HashMap<(String, String, String), u32>>,
+    failures: Mutex<HashMap<(String, String, String), Failures>>,
     /// What the watches showed since the last status round.
     seen: Mutex<Seen>,
 }
@@ -230,8 +230,9 @@ enum ReconcileError {
     /// The finalizer patch's `test` operation failed (422, "test failed") or
     /// conflicted (409): this reconcile saw an older object than the server
     /// holds (after a relist under churn, say). The watch brings the newer
-    /// one; retried soon without escalating the backoff, or a burst of stale
-    /// views would park every object for minutes.
+    /// one; retried soon without escalating the backoff (up to
+    /// [`STALE_RETRIES`] times in a row), or a burst of stale views would
+    /// park every object for minutes.
     #[error("stale view of the object: {0}")]
     Stale(String),
     #[error("{0}")]
@@ -703,21 +704,28 @@ async fn reconcile_lease(obj: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Actio
 fn error_policy(obj: Arc<DynamicObject>, err: &ReconcileError, ctx: Arc<Ctx>) -> Action {
     let kind = obj_kind(&obj);
     let (ns, name) = obj_id(&obj);
-    let n = {
+    let stale = matches!(err, ReconcileError::Stale(_));
+    let (stale_n, errors_n) = {
         let mut f = ctx.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let n = f
+        let f = f
             .entry((kind.clone(), ns.clone(), name.clone()))
-            .or_insert(0);
-        *n = n.saturating_add(1);
-        *n
+            .or_default();
+        if stale {
+            f.stale = f.stale.saturating_add(1);
+        }
+        // Stale views beyond the quick retries back off like errors.
+        if !stale || f.stale > STALE_RETRIES {
+            f.errors = f.errors.saturating_add(1);
+        }
+        (f.stale, f.errors)
     };
     if let ReconcileError::Stale(e) = err {
         ctx.metrics
             .reconciles
             .with_label_values(&[kind.as_str(), "stale"])
             .inc();
-        if n <= STALE_RETRIES {
-            debug!(object = ?obj_id(&obj), attempt = n, "{e}; retrying");
+        if stale_n <= STALE_RETRIES {
+            debug!(object = ?obj_id(&obj), attempt = stale_n, "{e}; retrying");
             return Action::requeue(STALE_RETRY.mul_f64(0.5 + rand::random::<f64>()));
         }
     } else {
@@ -726,11 +734,21 @@ fn error_policy(obj: Arc<DynamicObject>, err: &ReconcileError, ctx: Arc<Ctx>) ->
             .with_label_values(&[&kind, "error"])
             .inc();
     }
+    let n = errors_n;
     let delay = Duration::from_millis(500)
         .saturating_mul(1u32 << n.min(10).saturating_sub(1))
         .min(Duration::from_secs(300));
     warn!(%kind, namespace = %ns, %name, attempt = n, retry_in = ?delay, "reconcile failed: {err}");
     Action::requeue(delay)
+}
+
+/// Consecutive failures of one object: errors (exponential backoff) and
+/// stale views (quick retries, [`STALE_RETRIES`] of them before they count
+/// as errors).
+#[derive(Debug, Default)]
+struct Failures {
+    errors: u32,
+    stale: u32,
 }
 
 /// An object as its watch shows it now.
@@ -799,13 +817,12 @@ async fn status_loop(
         let failed = round(&ctx, &stores, &mut inflight).await;
         // Objects left for the next batch: go on at once.
         let pending = ctx.index().plan_pending();
+        // A failed write waits its second first: the objects it left to plan
+        // again must not make the next round follow at once.
         let retry = async {
-            if pending {
-                return;
-            }
             if failed {
                 tokio::time::sleep(Duration::from_secs(1)).await;
-            } else {
+            } else if !pending {
                 std::future::pending::<()>().await;
             }
         };
