@@ -172,7 +172,15 @@ impl Index {
         if let Some(c) = change {
             self.tracker.observe(c);
         }
-        self.unpublished = Dirty::default();
+        // Their `Routed` depends on the version that now carries them: a
+        // plan made before this publish (or before a failed one) saw an
+        // older one, and with no proxy connected nothing else would move
+        // them.
+        let done = std::mem::take(&mut self.unpublished);
+        self.to_plan
+            .extend(done.leases.into_iter().map(ObjKey::Lease));
+        self.to_plan
+            .extend(done.routes.into_iter().map(ObjKey::Route));
     }
 
     /// Removes an object (lease cleanup, or an object seen gone).
@@ -557,5 +565,43 @@ mod tests {
         assert!(!idx.plan_pending());
         let keys: HashSet<ObjKey> = first.iter().chain(&second).map(|w| w.key.clone()).collect();
         assert_eq!(keys.len(), n + 1, "none planned twice");
+    }
+
+    /// A publish re-plans what it carried: a status planned before it saw
+    /// the version before, and no acknowledgement may come to move it.
+    #[test]
+    fn a_publish_plans_what_it_carried_again() {
+        let p = pool(&["10.0.0.1"]);
+        let a = lease("a", "u", 1, None);
+        let mut idx = Index::restore(
+            settings(),
+            std::slice::from_ref(&p),
+            std::slice::from_ref(&a),
+            &[],
+        );
+        let now = Timestamp::now();
+        let obs = observed(&[(Kind::Pool, &p), (Kind::Lease, &a)]);
+        let before = idx.plan(&obs, &[], now);
+        let routed = |writes: &[StatusWrite]| {
+            writes
+                .iter()
+                .find(|w| w.key.kind() == Kind::Lease)
+                .and_then(|w| w.status["conditions"].as_array().cloned())
+                .and_then(|cs| cs.into_iter().find(|c| c["type"] == "Routed"))
+                .map(|c| c["reason"].clone())
+        };
+        assert_eq!(routed(&before), Some(json!("NotPublished")));
+        // As the publisher versions it.
+        let change = pb::SnapshotDelta {
+            version: Some(pb::Version::new(1, 1)),
+            ..idx.snapshot_change(0, true).unwrap()
+        };
+        idx.published(Some(&change));
+        assert!(
+            idx.plan_pending(),
+            "the published lease waits to be planned"
+        );
+        let after = idx.plan(&obs, &[], now);
+        assert_eq!(routed(&after), Some(json!("NoProxy")));
     }
 }
