@@ -82,11 +82,13 @@ fn lease_key(r: &pb::ObjectRef) -> LeaseKey {
 impl RoutedTracker {
     /// Records a published change (its `version` must be set): what it
     /// upserts is current since that version, what it removes is no longer
-    /// published. The publisher lists only real changes.
-    pub fn observe(&mut self, change: &pb::SnapshotDelta) {
+    /// published. The publisher lists only real changes. Returns the objects
+    /// it upserted or removed: their `Routed` now follows from this version.
+    pub fn observe(&mut self, change: &pb::SnapshotDelta) -> Vec<ObjKey> {
         let Some(v) = change.version.as_ref().map(order) else {
-            return;
+            return Vec::new();
         };
+        let mut moved = Vec::new();
         self.first.get_or_insert(v);
         let upserted = change
             .upserted_leases
@@ -101,7 +103,8 @@ impl RoutedTracker {
         for key in upserted {
             self.forget(&key);
             self.by_since.entry(v).or_default().insert(key.clone());
-            self.since.insert(key, v);
+            self.since.insert(key.clone(), v);
+            moved.push(key);
         }
         let removed = change
             .removed_leases
@@ -115,7 +118,9 @@ impl RoutedTracker {
             );
         for key in removed {
             self.forget(&key);
+            moved.push(key);
         }
+        moved
     }
 
     fn forget(&mut self, key: &ObjKey) {

@@ -237,4 +237,18 @@ mod tests {
             Err(LoadError::Decode(_))
         ));
     }
+
+    /// A disk copy cut anywhere (a crash mid-write, a full disk) is refused
+    /// or, cut exactly between leases, holds a prefix: never a panic or a
+    /// hang in the two-thread load.
+    #[test]
+    fn a_snapshot_cut_anywhere_is_refused_or_holds_a_prefix() {
+        let buf = snapshot((0..MANY).map(|i| lease(i, i)).collect()).encode_to_vec();
+        for cut in (1..buf.len()).step_by(4999) {
+            let bytes = prost::bytes::Bytes::copy_from_slice(&buf[..cut]);
+            if let Ok(h) = Held::decode(bytes) {
+                assert!(h.lease_count() < MANY, "cut at {cut}");
+            }
+        }
+    }
 }

@@ -169,18 +169,14 @@ impl Index {
     /// Records that the last [`Index::snapshot_change`] is served; `change`
     /// is what it really changed (the publisher's view), for `Routed`.
     pub fn published(&mut self, change: Option<&pb::SnapshotDelta>) {
+        // What it carried: their `Routed` follows from the version that now
+        // carries them. A plan made before this publish (or before a failed
+        // one) saw an older one, and with no proxy connected nothing else
+        // would move them.
         if let Some(c) = change {
-            self.tracker.observe(c);
+            self.to_plan.extend(self.tracker.observe(c));
         }
-        // Their `Routed` depends on the version that now carries them: a
-        // plan made before this publish (or before a failed one) saw an
-        // older one, and with no proxy connected nothing else would move
-        // them.
-        let done = std::mem::take(&mut self.unpublished);
-        self.to_plan
-            .extend(done.leases.into_iter().map(ObjKey::Lease));
-        self.to_plan
-            .extend(done.routes.into_iter().map(ObjKey::Route));
+        self.unpublished = Dirty::default();
     }
 
     /// Removes an object (lease cleanup, or an object seen gone).
@@ -455,16 +451,22 @@ mod tests {
         assert_eq!(idx.counts().get(&Kind::Lease), None);
     }
 
-    #[test]
-    fn plan_writes_only_what_differs_from_the_observed_status() {
+    /// A pool of one address and one lease in it, restored.
+    fn one_pool_one_lease() -> (DynamicObject, DynamicObject, Index) {
         let p = pool(&["10.0.0.1"]);
         let a = lease("a", "u", 1, None);
-        let mut idx = Index::restore(
+        let idx = Index::restore(
             settings(),
             std::slice::from_ref(&p),
             std::slice::from_ref(&a),
             &[],
         );
+        (p, a, idx)
+    }
+
+    #[test]
+    fn plan_writes_only_what_differs_from_the_observed_status() {
+        let (p, a, mut idx) = one_pool_one_lease();
         let now = Timestamp::now();
         let obs = observed(&[(Kind::Pool, &p), (Kind::Lease, &a)]);
         let writes = idx.plan(&obs, &[], now);
@@ -571,14 +573,7 @@ mod tests {
     /// the version before, and no acknowledgement may come to move it.
     #[test]
     fn a_publish_plans_what_it_carried_again() {
-        let p = pool(&["10.0.0.1"]);
-        let a = lease("a", "u", 1, None);
-        let mut idx = Index::restore(
-            settings(),
-            std::slice::from_ref(&p),
-            std::slice::from_ref(&a),
-            &[],
-        );
+        let (p, a, mut idx) = one_pool_one_lease();
         let now = Timestamp::now();
         let obs = observed(&[(Kind::Pool, &p), (Kind::Lease, &a)]);
         let before = idx.plan(&obs, &[], now);

@@ -734,11 +734,10 @@ fn error_policy(obj: Arc<DynamicObject>, err: &ReconcileError, ctx: Arc<Ctx>) ->
             .with_label_values(&[&kind, "error"])
             .inc();
     }
-    let n = errors_n;
     let delay = Duration::from_millis(500)
-        .saturating_mul(1u32 << n.min(10).saturating_sub(1))
+        .saturating_mul(1u32 << errors_n.min(10).saturating_sub(1))
         .min(Duration::from_secs(300));
-    warn!(%kind, namespace = %ns, %name, attempt = n, retry_in = ?delay, "reconcile failed: {err}");
+    warn!(%kind, namespace = %ns, %name, attempt = errors_n, retry_in = ?delay, "reconcile failed: {err}");
     Action::requeue(delay)
 }
 

@@ -900,6 +900,8 @@ pub async fn run(opts: LocalOptions) -> Result<()> {
             match publisher.prepare_delta(&change) {
                 Ok(p) => {
                     if let Some(c) = p.change() {
+                        // Its objects are dirty: this round derives their
+                        // statuses after this, with the new version.
                         tracker.observe(c);
                     }
                     prepared = Some(p);
